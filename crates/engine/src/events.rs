@@ -1,0 +1,161 @@
+//! The event log: every change of a path's reported status, with its cause (PRODUCT.md §10, GetEvents).
+//!
+//! Bounded (the oldest events drop off), numbered by a sequence that never repeats so a reader can ask
+//! for what came after the last one it saw, and shared by every LUN of the daemon. Each event is also
+//! logged through `tracing` with the LUN, the path and the cause.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use lunmpio_vds::{PathId, PathStatus};
+use tokio::sync::broadcast;
+
+/// Events kept for GetEvents.
+pub const EVENTS_MAX: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub time: SystemTime,
+    pub lun: String,
+    /// None for LUN-wide events (policy change, all paths down).
+    pub path_id: Option<PathId>,
+    pub path_name: Option<String>,
+    pub from: Option<PathStatus>,
+    pub to: Option<PathStatus>,
+    pub cause: String,
+}
+
+pub struct EventLog {
+    inner: Mutex<Inner>,
+    live: broadcast::Sender<Event>,
+}
+
+struct Inner {
+    next_seq: u64,
+    events: VecDeque<Event>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog::new()
+    }
+}
+
+impl EventLog {
+    pub fn new() -> Self {
+        EventLog {
+            inner: Mutex::new(Inner {
+                next_seq: 1,
+                events: VecDeque::with_capacity(256),
+            }),
+            live: broadcast::channel(1024).0,
+        }
+    }
+
+    /// Appends an event and returns its sequence number.
+    pub fn push(
+        &self,
+        lun: &str,
+        path: Option<(PathId, &str)>,
+        from: Option<PathStatus>,
+        to: Option<PathStatus>,
+        cause: impl Into<String>,
+    ) -> u64 {
+        let cause = cause.into();
+        let event = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let event = Event {
+                seq: inner.next_seq,
+                time: SystemTime::now(),
+                lun: lun.to_string(),
+                path_id: path.map(|(id, _)| id),
+                path_name: path.map(|(_, name)| name.to_string()),
+                from,
+                to,
+                cause,
+            };
+            inner.next_seq += 1;
+            if inner.events.len() == EVENTS_MAX {
+                inner.events.pop_front();
+            }
+            inner.events.push_back(event.clone());
+            event
+        };
+        match (&event.path_name, event.from, event.to) {
+            (Some(path), Some(from), Some(to)) => tracing::warn!(
+                lun = %event.lun, path = %path, from = from.vds_name(), to = to.vds_name(),
+                cause = %event.cause, seq = event.seq, "path status changed"
+            ),
+            _ => {
+                tracing::info!(lun = %event.lun, path = ?event.path_name, cause = %event.cause, seq = event.seq, "event")
+            }
+        }
+        let _ = self.live.send(event.clone()); // nobody listening is fine
+        event.seq
+    }
+
+    /// Events with `seq > since`, optionally of one LUN, oldest first.
+    pub fn since(&self, since: u64, lun: Option<&str>) -> Vec<Event> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .events
+            .iter()
+            .filter(|e| e.seq > since && lun.is_none_or(|l| e.lun == l))
+            .cloned()
+            .collect()
+    }
+
+    /// Live events from now on (for `lunmpio events --follow` and the demo's view).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+
+    /// The sequence number the next event will get.
+    pub fn next_seq(&self) -> u64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_numbered_filtered_and_bounded() {
+        let log = EventLog::new();
+        let p = PathId::new(1, 2);
+        let a = log.push(
+            "lun0",
+            Some((p, "p0")),
+            Some(PathStatus::Online),
+            Some(PathStatus::Failed),
+            "connection reset",
+        );
+        let b = log.push("lun1", None, None, None, "policy set to round-robin");
+        assert_eq!((a, b), (1, 2));
+        assert_eq!(log.since(0, None).len(), 2);
+        assert_eq!(log.since(1, None)[0].lun, "lun1");
+        assert_eq!(log.since(0, Some("lun0")).len(), 1);
+        assert_eq!(log.since(0, Some("lun0"))[0].cause, "connection reset");
+        for i in 0..EVENTS_MAX + 10 {
+            log.push("lun0", None, None, None, format!("e{i}"));
+        }
+        let all = log.since(0, None);
+        assert_eq!(all.len(), EVENTS_MAX);
+        assert!(all.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        assert_eq!(all.last().unwrap().seq + 1, log.next_seq());
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_new_events() {
+        let log = EventLog::new();
+        let mut rx = log.subscribe();
+        log.push("lun0", None, None, None, "hello");
+        assert_eq!(rx.recv().await.unwrap().cause, "hello");
+    }
+}

@@ -1,0 +1,545 @@
+//! The LUN's control task: the one owner of the mutable VDS state ([`LunMpio`]).
+//!
+//! Everything that changes a path's status or the policy arrives here as a message — faults and
+//! suspicions from the data path, probes and reconnections from the health tasks, management calls —
+//! and is applied in order, so Set calls are serialized and never race a failover. After each change
+//! the task logs an event per status transition, persists what management calls changed (before they
+//! return), and publishes a new selector snapshot and a new copy of the state for Gets.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lunmpio_vds::persist::{self, LunState};
+use lunmpio_vds::{
+    LunMpio, OperStatus, PathStatus, StatusTransition, VdsError, status_transitions,
+};
+use tokio::sync::mpsc;
+
+use super::{Admission, Control, Installed, Manage, Shared, humanize, identity};
+use crate::events::EventLog;
+use crate::settings::Failback;
+use crate::transport::{PathConnection, TransportInfo};
+
+/// A path that fails this many times within [`MARGINAL_WINDOW`] is marginal: held out.
+pub(crate) const MARGINAL_FAILURES: usize = 3;
+pub(crate) const MARGINAL_WINDOW: Duration = Duration::from_secs(60);
+/// First hold-down of a marginal path; doubles each time it is held again, up to the max.
+pub(crate) const HOLD_DOWN_BASE: Duration = Duration::from_secs(8);
+pub(crate) const HOLD_DOWN_MAX: Duration = Duration::from_secs(300);
+/// How long a path whose identity does not match waits before it is tried again.
+const IDENTITY_RETRY: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct PathHealth {
+    failures: VecDeque<Instant>,
+    hold_until: Option<Instant>,
+    hold_level: u32,
+    /// Has carried I/O since start (a path's first arrival is not a failback).
+    ever_online: bool,
+    info: Option<TransportInfo>,
+}
+
+pub(super) struct ControlTask {
+    shared: Arc<Shared>,
+    mpio: LunMpio,
+    state_file: Option<PathBuf>,
+    health: Vec<PathHealth>,
+}
+
+/// Restores what earlier Set calls persisted. A corrupt or newer file is reported and set aside by
+/// `persist::load`; the LUN then starts from its configuration.
+pub(super) fn restore_state(mpio: &mut LunMpio, file: &Path, events: &EventLog) {
+    match persist::load(file) {
+        Ok(None) => {}
+        Ok(Some(state)) => match persist::apply_state(mpio, &state) {
+            Ok(report) => {
+                let mut text = format!(
+                    "restored persisted state: policy {}",
+                    report.policy_applied.config_name()
+                );
+                if report.policy_applied != report.policy_requested {
+                    text += &format!(
+                        " (persisted {} is no longer possible)",
+                        report.policy_requested.config_name()
+                    );
+                }
+                for note in &report.notes {
+                    text += &format!("; {note}");
+                }
+                events.push(mpio.name(), None, None, None, text);
+            }
+            Err(e) => {
+                events.push(
+                    mpio.name(),
+                    None,
+                    None,
+                    None,
+                    format!(
+                        "persisted state not applied ({}): {}; using the configuration",
+                        e.hresult.name(),
+                        e.message
+                    ),
+                );
+            }
+        },
+        Err(e) => {
+            events.push(
+                mpio.name(),
+                None,
+                None,
+                None,
+                format!("state file problem: {}", e.message),
+            );
+        }
+    }
+}
+
+impl ControlTask {
+    pub(super) fn new(shared: Arc<Shared>, mpio: LunMpio, state_file: Option<PathBuf>) -> Self {
+        let health = (0..shared.slots.len())
+            .map(|_| PathHealth::default())
+            .collect();
+        ControlTask {
+            shared,
+            mpio,
+            state_file,
+            health,
+        }
+    }
+
+    /// Installs the connections of the first attempts that match the LUN's identity.
+    pub(super) fn admit_initial(&mut self, results: Vec<Result<PathConnection, String>>) {
+        for (index, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(connection) => {
+                    let info = connection.info().clone();
+                    if let Some(reason) = self.identity_mismatch(&info) {
+                        connection.close();
+                        self.set_oper(index, OperStatus::Failed { reason });
+                        continue;
+                    }
+                    self.health[index].info = Some(info);
+                    self.health[index].ever_online = true;
+                    self.install(index, connection);
+                    self.set_oper(index, OperStatus::Online);
+                }
+                Err(cause) => self.set_oper(index, OperStatus::Failed { reason: cause }),
+            }
+        }
+        self.update_multi_path_safety();
+        self.publish();
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Control>) {
+        loop {
+            let message = tokio::select! {
+                _ = self.shared.stop.cancelled() => break,
+                message = rx.recv() => message,
+            };
+            let Some(message) = message else { break };
+            self.handle(message);
+        }
+        // Shutting down: answer what is still waiting, so no caller hangs.
+        rx.close();
+        while let Ok(message) = rx.try_recv() {
+            if let Control::Manage(manage) = message {
+                let gone = || {
+                    VdsError::object_deleted(format!("LUN {:?} is shutting down", self.shared.name))
+                };
+                match manage {
+                    Manage::Policy { reply, .. } | Manage::PathStatus { reply, .. } => {
+                        let _ = reply.send(Err(gone()));
+                    }
+                    Manage::HbaPort { reply, .. } => {
+                        let _ = reply.send(Err(gone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Control) {
+        match message {
+            Control::Fault {
+                index,
+                generation,
+                cause,
+            } => self.on_fault(index, generation, cause),
+            Control::Suspect {
+                index,
+                generation,
+                cause,
+            } => {
+                if self.is_current(index, generation) {
+                    tracing::debug!(lun = %self.shared.name, path = %self.shared.slots[index].name, %cause, "path suspect; probing");
+                }
+            }
+            Control::ProbeOk { index, generation } => {
+                let slot = &self.shared.slots[index];
+                if self.is_current(index, generation) && self.mpio.paths()[index].is_usable() {
+                    slot.load.mark_usable();
+                }
+            }
+            Control::Connected {
+                index,
+                connection,
+                reply,
+            } => {
+                let admission = self.on_connected(index, connection);
+                let _ = reply.send(admission);
+            }
+            Control::ConnectFailed { index, cause } => {
+                let held = self.health[index]
+                    .hold_until
+                    .is_some_and(|t| t > Instant::now());
+                if !held {
+                    self.set_oper(index, OperStatus::Failed { reason: cause });
+                    self.publish_state_only();
+                }
+            }
+            Control::FailbackDue { index, generation } => {
+                if self.is_current(index, generation) {
+                    let id = self.shared.slots[index].id;
+                    if let Some(t) = self.mpio.set_failback_pending(id, false) {
+                        self.log_transition(&t, "failback delay passed; back in service");
+                    }
+                    self.publish();
+                }
+            }
+            Control::Manage(manage) => self.on_manage(manage),
+        }
+    }
+
+    fn is_current(&self, index: usize, generation: u64) -> bool {
+        self.shared.slots[index]
+            .installed
+            .load()
+            .as_ref()
+            .is_some_and(|i| i.generation == generation)
+    }
+
+    fn on_fault(&mut self, index: usize, generation: u64, cause: String) {
+        if !self.is_current(index, generation) {
+            return; // already handled: a second request of the same connection reporting it
+        }
+        let slot = &self.shared.slots[index];
+        slot.load.mark_unusable();
+        if let Some(installed) = slot.installed.swap(None) {
+            // Fence: whatever is still in flight there comes back Closed and is re-driven.
+            installed.connection.close();
+        }
+        slot.changed.notify_waiters();
+        let was_online = matches!(self.mpio.paths()[index].oper_status(), OperStatus::Online);
+        if was_online {
+            slot.counters.failovers.fetch_add(1, Ordering::Relaxed);
+        }
+        let reason = self.record_failure(index, &cause);
+        self.set_oper(index, OperStatus::Failed { reason });
+        self.publish();
+    }
+
+    /// Counts a failure; a path failing too often is held out with an exponential hold-down.
+    fn record_failure(&mut self, index: usize, cause: &str) -> String {
+        let now = Instant::now();
+        let h = &mut self.health[index];
+        h.failures.push_back(now);
+        while h
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > MARGINAL_WINDOW)
+        {
+            h.failures.pop_front();
+        }
+        if h.failures.len() < MARGINAL_FAILURES {
+            return cause.to_string();
+        }
+        let hold = HOLD_DOWN_BASE
+            .saturating_mul(1 << h.hold_level.min(16))
+            .min(HOLD_DOWN_MAX);
+        h.hold_level += 1;
+        h.hold_until = Some(now + hold);
+        h.failures.clear();
+        format!(
+            "{cause}; marginal: {MARGINAL_FAILURES} failures in {} s, hold-down {}",
+            MARGINAL_WINDOW.as_secs(),
+            humanize(hold)
+        )
+    }
+
+    fn on_connected(&mut self, index: usize, connection: PathConnection) -> Admission {
+        let now = Instant::now();
+        if self.shared.stopping.load(Ordering::Acquire) {
+            connection.close();
+            return Admission::RetryAfter(HOLD_DOWN_MAX);
+        }
+        if let Some(until) = self.health[index].hold_until
+            && until > now
+        {
+            connection.close();
+            return Admission::RetryAfter(until - now);
+        }
+        let info = connection.info().clone();
+        if let Some(reason) = self.identity_mismatch(&info) {
+            connection.close();
+            self.set_oper(index, OperStatus::Failed { reason });
+            self.publish_state_only();
+            return Admission::RetryAfter(IDENTITY_RETRY);
+        }
+        let generation = self.install(index, connection);
+        let h = &mut self.health[index];
+        h.info = Some(info);
+        let failback = if h.ever_online {
+            self.shared.settings.failback
+        } else {
+            Failback::Immediate
+        };
+        h.ever_online = true;
+        if h.hold_until.is_some_and(|t| t <= now) {
+            h.hold_until = None; // served its hold-down; the level stays, so the next one is longer
+        }
+        let id = self.shared.slots[index].id;
+        match failback {
+            Failback::Immediate => {
+                self.mpio.set_failback_pending(id, false);
+            }
+            Failback::Manual => {
+                self.mpio.set_failback_pending(id, true);
+            }
+            Failback::After(delay) => {
+                self.mpio.set_failback_pending(id, true);
+                let shared = Arc::clone(&self.shared);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => shared.send(Control::FailbackDue { index, generation }),
+                    }
+                });
+            }
+        }
+        let cause = match failback {
+            Failback::Immediate => "reconnected, identity verified, probe answered".to_string(),
+            Failback::Manual => {
+                "reconnected and healthy; waiting for a manual reinstate (failback = manual)"
+                    .to_string()
+            }
+            Failback::After(d) => format!("reconnected and healthy; failback in {}", humanize(d)),
+        };
+        self.set_oper_with_cause(index, OperStatus::Online, &cause);
+        self.update_multi_path_safety();
+        self.publish();
+        Admission::Installed
+    }
+
+    fn install(&mut self, index: usize, connection: PathConnection) -> u64 {
+        let slot = &self.shared.slots[index];
+        let generation = slot.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(old) = slot.installed.swap(Some(Arc::new(Installed {
+            connection,
+            generation,
+        }))) {
+            old.connection.close();
+        }
+        slot.changed.notify_waiters();
+        generation
+    }
+
+    fn identity_mismatch(&self, info: &TransportInfo) -> Option<String> {
+        let g = self.shared.geometry.load();
+        identity::mismatch(info, g.size_bytes, g.read_only, g.identity.as_deref())
+    }
+
+    /// The paths are safe to use together when they share a store or every path known so far
+    /// advertises CAN_MULTI_CONN; if that stops holding under a multipath policy, Failover it is.
+    fn update_multi_path_safety(&mut self) {
+        let safe = self.shared.shared_backing
+            || self
+                .health
+                .iter()
+                .filter_map(|h| h.info.as_ref())
+                .all(TransportInfo::can_multi_conn);
+        if let Some(old) = self.mpio.set_multi_path_safe(safe) {
+            self.shared.events.push(
+                &self.shared.name,
+                None,
+                None,
+                None,
+                format!(
+                    "policy {} is not safe here: a path does not advertise CAN_MULTI_CONN and shared_backing \
+                     is not set; only Failover is supported (now in force)",
+                    old.config_name()
+                ),
+            );
+        }
+    }
+
+    fn set_oper(&mut self, index: usize, oper: OperStatus) {
+        let cause = match &oper {
+            OperStatus::Failed { reason } => reason.clone(),
+            OperStatus::Online => "connected, identity verified".to_string(),
+            OperStatus::Unknown => "unknown".to_string(),
+        };
+        self.set_oper_with_cause(index, oper, &cause);
+    }
+
+    fn set_oper_with_cause(&mut self, index: usize, oper: OperStatus, cause: &str) {
+        let id = self.shared.slots[index].id;
+        if let Some(t) = self.mpio.set_oper_status(id, oper) {
+            self.log_transition(&t, cause);
+        }
+    }
+
+    fn log_transition(&self, t: &StatusTransition, cause: &str) {
+        let name = self
+            .mpio
+            .path(t.path_id)
+            .map(|p| p.name().to_string())
+            .unwrap_or_default();
+        self.shared.events.push(
+            &self.shared.name,
+            Some((t.path_id, &name)),
+            Some(t.from),
+            Some(t.to),
+            cause,
+        );
+    }
+
+    fn on_manage(&mut self, manage: Manage) {
+        match manage {
+            Manage::Policy {
+                policy,
+                paths,
+                reply,
+            } => {
+                let result =
+                    self.change(|mpio| mpio.set_load_balance_policy(policy, &paths).map(|_| ()));
+                if result.is_ok() {
+                    let p = self.mpio.policy();
+                    self.shared.events.push(
+                        &self.shared.name,
+                        None,
+                        None,
+                        None,
+                        format!("policy set to {} ({})", p.config_name(), p.vds_name()),
+                    );
+                }
+                let _ = reply.send(result);
+            }
+            Manage::PathStatus {
+                path,
+                status,
+                reply,
+            } => {
+                let result = self.change(|mpio| {
+                    mpio.set_path_admin_status(path, status)?;
+                    if status == PathStatus::Online as i32 {
+                        mpio.set_failback_pending(path, false); // an administrator's reinstate is the failback
+                    }
+                    Ok(())
+                });
+                if result.is_ok()
+                    && status == PathStatus::Online as i32
+                    && let Some(index) = self.mpio.path_index(path)
+                {
+                    // A reinstate also forgives the path's failure history.
+                    self.health[index].hold_until = None;
+                    self.health[index].failures.clear();
+                    self.shared.slots[index].probe_now.notify_one();
+                }
+                let _ = reply.send(result);
+            }
+            Manage::HbaPort {
+                port,
+                status,
+                reply,
+            } => {
+                let mut outcome = None;
+                let result = self.change(|mpio| {
+                    outcome = Some(mpio.set_hba_port_statuses(&port, status)?);
+                    Ok(())
+                });
+                let _ = reply.send(result.map(|_| outcome.unwrap_or_default()));
+            }
+        }
+    }
+
+    /// Applies a management change all-or-nothing: on a validation error nothing changed (vds
+    /// guarantees it); if the change cannot be persisted, it is rolled back and the call fails.
+    fn change(
+        &mut self,
+        apply: impl FnOnce(&mut LunMpio) -> Result<(), VdsError>,
+    ) -> Result<(), VdsError> {
+        let before = self.mpio.clone();
+        apply(&mut self.mpio)?;
+        if let Some(file) = &self.state_file
+            && let Err(e) = persist::save(file, &LunState::capture(&self.mpio))
+        {
+            self.mpio = before;
+            return Err(VdsError::internal(format!(
+                "the change was not applied: cannot persist it: {}",
+                e.message
+            )));
+        }
+        for t in status_transitions(&before.get_path_info(), &self.mpio.get_path_info()) {
+            let cause = if t.reason.is_empty() {
+                "administrative change".to_string()
+            } else {
+                t.reason.clone()
+            };
+            self.log_transition(&t, &cause);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Publishes the state for Gets and a new snapshot for the data path; starts or ends the no-path
+    /// state.
+    fn publish(&mut self) {
+        let snapshot = self.mpio.selector_snapshot();
+        let usable = !snapshot.is_empty();
+        self.shared.snapshot.store(Arc::new(snapshot));
+        self.publish_state_only();
+        let no_path = &self.shared.no_path;
+        match (usable, no_path.down_since().is_some()) {
+            (true, true) => {
+                let queued = no_path.queued_ios();
+                self.shared.events.push(
+                    &self.shared.name,
+                    None,
+                    None,
+                    None,
+                    format!("a path is usable again; resuming {queued} queued I/O"),
+                );
+                no_path.path_available();
+            }
+            (false, false) => {
+                no_path.all_paths_down();
+                let how = match no_path.retry() {
+                    crate::no_path::NoPathRetry::Fail => {
+                        "failing I/O (no_path_retry = fail)".to_string()
+                    }
+                    crate::no_path::NoPathRetry::Queue => {
+                        "queueing I/O until a path returns (no_path_retry = queue)".to_string()
+                    }
+                    crate::no_path::NoPathRetry::For(d) => {
+                        format!("queueing I/O for up to {} (no_path_retry)", humanize(d))
+                    }
+                };
+                self.shared.events.push(
+                    &self.shared.name,
+                    None,
+                    None,
+                    None,
+                    format!("all paths down; {how}"),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    fn publish_state_only(&self) {
+        self.shared.published.store(Arc::new(self.mpio.clone()));
+    }
+}

@@ -1,0 +1,192 @@
+//! One health task per path (PRODUCT.md §7.5).
+//!
+//! While the path has a connection: watch for it to close (a reset on an idle path is noticed at
+//! once, not at the next I/O), and probe it with a small read every `check_interval` — or at once
+//! when the data path suspects it. While it has none: reconnect with exponential backoff, probe the
+//! fresh connection, and hand it to the control task, which checks identity, hold-down and failback
+//! before it may carry I/O.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lunmpio_nbd::client::Request;
+use tokio::sync::oneshot;
+
+use super::{Admission, Control, Installed, Shared, humanize};
+use crate::settings::ADAPTIVE_TIMEOUT_FLOOR;
+use crate::transport::{ConnectLimits, PathConnection};
+
+/// First reconnect delay after a failure; doubles up to the check interval.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Bound on one connect attempt.
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(5);
+
+pub(super) async fn run(shared: Arc<Shared>, index: usize) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        if shared.stop.is_cancelled() {
+            return;
+        }
+        let installed = shared.slots[index].installed.load_full();
+        let keep_going = match installed {
+            Some(installed) => {
+                backoff = RECONNECT_BACKOFF_MIN;
+                watch(&shared, index, &installed).await
+            }
+            None => reconnect(&shared, index, &mut backoff).await,
+        };
+        if !keep_going {
+            return;
+        }
+    }
+}
+
+/// Watches one installed connection until it is gone or replaced. Returns false on shutdown.
+async fn watch(shared: &Arc<Shared>, index: usize, installed: &Arc<Installed>) -> bool {
+    let slot = &shared.slots[index];
+    let generation = installed.generation;
+    loop {
+        let still_installed = slot
+            .installed
+            .load()
+            .as_ref()
+            .is_some_and(|i| i.generation == generation);
+        if !still_installed {
+            return true;
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return false,
+            _ = installed.connection.closed() => {
+                shared.send(Control::Fault { index, generation, cause: "connection closed (reset or end of stream)".into() });
+                // The control task removes it; wait for that rather than spin.
+                wait_replaced(shared, index, generation).await;
+                return !shared.stop.is_cancelled();
+            }
+            _ = tokio::time::sleep(shared.settings.check_interval) => {}
+            _ = slot.probe_now.notified() => {}
+        }
+        match probe(shared, index, &installed.connection).await {
+            Ok(()) => shared.send(Control::ProbeOk { index, generation }),
+            Err(cause) => {
+                shared.send(Control::Fault {
+                    index,
+                    generation,
+                    cause,
+                });
+                wait_replaced(shared, index, generation).await;
+                return !shared.stop.is_cancelled();
+            }
+        }
+    }
+}
+
+/// Waits until the control task has taken `generation` off the slot (it does so on every fault it
+/// accepts; a stale report is ignored, in which case the connection is still current and the health
+/// loop resumes after one check interval).
+async fn wait_replaced(shared: &Arc<Shared>, index: usize, generation: u64) {
+    let slot = &shared.slots[index];
+    let deadline = tokio::time::Instant::now() + shared.settings.check_interval;
+    loop {
+        let changed = slot.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if slot
+            .installed
+            .load()
+            .as_ref()
+            .is_none_or(|i| i.generation != generation)
+        {
+            return;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => return,
+        }
+    }
+}
+
+/// One reconnect attempt (after the backoff). Returns false on shutdown.
+async fn reconnect(shared: &Arc<Shared>, index: usize, backoff: &mut Duration) -> bool {
+    let slot = &shared.slots[index];
+    if !backoff.is_zero() {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return false,
+            _ = tokio::time::sleep(*backoff) => {}
+        }
+    }
+    let next = |b: Duration| {
+        (b * 2).clamp(
+            RECONNECT_BACKOFF_MIN,
+            shared.settings.check_interval.max(RECONNECT_BACKOFF_MIN),
+        )
+    };
+    let limits = ConnectLimits {
+        connect_timeout: shared.settings.io_timeout.min(CONNECT_TIMEOUT_MAX),
+        ..ConnectLimits::default()
+    };
+    let connected = tokio::select! {
+        _ = shared.stop.cancelled() => return false,
+        c = slot.target.connect(limits) => c,
+    };
+    let connection = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            shared.send(Control::ConnectFailed {
+                index,
+                cause: e.to_string(),
+            });
+            *backoff = next(*backoff);
+            return true;
+        }
+    };
+    if let Err(cause) = probe(shared, index, &connection).await {
+        connection.close();
+        shared.send(Control::ConnectFailed {
+            index,
+            cause: format!("reconnected, but {cause}"),
+        });
+        *backoff = next(*backoff);
+        return true;
+    }
+    let (reply, admission) = oneshot::channel();
+    shared.send(Control::Connected {
+        index,
+        connection,
+        reply,
+    });
+    match admission.await {
+        Ok(Admission::Installed) => *backoff = RECONNECT_BACKOFF_MIN,
+        Ok(Admission::RetryAfter(delay)) => *backoff = delay,
+        Err(_) => return false, // the control task is gone: shutting down
+    }
+    true
+}
+
+/// A small read at the start of the volume, bounded by the path's adaptive timeout.
+async fn probe(
+    shared: &Arc<Shared>,
+    index: usize,
+    connection: &PathConnection,
+) -> Result<(), String> {
+    let slot = &shared.slots[index];
+    let io_timeout = shared.settings.io_timeout;
+    let timeout = slot
+        .latency
+        .timeout(ADAPTIVE_TIMEOUT_FLOOR.min(io_timeout), io_timeout);
+    let info = connection.info();
+    let length = info
+        .block_size
+        .min
+        .max(4096)
+        .min(info.size_bytes.min(u64::from(u32::MAX)) as u32);
+    if length == 0 {
+        return Ok(()); // an empty volume has nothing to read; the connection itself answered
+    }
+    let request = Request::Read { offset: 0, length };
+    match tokio::time::timeout(timeout, connection.submit(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(failed)) => Err(format!("probe failed: {}", failed.error)),
+        Err(_) => Err(format!("probe got no reply within {}", humanize(timeout))),
+    }
+}

@@ -1,0 +1,275 @@
+//! Identity (PRODUCT.md §3): every path of a LUN must lead to the same volume. The LUN's identity is
+//! what its config declares (`size`, `wwid`); otherwise the value most of the paths' first answers
+//! agree on, ties going to the earlier path in the config. A path that differs is refused — now or
+//! whenever it comes back — and never carries I/O. This keeps two different volumes from being
+//! merged into one.
+
+use lunmpio_nbd::{BlockSize, TransmissionFlags};
+use lunmpio_vds::VdsError;
+
+use super::Geometry;
+use crate::settings::LunSpec;
+use crate::transport::{PathConnection, TransportInfo};
+
+/// What the export may advertise when no path has answered yet but the config declares a size:
+/// flushes only (FUA, TRIM, WRITE_ZEROES are added only once every path is known to support them).
+fn conservative_flags() -> TransmissionFlags {
+    TransmissionFlags::HAS_FLAGS | TransmissionFlags::SEND_FLUSH
+}
+
+/// Capabilities the export takes from the paths (intersection); the rest it sets itself.
+fn path_capabilities() -> TransmissionFlags {
+    TransmissionFlags::SEND_FLUSH
+        | TransmissionFlags::SEND_FUA
+        | TransmissionFlags::SEND_TRIM
+        | TransmissionFlags::SEND_WRITE_ZEROES
+        | TransmissionFlags::SEND_CACHE
+        | TransmissionFlags::SEND_FAST_ZERO
+        | TransmissionFlags::ROTATIONAL
+}
+
+/// Settles the LUN's geometry from the config and the first connection attempts (same order as
+/// `spec.paths` sorted by id). Errors only when nothing at all tells the size.
+pub(super) fn settle(
+    spec: &LunSpec,
+    first: &[Result<PathConnection, String>],
+) -> Result<Geometry, VdsError> {
+    let infos: Vec<&TransportInfo> = first
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|c| c.info())
+        .collect();
+    let (size_bytes, read_only) = match spec.size_bytes {
+        Some(size) => (size, majority(&infos, |i| i.read_only).unwrap_or(false)),
+        None => match majority(&infos, |i| (i.size_bytes, i.read_only)) {
+            Some(pair) => pair,
+            None => {
+                return Err(VdsError::object_status_failed(format!(
+                    "LUN {:?}: no path answered at start and the config declares no `size`; \
+                     set `size` so the LUN can be exported before its paths return",
+                    spec.name
+                )));
+            }
+        },
+    };
+    let matching: Vec<&TransportInfo> = infos
+        .iter()
+        .copied()
+        .filter(|i| mismatch(i, size_bytes, read_only, spec.wwid.as_deref()).is_none())
+        .collect();
+    Ok(geometry_of(
+        size_bytes,
+        read_only,
+        spec.wwid.clone(),
+        &matching,
+    ))
+}
+
+/// The export's geometry from the paths that match the identity.
+pub(super) fn geometry_of(
+    size_bytes: u64,
+    read_only: bool,
+    identity: Option<String>,
+    paths: &[&TransportInfo],
+) -> Geometry {
+    if paths.is_empty() {
+        return Geometry {
+            size_bytes,
+            read_only,
+            flags: conservative_flags() | read_only_flag(read_only),
+            block_size: BlockSize::default(),
+            base_allocation: false,
+            identity,
+        };
+    }
+    let mut caps = path_capabilities();
+    for info in paths {
+        caps &= info.flags;
+    }
+    // Our own flush covers every path that acknowledged a write, whichever client connection sent it,
+    // so several client connections to the export are always coherent: CAN_MULTI_CONN is honest.
+    let flags = TransmissionFlags::HAS_FLAGS
+        | TransmissionFlags::CAN_MULTI_CONN
+        | caps
+        | read_only_flag(read_only);
+    let min = paths
+        .iter()
+        .map(|i| i.block_size.min)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let preferred = paths
+        .iter()
+        .map(|i| i.block_size.preferred)
+        .max()
+        .unwrap_or(4096)
+        .max(min);
+    let max_payload = paths
+        .iter()
+        .map(|i| i.block_size.max_payload)
+        .min()
+        .unwrap_or(lunmpio_nbd::MAX_PAYLOAD_BYTES)
+        .clamp(preferred, lunmpio_nbd::MAX_PAYLOAD_BYTES);
+    Geometry {
+        size_bytes,
+        read_only,
+        flags,
+        block_size: BlockSize {
+            min,
+            preferred,
+            max_payload,
+        },
+        base_allocation: paths.iter().all(|i| i.base_allocation),
+        identity: identity.or_else(|| paths.iter().find_map(|i| i.identity.clone())),
+    }
+}
+
+fn read_only_flag(read_only: bool) -> TransmissionFlags {
+    if read_only {
+        TransmissionFlags::READ_ONLY
+    } else {
+        TransmissionFlags::empty()
+    }
+}
+
+/// Why a path's answer does not match the LUN, if it does not.
+pub(crate) fn mismatch(
+    info: &TransportInfo,
+    size_bytes: u64,
+    read_only: bool,
+    wwid: Option<&str>,
+) -> Option<String> {
+    if info.size_bytes != size_bytes {
+        return Some(format!(
+            "identity mismatch: size {} bytes, the LUN has {size_bytes}",
+            info.size_bytes
+        ));
+    }
+    if info.read_only != read_only {
+        let says = |ro: bool| if ro { "read-only" } else { "writable" };
+        return Some(format!(
+            "identity mismatch: the path is {}, the LUN is {}",
+            says(info.read_only),
+            says(read_only)
+        ));
+    }
+    if let (Some(want), Some(got)) = (wwid, info.identity.as_deref())
+        && want != got
+    {
+        return Some(format!("identity mismatch: wwid {got}, the LUN is {want}"));
+    }
+    None
+}
+
+/// The value most items agree on; ties go to the earliest (items are in config order).
+fn majority<T: PartialEq + Copy>(
+    infos: &[&TransportInfo],
+    key: impl Fn(&TransportInfo) -> T,
+) -> Option<T> {
+    let keys: Vec<T> = infos.iter().map(|i| key(i)).collect();
+    let mut best: Option<(T, usize)> = None;
+    for k in &keys {
+        let count = keys.iter().filter(|other| *other == k).count();
+        if best.is_none_or(|(_, c)| count > c) {
+            best = Some((*k, count));
+        }
+    }
+    best.map(|(k, _)| k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(size: u64, flags: TransmissionFlags) -> TransportInfo {
+        TransportInfo {
+            size_bytes: size,
+            read_only: false,
+            flags: TransmissionFlags::HAS_FLAGS | flags,
+            block_size: BlockSize {
+                min: 1,
+                preferred: 4096,
+                max_payload: 32 << 20,
+            },
+            base_allocation: true,
+            identity: None,
+        }
+    }
+
+    #[test]
+    fn majority_wins_and_ties_go_to_the_earlier_path() {
+        let a = info(100, TransmissionFlags::empty());
+        let b = info(200, TransmissionFlags::empty());
+        assert_eq!(majority(&[&a, &b, &b], |i| i.size_bytes), Some(200));
+        assert_eq!(majority(&[&a, &b], |i| i.size_bytes), Some(100));
+        assert_eq!(majority(&[&b, &a], |i| i.size_bytes), Some(200));
+        assert_eq!(majority::<u64>(&[], |i| i.size_bytes), None);
+    }
+
+    #[test]
+    fn export_flags_are_the_intersection_and_multi_conn_is_ours() {
+        let a = info(
+            100,
+            TransmissionFlags::SEND_FLUSH
+                | TransmissionFlags::SEND_TRIM
+                | TransmissionFlags::SEND_FUA,
+        );
+        let b = info(
+            100,
+            TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA,
+        );
+        let g = geometry_of(100, false, None, &[&a, &b]);
+        assert!(
+            g.flags
+                .contains(TransmissionFlags::SEND_FLUSH | TransmissionFlags::SEND_FUA)
+        );
+        assert!(!g.flags.contains(TransmissionFlags::SEND_TRIM));
+        assert!(g.flags.contains(TransmissionFlags::CAN_MULTI_CONN));
+        assert!(!g.flags.contains(TransmissionFlags::READ_ONLY));
+    }
+
+    #[test]
+    fn block_sizes_are_the_strictest() {
+        let mut a = info(100, TransmissionFlags::empty());
+        let mut b = info(100, TransmissionFlags::empty());
+        a.block_size = BlockSize {
+            min: 512,
+            preferred: 4096,
+            max_payload: 1 << 20,
+        };
+        b.block_size = BlockSize {
+            min: 4096,
+            preferred: 65536,
+            max_payload: 32 << 20,
+        };
+        let g = geometry_of(100, false, None, &[&a, &b]);
+        assert_eq!(
+            g.block_size,
+            BlockSize {
+                min: 4096,
+                preferred: 65536,
+                max_payload: 1 << 20
+            }
+        );
+    }
+
+    #[test]
+    fn mismatches_say_what_differs() {
+        let a = info(100, TransmissionFlags::empty());
+        assert!(mismatch(&a, 100, false, None).is_none());
+        assert!(
+            mismatch(&a, 200, false, None)
+                .unwrap()
+                .contains("size 100 bytes, the LUN has 200")
+        );
+        assert!(mismatch(&a, 100, true, None).unwrap().contains("writable"));
+        let mut w = a.clone();
+        w.identity = Some("naa.1".into());
+        assert!(
+            mismatch(&w, 100, false, Some("naa.2"))
+                .unwrap()
+                .contains("wwid naa.1")
+        );
+        assert!(mismatch(&w, 100, false, Some("naa.1")).is_none());
+    }
+}

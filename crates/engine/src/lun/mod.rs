@@ -1,0 +1,609 @@
+//! The multipath LUN: one logical LUN over N paths.
+//!
+//! Split the way libublk-rs splits control from data:
+//!
+//! - **Data path** ([`dispatch`]): [`Lun::submit`] runs one request. It reads the current selector
+//!   snapshot (`ArcSwap`, no lock), lets the selector pick a path from it and per-path atomics, sends
+//!   the request on that path's connection, and on a path fault marks the path unusable *at once*
+//!   (one atomic store), tells the control task, and re-drives the request — handed back by the
+//!   transport — on another path. Hung paths are suspected after an adaptive timeout and fenced at
+//!   `io_timeout`; in-doubt writes order later overlapping I/O after their re-drive.
+//! - **Control plane** ([`control`]): one task per LUN owns the mutable [`LunMpio`] (the VDS state),
+//!   applies faults, recoveries and management calls to it, persists what Set calls change, logs
+//!   events, and publishes new snapshots. Management reads (GetPathInfo, GetLoadBalancePolicy, …) use
+//!   the last published state and never wait for I/O.
+//! - **Health** ([`health`]): one task per path watches its connection, probes it every
+//!   `check_interval`, and reconnects a failed path with exponential backoff.
+
+mod control;
+mod dispatch;
+mod health;
+mod identity;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use lunmpio_nbd::{BlockSize, TransmissionFlags};
+use lunmpio_vds::{
+    Guid, HbaPortMatch, HbaPortOutcome, HbaPortProp, HbaPortSpeedFlags, HbaPortStatus, HbaPortType,
+    HwProviderType, IpAddress, LbSupportFlags, LoadBalancePolicy, LunMpio, PathEndpoints, PathId,
+    PathInfo, PathLoad, PathPolicy, PathPolicyInput, Selector, SelectorSnapshot, Transport,
+    VdsError,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::events::EventLog;
+use crate::in_doubt::InDoubtTable;
+use crate::latency::{LatencyEstimator, LatencyHistogram};
+use crate::no_path::NoPathQueue;
+use crate::settings::{LunSettings, LunSpec, PathSpec};
+use crate::transport::{ConnectLimits, PathConnection, PathTarget};
+
+pub use dispatch::IoError;
+
+/// How the export looks to clients: settled from the LUN's declared identity or its paths' first
+/// answers, the same for every path that is allowed to carry I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// What the export advertises: the intersection of what the paths can do.
+    pub flags: TransmissionFlags,
+    pub block_size: BlockSize,
+    pub base_allocation: bool,
+    /// The volume's identity where known (config `wwid`, or reported by the transport).
+    pub identity: Option<String>,
+}
+
+/// Per-path counters (cumulative since start).
+#[derive(Default)]
+pub struct PathCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub ios: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+    /// Times this path was failed away from.
+    pub failovers: AtomicU64,
+}
+
+/// A connection installed on a path, with the generation that tells a stale fault report from a
+/// current one.
+pub(crate) struct Installed {
+    pub(crate) connection: PathConnection,
+    pub(crate) generation: u64,
+}
+
+/// One path's runtime state, shared by the data path, the control task and the health task. Slots
+/// are in the same order as `LunMpio::paths()` (sorted by path id), so a selector candidate's `index`
+/// is a slot index.
+pub(crate) struct PathSlot {
+    pub(crate) id: PathId,
+    pub(crate) name: String,
+    pub(crate) target: PathTarget,
+    pub(crate) load: Arc<PathLoad>,
+    pub(crate) installed: ArcSwapOption<Installed>,
+    pub(crate) generation: AtomicU64,
+    /// Writes acknowledged on this path, and how many of them a completed flush covers: FLUSH fans
+    /// out to every path with `writes_acked > writes_flushed` (PRODUCT.md §3).
+    pub(crate) writes_acked: AtomicU64,
+    pub(crate) writes_flushed: AtomicU64,
+    pub(crate) latency: LatencyEstimator,
+    pub(crate) histogram: LatencyHistogram,
+    pub(crate) counters: PathCounters,
+    /// Wakes the health task for a probe now (a request on the path timed out or failed).
+    pub(crate) probe_now: Notify,
+    /// Signalled whenever the control task installs or removes the connection.
+    pub(crate) changed: Notify,
+}
+
+/// Messages to the LUN's control task.
+pub(crate) enum Control {
+    /// The data path or the health task saw the connection of `generation` break, or fenced it.
+    Fault {
+        index: usize,
+        generation: u64,
+        cause: String,
+    },
+    /// A request was slow or got EIO: the path is out of rotation until a probe answers.
+    Suspect {
+        index: usize,
+        generation: u64,
+        cause: String,
+    },
+    /// The health task's probe answered on the connection of `generation`.
+    ProbeOk {
+        index: usize,
+        generation: u64,
+    },
+    /// The health task (re)connected and probed a path; the control task decides whether it may carry
+    /// I/O (identity, hold-down, failback) and answers when to try again if not.
+    Connected {
+        index: usize,
+        connection: PathConnection,
+        reply: oneshot::Sender<Admission>,
+    },
+    /// The health task could not connect (for the status reason).
+    ConnectFailed {
+        index: usize,
+        cause: String,
+    },
+    /// A failback delay ran out.
+    FailbackDue {
+        index: usize,
+        generation: u64,
+    },
+    Manage(Manage),
+}
+
+/// What the control task says to a freshly connected path.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    Installed,
+    RetryAfter(Duration),
+}
+
+/// Management calls, answered on a oneshot.
+pub(crate) enum Manage {
+    Policy {
+        policy: i32,
+        paths: Vec<PathPolicyInput>,
+        reply: oneshot::Sender<Result<(), VdsError>>,
+    },
+    PathStatus {
+        path: PathId,
+        status: i32,
+        reply: oneshot::Sender<Result<(), VdsError>>,
+    },
+    HbaPort {
+        port: HbaPortMatch,
+        status: i32,
+        reply: oneshot::Sender<Result<HbaPortOutcome, VdsError>>,
+    },
+}
+
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) source_id: u64,
+    pub(crate) settings: LunSettings,
+    pub(crate) shared_backing: bool,
+    pub(crate) slots: Box<[PathSlot]>,
+    pub(crate) selector: Selector,
+    pub(crate) snapshot: ArcSwap<SelectorSnapshot>,
+    /// The VDS state as last published by the control task (for Gets).
+    pub(crate) published: ArcSwap<LunMpio>,
+    pub(crate) geometry: ArcSwap<Geometry>,
+    pub(crate) control: mpsc::UnboundedSender<Control>,
+    pub(crate) no_path: NoPathQueue,
+    pub(crate) in_doubt: InDoubtTable,
+    pub(crate) events: Arc<EventLog>,
+    pub(crate) set_in_progress: AtomicBool,
+    pub(crate) epoch: Instant,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) stop: tokio_util::sync::CancellationToken,
+}
+
+impl Shared {
+    /// Monotonic nanoseconds since the LUN started (the selectors' clock).
+    pub(crate) fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    pub(crate) fn send(&self, message: Control) {
+        // The control task lives as long as the LUN; after shutdown nobody needs the message.
+        let _ = self.control.send(message);
+    }
+}
+
+/// Where to keep what management calls change.
+#[derive(Debug, Clone, Default)]
+pub struct LunOptions {
+    /// `state_dir`: the LUN's policy and administrative path states are persisted here.
+    pub state_dir: Option<PathBuf>,
+    /// Bound on the first connection attempts when the LUN starts.
+    pub startup_timeout: Option<Duration>,
+}
+
+/// A multipath LUN. Cheap to clone; every clone is the same LUN.
+#[derive(Clone)]
+pub struct Lun {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What GetStatistics reports about one path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathStats {
+    pub path_id: PathId,
+    pub name: String,
+    pub status: lunmpio_vds::PathStatus,
+    pub reads: u64,
+    pub writes: u64,
+    pub ios: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+    pub in_flight: u64,
+    pub in_flight_bytes: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub failovers: u64,
+    /// The adaptive deadline a request on this path gets now.
+    pub timeout_ms: u64,
+    pub latency_buckets: Vec<u64>,
+    pub latency_sum_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LunStats {
+    pub paths: Vec<PathStats>,
+    pub queued_ios: u64,
+    pub queued_bytes: u64,
+    pub in_doubt_writes: u64,
+    pub in_doubt_writes_total: u64,
+}
+
+impl Lun {
+    /// Builds the LUN, connects its paths (bounded by the startup timeout), settles its identity,
+    /// restores persisted policy and administrative states, and starts its control and health tasks.
+    pub async fn start(
+        spec: LunSpec,
+        options: LunOptions,
+        events: Arc<EventLog>,
+    ) -> Result<Lun, VdsError> {
+        assert!(
+            !spec.paths.is_empty(),
+            "a LUN has at least one path (the config checks)"
+        );
+        let mut paths = spec.paths.clone();
+        paths.sort_by_key(|p| p.id);
+        let mpio_config = lunmpio_vds::LunConfig {
+            name: spec.name.clone(),
+            source_id: spec.source_id,
+            policy: spec.settings.policy,
+            // Optimistic until the paths have said otherwise: a configured multipath policy stays in
+            // force unless a path turns out not to be safe to share (then Failover, with an event).
+            multi_path_safe: true,
+            paths: paths.iter().map(vds_path_config).collect(),
+        };
+        let mut mpio = LunMpio::new(mpio_config)?;
+        let slots: Box<[PathSlot]> = mpio
+            .paths()
+            .iter()
+            .zip(&paths)
+            .map(|(p, spec)| {
+                debug_assert_eq!(p.id().path_id, spec.id);
+                PathSlot {
+                    id: p.id(),
+                    name: spec.name.clone(),
+                    target: spec.target.clone(),
+                    load: Arc::clone(p.load()),
+                    installed: ArcSwapOption::empty(),
+                    generation: AtomicU64::new(0),
+                    writes_acked: AtomicU64::new(0),
+                    writes_flushed: AtomicU64::new(0),
+                    latency: LatencyEstimator::default(),
+                    histogram: LatencyHistogram::default(),
+                    counters: PathCounters::default(),
+                    probe_now: Notify::new(),
+                    changed: Notify::new(),
+                }
+            })
+            .collect();
+
+        let state_file = options
+            .state_dir
+            .as_ref()
+            .map(|dir| lunmpio_vds::persist::state_file_path(dir, &spec.name));
+        if let Some(file) = &state_file {
+            control::restore_state(&mut mpio, file, &events);
+        }
+
+        // First connections, all at once, bounded.
+        let startup_timeout = options.startup_timeout.unwrap_or(Duration::from_secs(5));
+        let limits = ConnectLimits {
+            connect_timeout: startup_timeout,
+            ..ConnectLimits::default()
+        };
+        let attempts = paths.iter().map(|p| {
+            let target = p.target.clone();
+            async move { tokio::time::timeout(startup_timeout, target.connect(limits)).await }
+        });
+        let results: Vec<Result<PathConnection, String>> = futures_join(attempts)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(Ok(c)) => Ok(c),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {}", humanize(startup_timeout))),
+            })
+            .collect();
+        let geometry = identity::settle(&spec, &results)?;
+
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            name: spec.name.clone(),
+            source_id: spec.source_id,
+            settings: spec.settings.clone(),
+            shared_backing: spec.shared_backing,
+            slots,
+            selector: Selector::new(),
+            snapshot: ArcSwap::from_pointee(SelectorSnapshot::empty(mpio.policy())),
+            published: ArcSwap::from_pointee(mpio.clone()),
+            geometry: ArcSwap::from_pointee(geometry.clone()),
+            control: control_tx,
+            no_path: NoPathQueue::new(
+                spec.settings.no_path_retry,
+                spec.settings.no_path_queue_bytes_max,
+            ),
+            in_doubt: InDoubtTable::new(),
+            events,
+            set_in_progress: AtomicBool::new(false),
+            epoch: Instant::now(),
+            stopping: AtomicBool::new(false),
+            stop: tokio_util::sync::CancellationToken::new(),
+        });
+        let mut control = control::ControlTask::new(Arc::clone(&shared), mpio, state_file);
+        control.admit_initial(results);
+        tokio::spawn(control.run(control_rx));
+        for index in 0..shared.slots.len() {
+            tokio::spawn(health::run(Arc::clone(&shared), index));
+        }
+        Ok(Lun { shared })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn source_id(&self) -> u64 {
+        self.shared.source_id
+    }
+
+    pub fn geometry(&self) -> Arc<Geometry> {
+        self.shared.geometry.load_full()
+    }
+
+    /// The VDS state as last published (never waits for I/O or for a Set call).
+    pub fn mpio(&self) -> Arc<LunMpio> {
+        self.shared.published.load_full()
+    }
+
+    pub fn get_path_info(&self) -> Vec<PathInfo> {
+        self.mpio().get_path_info()
+    }
+
+    pub fn get_load_balance_policy(&self) -> (LoadBalancePolicy, Vec<PathPolicy>) {
+        self.mpio().get_load_balance_policy()
+    }
+
+    pub fn get_supported_lb_policies(&self) -> LbSupportFlags {
+        self.mpio().get_supported_lb_policies()
+    }
+
+    /// SetLoadBalancePolicy: validated and applied all-or-nothing by the control task, persisted before
+    /// it returns. A second Set on this LUN while one is running gets `VDS_E_ANOTHER_CALL_IN_PROGRESS`.
+    pub async fn set_load_balance_policy(
+        &self,
+        policy: i32,
+        paths: Vec<PathPolicyInput>,
+    ) -> Result<(), VdsError> {
+        self.manage(|reply| Manage::Policy {
+            policy,
+            paths,
+            reply,
+        })
+        .await
+    }
+
+    /// Administrative fail (5), standby (7) or reinstate (1) of one path.
+    pub async fn set_path_status(&self, path: PathId, status: i32) -> Result<(), VdsError> {
+        self.manage(|reply| Manage::PathStatus {
+            path,
+            status,
+            reply,
+        })
+        .await
+    }
+
+    /// This LUN's part of SetAllPathStatusesFromHbaPort (the caller aggregates over LUNs).
+    pub async fn set_hba_port_statuses(
+        &self,
+        port: HbaPortMatch,
+        status: i32,
+    ) -> Result<HbaPortOutcome, VdsError> {
+        self.manage(|reply| Manage::HbaPort {
+            port,
+            status,
+            reply,
+        })
+        .await
+    }
+
+    async fn manage<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, VdsError>>) -> Manage,
+    ) -> Result<T, VdsError> {
+        if self
+            .shared
+            .set_in_progress
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(VdsError::another_call_in_progress(format!(
+                "another Set call on LUN {:?} is in progress",
+                self.shared.name
+            )));
+        }
+        struct Clear<'a>(&'a AtomicBool);
+        impl Drop for Clear<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _clear = Clear(&self.shared.set_in_progress);
+        let (reply, answer) = oneshot::channel();
+        self.shared.send(Control::Manage(make(reply)));
+        answer.await.unwrap_or_else(|_| {
+            Err(VdsError::object_deleted(format!(
+                "LUN {:?} is shutting down",
+                self.shared.name
+            )))
+        })
+    }
+
+    /// GetStatistics.
+    pub fn statistics(&self) -> LunStats {
+        let mpio = self.mpio();
+        let timeout_floor =
+            crate::settings::ADAPTIVE_TIMEOUT_FLOOR.min(self.shared.settings.io_timeout);
+        let paths = self
+            .shared
+            .slots
+            .iter()
+            .zip(mpio.paths())
+            .map(|(slot, path)| {
+                let c = &slot.counters;
+                PathStats {
+                    path_id: slot.id,
+                    name: slot.name.clone(),
+                    status: path.reported_status(mpio.policy()).0,
+                    reads: c.reads.load(Ordering::Relaxed),
+                    writes: c.writes.load(Ordering::Relaxed),
+                    ios: c.ios.load(Ordering::Relaxed),
+                    bytes_read: c.bytes_read.load(Ordering::Relaxed),
+                    bytes_written: c.bytes_written.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                    in_flight: slot.load.requests_in_flight(),
+                    in_flight_bytes: slot.load.bytes_in_flight(),
+                    latency_p50_us: slot.histogram.quantile_us(0.50),
+                    latency_p99_us: slot.histogram.quantile_us(0.99),
+                    failovers: c.failovers.load(Ordering::Relaxed),
+                    timeout_ms: if self.shared.settings.adaptive_timeout {
+                        slot.latency
+                            .timeout(timeout_floor, self.shared.settings.io_timeout)
+                            .as_millis() as u64
+                    } else {
+                        self.shared.settings.io_timeout.as_millis() as u64
+                    },
+                    latency_buckets: slot.histogram.counts().to_vec(),
+                    latency_sum_us: slot.histogram.sum_us(),
+                }
+            })
+            .collect();
+        LunStats {
+            paths,
+            queued_ios: self.shared.no_path.queued_ios(),
+            queued_bytes: self.shared.no_path.queued_bytes(),
+            in_doubt_writes: self.shared.in_doubt.len() as u64,
+            in_doubt_writes_total: self.shared.in_doubt.total(),
+        }
+    }
+
+    /// The first step of a graceful stop: I/O waiting for a path fails now (it has nowhere to go), and
+    /// new I/O fails with ESHUTDOWN; requests already on a path run on.
+    pub fn fail_queued(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.no_path.shutdown();
+    }
+
+    /// Stops the LUN: queued I/O (no path) fails now, new I/O fails with ESHUTDOWN, health and
+    /// control tasks end, connections close. I/O already on a path may still complete; the daemon
+    /// waits for the export to drain (bounded by `shutdown_timeout`) before calling this.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.no_path.shutdown();
+        self.shared.stop.cancel();
+        for slot in self.shared.slots.iter() {
+            if let Some(installed) = slot.installed.swap(None) {
+                installed.connection.close();
+            }
+        }
+    }
+}
+
+/// The VDS description of a configured path.
+fn vds_path_config(p: &PathSpec) -> lunmpio_vds::PathConfig {
+    let transport = match p.target.transport_name() {
+        "tcp" => Transport::Tcp,
+        "unix" => Transport::Unix,
+        _ => Transport::File,
+    };
+    let endpoints = match (&p.target, p.hba_wwns) {
+        (PathTarget::Nbd { endpoint, .. }, _) => match endpoint {
+            lunmpio_nbd::client::Endpoint::Tcp { host, port, bind } => PathEndpoints::Network {
+                target_portal_id: Guid::derive("target-portal", &format!("{host}:{port}")),
+                initiator_adapter_id: Guid::derive(
+                    "initiator-adapter",
+                    &bind.map(|b| b.to_string()).unwrap_or_default(),
+                ),
+                initiator: bind
+                    .map(|ip| IpAddress::from_ip(ip, 0))
+                    .unwrap_or(IpAddress::EMPTY),
+            },
+            lunmpio_nbd::client::Endpoint::Unix { .. } => PathEndpoints::None,
+        },
+        (PathTarget::File(file), Some((node, port))) => PathEndpoints::Hba {
+            controller_port_id: Guid::derive("controller-port", &file.path.display().to_string()),
+            hba_port_id: Guid::derive("hba-port", &format!("{node}/{port}")),
+            hba_port: HbaPortProp {
+                id: Guid::NIL, // filled by the service side per GetPathInfo's remarks; unknown here
+                wwn_node: node,
+                wwn_port: port,
+                port_type: HbaPortType::Unknown,
+                status: HbaPortStatus::Online,
+                port_speed: HbaPortSpeedFlags::UNKNOWN,
+                supported_port_speed: HbaPortSpeedFlags::UNKNOWN,
+            },
+        },
+        (PathTarget::File(_), None) => PathEndpoints::None,
+    };
+    lunmpio_vds::PathConfig {
+        id: p.id,
+        name: p.name.clone(),
+        uri: p.uri.clone(),
+        transport,
+        hw_type: p.interconnect.unwrap_or(HwProviderType::Unknown),
+        endpoints,
+        primary: p.primary,
+        weight: p.weight,
+    }
+}
+
+async fn futures_join<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (i, f) in pending.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => done = false,
+                }
+            }
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future completed"))
+        .collect()
+}
+
+pub(crate) fn humanize(d: Duration) -> String {
+    if d >= Duration::from_secs(1) && d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}

@@ -1,0 +1,358 @@
+//! Path transports: how one path reaches the storage.
+//!
+//! A path is named by a URI (PRODUCT.md §3): `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`
+//! (both served by [`lunmpio_nbd::client`]) or `file:///PATH` (a local regular file or block device, I/O
+//! on the blocking thread pool so the async runtime never waits on the disk).
+//!
+//! The engine sees every transport through one small surface, enum-dispatched (no boxing on the per-I/O
+//! path): a [`PathTarget`] knows how to connect; a [`PathConnection`] carries requests. Requests and
+//! replies are the NBD client's own [`Request`] / [`Reply`]: the export decodes NBD, the engine routes,
+//! and an NBD path forwards without translation. A request that fails comes back inside [`Failed`] so
+//! the engine can re-drive it on another path (Firecracker's "request handed back" pattern).
+//!
+//! One conformance suite (`tests/conformance.rs`) runs against every transport.
+
+mod file;
+mod nbd;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lunmpio_nbd::NbdErrno;
+pub use lunmpio_nbd::client::{Reply, Request};
+pub use lunmpio_nbd::{BlockSize, TransmissionFlags};
+
+pub use self::file::{FileConnection, FileTarget};
+pub use self::nbd::NbdConnection;
+
+/// What a connected path says about the volume behind it. Compared across the paths of one LUN
+/// (PRODUCT.md §3 Identity): size, read-only flag and, where the transport reports one, identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportInfo {
+    pub size_bytes: u64,
+    pub read_only: bool,
+    /// Capabilities in NBD terms (SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, SEND_CACHE,
+    /// CAN_MULTI_CONN, ...), whatever the transport.
+    pub flags: TransmissionFlags,
+    pub block_size: BlockSize,
+    /// Whether BLOCK_STATUS with `base:allocation` can be asked of this path.
+    pub base_allocation: bool,
+    /// A stable identity of the volume (a WWID), where the transport reports one.
+    pub identity: Option<String>,
+}
+
+impl TransportInfo {
+    /// Whether several connections may carry I/O to this volume at once (PRODUCT.md §3 Consistency).
+    pub fn can_multi_conn(&self) -> bool {
+        self.flags.contains(TransmissionFlags::CAN_MULTI_CONN)
+    }
+}
+
+/// Why one request failed on one path. The kind is stable and matchable; the message is for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct PathError {
+    pub kind: PathErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathErrorKind {
+    /// The target answered this request with an error. The path may well be fine.
+    Reply(NbdErrno),
+    /// The connection broke (reset, end of stream, I/O error) or the device went away.
+    Broken,
+    /// The target violated the protocol; the connection was closed.
+    Protocol,
+    /// No reply within the deadline; the path may be hung (the connection is left open).
+    Timeout,
+    /// The connection was closed on purpose (fenced) before or while the request ran.
+    Closed,
+    /// Refused before it was sent: the request does not fit this path (range, alignment, flags).
+    Invalid,
+    /// Connecting or negotiating failed.
+    Connect,
+}
+
+impl std::fmt::Display for PathErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathErrorKind::Reply(errno) => write!(f, "error reply {}", errno.name()),
+            PathErrorKind::Broken => f.write_str("connection broken"),
+            PathErrorKind::Protocol => f.write_str("protocol violation"),
+            PathErrorKind::Timeout => f.write_str("timed out"),
+            PathErrorKind::Closed => f.write_str("closed"),
+            PathErrorKind::Invalid => f.write_str("invalid request"),
+            PathErrorKind::Connect => f.write_str("connect failed"),
+        }
+    }
+}
+
+impl PathError {
+    pub fn new(kind: PathErrorKind, message: impl Into<String>) -> Self {
+        PathError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Errors that belong to the request itself (PRODUCT.md §7.4): returned to the application at
+    /// once, never retried on another path, and no reason to doubt the path.
+    pub fn belongs_to_request(&self) -> bool {
+        match self.kind {
+            PathErrorKind::Reply(errno) => matches!(
+                errno,
+                NbdErrno::Inval
+                    | NbdErrno::NoSpc
+                    | NbdErrno::Perm
+                    | NbdErrno::Overflow
+                    | NbdErrno::NotSup
+            ),
+            PathErrorKind::Invalid => true,
+            _ => false,
+        }
+    }
+
+    /// Errors that say the path itself is down or unreliable: the engine marks it and re-drives.
+    pub fn is_path_fault(&self) -> bool {
+        matches!(
+            self.kind,
+            PathErrorKind::Broken
+                | PathErrorKind::Protocol
+                | PathErrorKind::Timeout
+                | PathErrorKind::Closed
+                | PathErrorKind::Connect
+        )
+    }
+
+    /// The NBD errno the application would see if this error were final.
+    pub fn errno(&self) -> NbdErrno {
+        match self.kind {
+            PathErrorKind::Reply(errno) => errno,
+            PathErrorKind::Invalid => NbdErrno::Inval,
+            _ => NbdErrno::Io,
+        }
+    }
+}
+
+/// A request that did not complete on a path, handed back whole so it can be re-driven.
+#[derive(Debug)]
+pub struct Failed {
+    pub request: Request,
+    pub error: PathError,
+}
+
+/// Connection settings shared by every transport.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectLimits {
+    /// Bound on connecting plus negotiating.
+    pub connect_timeout: Duration,
+    /// Bound on requests in flight on one connection.
+    pub in_flight_max: usize,
+}
+
+impl Default for ConnectLimits {
+    fn default() -> Self {
+        ConnectLimits {
+            connect_timeout: Duration::from_secs(5),
+            in_flight_max: 256,
+        }
+    }
+}
+
+/// Where a path leads and how to (re)connect to it. Cheap to clone; held by the health checker so a
+/// failed path can be reconnected.
+#[derive(Debug, Clone)]
+pub enum PathTarget {
+    Nbd {
+        endpoint: lunmpio_nbd::client::Endpoint,
+        export: String,
+    },
+    File(FileTarget),
+}
+
+/// A path URI that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad path URI {uri:?}: {reason}")]
+pub struct UriError {
+    pub uri: String,
+    pub reason: String,
+}
+
+impl PathTarget {
+    /// Parses a path URI. `bind` is the local source address for TCP (the path's initiator port).
+    pub fn parse(uri: &str, bind: Option<IpAddr>) -> Result<PathTarget, UriError> {
+        let bad = |reason: String| UriError {
+            uri: uri.to_string(),
+            reason,
+        };
+        if let Some(rest) = uri.strip_prefix("file://") {
+            if bind.is_some() {
+                return Err(bad("`bind` applies to TCP paths only".into()));
+            }
+            if !rest.starts_with('/') {
+                return Err(bad(
+                    "a file URI needs an absolute path: file:///dev/sdb".into()
+                ));
+            }
+            return Ok(PathTarget::File(FileTarget::new(PathBuf::from(rest))));
+        }
+        let parsed = lunmpio_nbd::uri::parse(uri).map_err(|e| bad(e.to_string()))?;
+        let endpoint = match (parsed.endpoint, bind) {
+            (lunmpio_nbd::client::Endpoint::Tcp { host, port, .. }, bind) => {
+                lunmpio_nbd::client::Endpoint::Tcp { host, port, bind }
+            }
+            (endpoint @ lunmpio_nbd::client::Endpoint::Unix { .. }, None) => endpoint,
+            (lunmpio_nbd::client::Endpoint::Unix { .. }, Some(_)) => {
+                return Err(bad("`bind` applies to TCP paths only".into()));
+            }
+        };
+        Ok(PathTarget::Nbd {
+            endpoint,
+            export: parsed.export,
+        })
+    }
+
+    /// A short name of the transport for PathInfo (`tcp`, `unix`, `file`).
+    pub fn transport_name(&self) -> &'static str {
+        match self {
+            PathTarget::Nbd {
+                endpoint: lunmpio_nbd::client::Endpoint::Tcp { .. },
+                ..
+            } => "tcp",
+            PathTarget::Nbd {
+                endpoint: lunmpio_nbd::client::Endpoint::Unix { .. },
+                ..
+            } => "unix",
+            PathTarget::File(_) => "file",
+        }
+    }
+
+    /// Connects and negotiates, bounded by `limits.connect_timeout`.
+    pub async fn connect(&self, limits: ConnectLimits) -> Result<PathConnection, PathError> {
+        match self {
+            PathTarget::Nbd { endpoint, export } => {
+                NbdConnection::connect(endpoint.clone(), export.clone(), limits)
+                    .await
+                    .map(PathConnection::Nbd)
+            }
+            PathTarget::File(target) => target.open().await.map(PathConnection::File),
+        }
+    }
+}
+
+/// One live connection of a path.
+#[derive(Clone)]
+pub enum PathConnection {
+    Nbd(NbdConnection),
+    File(FileConnection),
+}
+
+impl PathConnection {
+    pub fn info(&self) -> &TransportInfo {
+        match self {
+            PathConnection::Nbd(c) => c.info(),
+            PathConnection::File(c) => c.info(),
+        }
+    }
+
+    /// Runs one request. On failure the request comes back inside [`Failed`].
+    pub async fn submit(&self, request: Request) -> Result<Reply, Failed> {
+        match self {
+            PathConnection::Nbd(c) => c.submit(request).await,
+            PathConnection::File(c) => c.submit(request).await,
+        }
+    }
+
+    /// Closes the connection now (fencing): every request still in flight fails with `Closed`
+    /// (NBD), and nothing new is accepted.
+    pub fn close(&self) {
+        match self {
+            PathConnection::Nbd(c) => c.close(),
+            PathConnection::File(c) => c.close(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        match self {
+            PathConnection::Nbd(c) => c.is_open(),
+            PathConnection::File(c) => c.is_open(),
+        }
+    }
+
+    /// Resolves once the connection is broken or closed.
+    pub async fn closed(&self) {
+        match self {
+            PathConnection::Nbd(c) => c.closed().await,
+            PathConnection::File(c) => c.closed().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_file_uri() {
+        let t = PathTarget::parse("file:///dev/sdb", None).unwrap();
+        assert_eq!(t.transport_name(), "file");
+        assert!(PathTarget::parse("file://relative", None).is_err());
+        assert!(PathTarget::parse("file:///dev/sdb", Some("10.0.0.1".parse().unwrap())).is_err());
+    }
+
+    #[test]
+    fn parse_nbd_uris_with_bind() {
+        let t = PathTarget::parse(
+            "nbd://127.0.0.1:10809/lun0",
+            Some("127.0.0.1".parse().unwrap()),
+        )
+        .unwrap();
+        assert_eq!(t.transport_name(), "tcp");
+        match t {
+            PathTarget::Nbd {
+                endpoint: lunmpio_nbd::client::Endpoint::Tcp { port, bind, .. },
+                export,
+            } => {
+                assert_eq!(port, 10809);
+                assert_eq!(export, "lun0");
+                assert!(bind.is_some());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let u = PathTarget::parse("nbd+unix:///lun0?socket=/run/x.sock", None).unwrap();
+        assert_eq!(u.transport_name(), "unix");
+        assert!(
+            PathTarget::parse(
+                "nbd+unix:///lun0?socket=/run/x.sock",
+                Some("::1".parse().unwrap())
+            )
+            .is_err()
+        );
+        assert!(PathTarget::parse("http://x/y", None).is_err());
+    }
+
+    #[test]
+    fn error_classes_are_disjoint() {
+        for errno in [NbdErrno::Inval, NbdErrno::NoSpc, NbdErrno::Perm] {
+            let e = PathError::new(PathErrorKind::Reply(errno), "x");
+            assert!(e.belongs_to_request() && !e.is_path_fault());
+            assert_eq!(e.errno(), errno);
+        }
+        let io = PathError::new(PathErrorKind::Reply(NbdErrno::Io), "x");
+        assert!(
+            !io.belongs_to_request() && !io.is_path_fault(),
+            "EIO: retry elsewhere, probe the path"
+        );
+        for kind in [
+            PathErrorKind::Broken,
+            PathErrorKind::Timeout,
+            PathErrorKind::Closed,
+        ] {
+            let e = PathError::new(kind, "x");
+            assert!(e.is_path_fault() && !e.belongs_to_request());
+            assert_eq!(e.errno(), NbdErrno::Io);
+        }
+    }
+}

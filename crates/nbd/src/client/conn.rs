@@ -1,0 +1,920 @@
+//! The connection engine: pending-request table, writer task, reader task.
+
+use super::{ClientError, ConnectOptions, ExportInfo, IN_FLIGHT_MAX, Reply, Request};
+use crate::io_util::{READ_BUFFER_BYTES, fill, reserve_total};
+use crate::proto::*;
+use crate::{CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use bytes::{Buf, Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// The writer sends its buffer once it holds this much, even if more requests are queued.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// Write data at least this large goes to the socket from the caller's buffer, not copied.
+const DIRECT_WRITE_BYTES: usize = 64 << 10;
+/// How long `disconnect()` waits for in-flight requests before sending DISC anyway.
+const DISCONNECT_DRAIN: Duration = Duration::from_secs(5);
+
+type ReplyTx = oneshot::Sender<Result<Reply, ClientError>>;
+
+/// A request on the wire, owed a reply.
+struct Pending {
+    kind: Kind,
+    reply: ReplyTx,
+    /// Holds the in-flight slot until the reply arrives (even after a timeout: the server
+    /// still owes it, so the slot is still in use).
+    _permit: OwnedSemaphorePermit,
+    /// First error chunk seen (structured replies).
+    error: Option<ClientError>,
+}
+
+enum Kind {
+    Read {
+        offset: u64,
+        length: u32,
+        asm: ReadAsm,
+    },
+    BlockStatus {
+        extents: Option<Vec<Extent>>,
+    },
+    Other,
+}
+
+/// Assembles a structured READ reply. The common case, one OFFSET_DATA chunk covering the
+/// whole range, is passed through without a copy.
+#[derive(Default)]
+struct ReadAsm {
+    single: Option<Bytes>,
+    buf: Option<BytesMut>,
+    covered: u64,
+}
+
+impl ReadAsm {
+    fn materialize(&mut self, length: u32) -> &mut BytesMut {
+        let single = self.single.take();
+        self.buf.get_or_insert_with(|| {
+            // Bounded by the request's own length, which we chose.
+            let mut b = BytesMut::zeroed(length as usize);
+            if let Some(s) = single {
+                b[..s.len()].copy_from_slice(&s);
+            }
+            b
+        })
+    }
+
+    fn data(&mut self, rel: usize, data: Bytes, length: u32) {
+        if self.covered == 0 && rel == 0 && data.len() == length as usize && self.buf.is_none() {
+            self.covered = data.len() as u64;
+            self.single = Some(data);
+            return;
+        }
+        let n = data.len();
+        self.materialize(length)[rel..rel + n].copy_from_slice(&data);
+        self.covered += n as u64;
+    }
+
+    fn hole(&mut self, len: u32, length: u32) {
+        // The buffer starts zeroed: nothing to write.
+        self.materialize(length);
+        self.covered += len as u64;
+    }
+
+    fn finish(self) -> Bytes {
+        match (self.single, self.buf) {
+            (Some(s), None) => s,
+            (_, Some(b)) => b.freeze(),
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+struct State {
+    next_cookie: u64,
+    pending: HashMap<u64, Pending>,
+    /// Why the connection ended; set once.
+    dead: Option<ClientError>,
+}
+
+/// One queued request for the writer.
+struct Outgoing {
+    header: [u8; REQUEST_HEADER_BYTES],
+    payload: Option<Bytes>,
+    /// Signalled once the bytes are handed to the socket (used by DISC).
+    written: Option<oneshot::Sender<()>>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) info: ExportInfo,
+    request_timeout: Option<Duration>,
+    slots: Arc<Semaphore>,
+    state: Mutex<State>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    pub(crate) closed: CancellationToken,
+    /// Notified whenever the pending table becomes empty.
+    idle: Notify,
+    /// Largest piece per request, a multiple of the minimum block.
+    max_chunk: u32,
+}
+
+/// Protocol violation while reading replies.
+struct Violation(String);
+
+impl Shared {
+    pub(crate) fn start<R, W>(
+        rd: R,
+        wr: W,
+        leftover: BytesMut,
+        info: ExportInfo,
+        options: &ConnectOptions,
+    ) -> Arc<Shared>
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let min = info.block_size.min.max(1);
+        let max_chunk = (info.block_size.max_payload / min * min).max(min);
+        let shared = Arc::new(Shared {
+            info,
+            request_timeout: options.request_timeout,
+            slots: Arc::new(Semaphore::new(
+                options.max_in_flight.clamp(1, IN_FLIGHT_MAX),
+            )),
+            state: Mutex::new(State {
+                next_cookie: 1,
+                pending: HashMap::new(),
+                dead: None,
+            }),
+            tx,
+            closed: CancellationToken::new(),
+            idle: Notify::new(),
+            max_chunk,
+        });
+        tokio::spawn(writer_task(wr, rx, Arc::clone(&shared)));
+        tokio::spawn(reader_task(rd, leftover, Arc::clone(&shared)));
+        shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated in a way that
+        // matters more than losing the connection; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
+    pub(crate) fn close_reason(&self) -> Option<ClientError> {
+        self.lock().dead.clone()
+    }
+
+    /// Ends the connection (first cause wins) and fails every in-flight request with `err`.
+    pub(crate) fn fail_all(&self, err: ClientError) {
+        let drained = {
+            let mut st = self.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            st.dead = Some(err.clone());
+            std::mem::take(&mut st.pending)
+        };
+        self.slots.close();
+        self.closed.cancel();
+        for (_, p) in drained {
+            let _ = p.reply.send(Err(err.clone()));
+        }
+        self.idle.notify_waiters();
+    }
+
+    fn dead_error(&self) -> ClientError {
+        self.lock().dead.clone().unwrap_or(ClientError::Closed)
+    }
+
+    pub(crate) async fn disconnect(&self) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        let drained = tokio::time::timeout(DISCONNECT_DRAIN, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.in_flight() == 0 || self.closed.is_cancelled() {
+                    return;
+                }
+                idle.await;
+            }
+        });
+        let _ = drained.await;
+        let header = RequestHeader {
+            flags: CommandFlags::empty(),
+            command: Command::Disc,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        let (wtx, wrx) = oneshot::channel();
+        if self
+            .tx
+            .send(Outgoing {
+                header: header.to_bytes(),
+                payload: None,
+                written: Some(wtx),
+            })
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(DISCONNECT_DRAIN, wrx).await;
+        }
+        self.fail_all(ClientError::Closed);
+    }
+
+    /// Validates, splits and runs one logical request.
+    pub(crate) async fn execute(&self, req: &Request) -> Result<Reply, ClientError> {
+        self.validate(req)?;
+        let max = self.max_chunk;
+        match req {
+            Request::Read { offset, length } => {
+                if *length <= max {
+                    return self
+                        .one(Command::Read, CommandFlags::empty(), *offset, *length, None)
+                        .await;
+                }
+                let parts = futures::future::try_join_all(
+                    pieces(*offset, *length, max)
+                        .map(|(o, l)| self.one(Command::Read, CommandFlags::empty(), o, l, None)),
+                )
+                .await?;
+                let mut out = BytesMut::with_capacity(*length as usize);
+                for p in parts {
+                    if let Reply::Read(b) = p {
+                        out.extend_from_slice(&b);
+                    }
+                }
+                Ok(Reply::Read(out.freeze()))
+            }
+            Request::Write {
+                offset,
+                data,
+                flags,
+            } => {
+                let length = data.len() as u32;
+                if length <= max {
+                    return self
+                        .one(Command::Write, *flags, *offset, length, Some(data.clone()))
+                        .await;
+                }
+                futures::future::try_join_all(pieces(*offset, length, max).map(|(o, l)| {
+                    let rel = (o - offset) as usize;
+                    self.one(
+                        Command::Write,
+                        *flags,
+                        o,
+                        l,
+                        Some(data.slice(rel..rel + l as usize)),
+                    )
+                }))
+                .await?;
+                Ok(Reply::Done)
+            }
+            Request::Trim {
+                offset,
+                length,
+                flags,
+            }
+            | Request::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => {
+                let cmd = req.command();
+                if *length <= max {
+                    return self.one(cmd, *flags, *offset, *length, None).await;
+                }
+                futures::future::try_join_all(
+                    pieces(*offset, *length, max).map(|(o, l)| self.one(cmd, *flags, o, l, None)),
+                )
+                .await?;
+                Ok(Reply::Done)
+            }
+            Request::Flush { flags } => self.one(Command::Flush, *flags, 0, 0, None).await,
+            Request::BlockStatus {
+                offset,
+                length,
+                flags,
+            } => {
+                self.one(Command::BlockStatus, *flags, *offset, *length, None)
+                    .await
+            }
+            Request::Cache { offset, length } => {
+                if !self.info.flags.contains(TransmissionFlags::SEND_CACHE) {
+                    // A hint the server did not offer: nothing to do.
+                    return Ok(Reply::Done);
+                }
+                self.one(
+                    Command::Cache,
+                    CommandFlags::empty(),
+                    *offset,
+                    *length,
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Local checks against the negotiated export, so a bad request never reaches the wire.
+    fn validate(&self, req: &Request) -> Result<(), ClientError> {
+        use TransmissionFlags as T;
+        let info = &self.info;
+        let f = info.flags;
+        let inval = |m: String| Err(ClientError::Invalid(m));
+        if let Request::Write { data, .. } = req
+            && data.len() > u32::MAX as usize
+        {
+            return inval("write data longer than 4 GiB".into());
+        }
+        let mut allowed = CommandFlags::empty();
+        if f.contains(T::SEND_FUA) {
+            allowed |= CommandFlags::FUA;
+        }
+        let writes = matches!(
+            req,
+            Request::Write { .. } | Request::Trim { .. } | Request::WriteZeroes { .. }
+        );
+        if writes && f.contains(T::READ_ONLY) {
+            return inval("export is read-only".into());
+        }
+        match req {
+            Request::Flush { .. } if !f.contains(T::SEND_FLUSH) => {
+                return inval("server does not support FLUSH".into());
+            }
+            Request::Trim { .. } if !f.contains(T::SEND_TRIM) => {
+                return inval("server does not support TRIM".into());
+            }
+            Request::WriteZeroes { .. } => {
+                if !f.contains(T::SEND_WRITE_ZEROES) {
+                    return inval("server does not support WRITE_ZEROES".into());
+                }
+                allowed |= CommandFlags::NO_HOLE;
+                if f.contains(T::SEND_FAST_ZERO) {
+                    allowed |= CommandFlags::FAST_ZERO;
+                }
+            }
+            Request::BlockStatus { .. } => {
+                if info.base_allocation.is_none() {
+                    return inval("base:allocation was not negotiated".into());
+                }
+                allowed |= CommandFlags::REQ_ONE;
+            }
+            _ => {}
+        }
+        let extra = req.flags() - allowed;
+        if !extra.is_empty() {
+            return inval(format!(
+                "flags {:#x} not allowed for {}",
+                extra.bits(),
+                req.command().name()
+            ));
+        }
+        if matches!(req, Request::Flush { .. }) {
+            return Ok(());
+        }
+        let (offset, length) = (req.offset(), req.length() as u64);
+        if length == 0 {
+            return inval(format!("{} of length 0", req.command().name()));
+        }
+        match offset.checked_add(length) {
+            Some(end) if end <= info.size => {}
+            _ => {
+                return inval(format!(
+                    "range {offset}+{length} beyond the export size {}",
+                    info.size
+                ));
+            }
+        }
+        let min = info.block_size.min as u64;
+        if offset % min != 0 || length % min != 0 {
+            return inval(format!(
+                "range {offset}+{length} not aligned to the minimum block {min}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs one wire request, within the request timeout.
+    async fn one(
+        &self,
+        command: Command,
+        flags: CommandFlags,
+        offset: u64,
+        length: u32,
+        payload: Option<Bytes>,
+    ) -> Result<Reply, ClientError> {
+        match self.request_timeout {
+            None => {
+                self.one_inner(command, flags, offset, length, payload)
+                    .await
+            }
+            Some(t) => match tokio::time::timeout(
+                t,
+                self.one_inner(command, flags, offset, length, payload),
+            )
+            .await
+            {
+                Ok(r) => r,
+                // The pending entry stays: the late reply is read and discarded.
+                Err(_) => Err(ClientError::Timeout),
+            },
+        }
+    }
+
+    async fn one_inner(
+        &self,
+        command: Command,
+        flags: CommandFlags,
+        offset: u64,
+        length: u32,
+        payload: Option<Bytes>,
+    ) -> Result<Reply, ClientError> {
+        let permit = match Arc::clone(&self.slots).acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return Err(self.dead_error()),
+        };
+        let (rtx, rrx) = oneshot::channel();
+        let kind = match command {
+            Command::Read => Kind::Read {
+                offset,
+                length,
+                asm: ReadAsm::default(),
+            },
+            Command::BlockStatus => Kind::BlockStatus { extents: None },
+            _ => Kind::Other,
+        };
+        let cookie = {
+            let mut st = self.lock();
+            if let Some(e) = &st.dead {
+                return Err(e.clone());
+            }
+            let cookie = st.next_cookie;
+            st.next_cookie = st.next_cookie.wrapping_add(1);
+            st.pending.insert(
+                cookie,
+                Pending {
+                    kind,
+                    reply: rtx,
+                    _permit: permit,
+                    error: None,
+                },
+            );
+            cookie
+        };
+        let header = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+        .to_bytes();
+        if self
+            .tx
+            .send(Outgoing {
+                header,
+                payload,
+                written: None,
+            })
+            .is_err()
+        {
+            // Writer gone: the connection is dead (fail_all has run or will run).
+            self.lock().pending.remove(&cookie);
+            return Err(self.dead_error());
+        }
+        match rrx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.dead_error()),
+        }
+    }
+}
+
+/// Splits `[offset, offset+length)` into pieces of at most `max` bytes.
+fn pieces(offset: u64, length: u32, max: u32) -> impl Iterator<Item = (u64, u32)> {
+    let n = length.div_ceil(max);
+    (0..n).map(move |i| {
+        let start = i as u64 * max as u64;
+        let l = (length as u64 - start).min(max as u64) as u32;
+        (offset + start, l)
+    })
+}
+
+async fn writer_task<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    shared: Arc<Shared>,
+) {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let token = shared.closed.clone();
+    let r: std::io::Result<()> = async {
+        loop {
+            let first = tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            };
+            let mut next = Some(first);
+            while let Some(m) = next {
+                out.extend_from_slice(&m.header);
+                if let Some(p) = m.payload {
+                    if p.len() >= DIRECT_WRITE_BYTES {
+                        write_cancellable(&mut wr, &out, &token).await?;
+                        out.clear();
+                        write_cancellable(&mut wr, &p, &token).await?;
+                    } else {
+                        out.extend_from_slice(&p);
+                    }
+                }
+                if let Some(a) = m.written {
+                    acks.push(a);
+                }
+                if out.len() >= WRITE_BATCH_BYTES {
+                    write_cancellable(&mut wr, &out, &token).await?;
+                    out.clear();
+                }
+                next = rx.try_recv().ok();
+            }
+            if !out.is_empty() {
+                write_cancellable(&mut wr, &out, &token).await?;
+                out.clear();
+            }
+            wr.flush().await?;
+            for a in acks.drain(..) {
+                let _ = a.send(());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        shared.fail_all(ClientError::Connection(format!("write: {e}")));
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn write_cancellable<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    b: &[u8],
+    token: &CancellationToken,
+) -> std::io::Result<()> {
+    tokio::select! {
+        // A stopped server must not wedge close(): give up on the write.
+        _ = token.cancelled() => Err(std::io::Error::other("connection closed")),
+        r = wr.write_all(b) => r,
+    }
+}
+
+async fn reader_task<R: AsyncRead + Unpin>(mut rd: R, leftover: BytesMut, shared: Arc<Shared>) {
+    let mut buf = leftover;
+    reserve_total(&mut buf, READ_BUFFER_BYTES);
+    let token = shared.closed.clone();
+    let r = tokio::select! {
+        _ = token.cancelled() => return,
+        r = read_loop(&mut rd, &mut buf, &shared) => r,
+    };
+    let err = match r {
+        Ok(()) => ClientError::Connection("server closed the connection".into()),
+        Err(ReadErr::Io(e)) => ClientError::Connection(format!("read: {e}")),
+        Err(ReadErr::Violation(Violation(m))) => ClientError::Protocol(m),
+    };
+    tracing::debug!(error = %err, "nbd client connection ended");
+    shared.fail_all(err);
+}
+
+enum ReadErr {
+    Io(std::io::Error),
+    Violation(Violation),
+}
+
+impl From<std::io::Error> for ReadErr {
+    fn from(e: std::io::Error) -> Self {
+        ReadErr::Io(e)
+    }
+}
+
+impl From<Violation> for ReadErr {
+    fn from(v: Violation) -> Self {
+        ReadErr::Violation(v)
+    }
+}
+
+impl From<ProtoError> for ReadErr {
+    fn from(e: ProtoError) -> Self {
+        ReadErr::Violation(Violation(e.to_string()))
+    }
+}
+
+/// Reads until `buf` holds `n` bytes. `Ok(false)`: EOF.
+async fn need<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    n: usize,
+) -> std::io::Result<bool> {
+    reserve_total(buf, n);
+    while buf.len() < n {
+        if fill(rd, buf).await? == 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `Ok(())` on EOF at a message boundary.
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<(), ReadErr> {
+    let eof_mid = || {
+        ReadErr::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "EOF in the middle of a reply",
+        ))
+    };
+    loop {
+        if buf.len() < 4 {
+            let empty = buf.is_empty();
+            if !need(rd, buf, 4).await? {
+                return if empty && buf.is_empty() {
+                    Ok(())
+                } else {
+                    Err(eof_mid())
+                };
+            }
+        }
+        match peek_reply_magic(buf) {
+            Some(NBD_SIMPLE_REPLY_MAGIC) => {
+                if !need(rd, buf, SIMPLE_REPLY_BYTES).await? {
+                    return Err(eof_mid());
+                }
+                let Some(h) = SimpleReply::decode(buf)? else {
+                    return Err(eof_mid());
+                };
+                let data_len = shared.simple_data_len(&h)?;
+                if !need(rd, buf, SIMPLE_REPLY_BYTES + data_len).await? {
+                    return Err(eof_mid());
+                }
+                buf.advance(SIMPLE_REPLY_BYTES);
+                let data = if data_len > 0 {
+                    buf.split_to(data_len).freeze()
+                } else {
+                    Bytes::new()
+                };
+                shared.on_simple(h, data);
+            }
+            Some(NBD_STRUCTURED_REPLY_MAGIC) => {
+                if !need(rd, buf, CHUNK_HEADER_BYTES).await? {
+                    return Err(eof_mid());
+                }
+                let Some(h) = ChunkHeader::decode(buf)? else {
+                    return Err(eof_mid());
+                };
+                if !need(rd, buf, CHUNK_HEADER_BYTES + h.length as usize).await? {
+                    return Err(eof_mid());
+                }
+                let Some(chunk) = Chunk::decode(buf)? else {
+                    return Err(eof_mid());
+                };
+                shared.on_chunk(chunk)?;
+            }
+            other => {
+                return Err(Violation(format!("bad reply magic {:#x}", other.unwrap_or(0))).into());
+            }
+        }
+        // Reclaim the buffer's front once it is drained.
+        if buf.is_empty() && buf.capacity() < READ_BUFFER_BYTES / 2 {
+            buf.reserve(READ_BUFFER_BYTES);
+        }
+    }
+}
+
+impl Shared {
+    /// Bytes of READ data that follow a simple reply header.
+    fn simple_data_len(&self, h: &SimpleReply) -> Result<usize, Violation> {
+        let st = self.lock();
+        let Some(p) = st.pending.get(&h.cookie) else {
+            return Err(Violation(format!(
+                "simple reply for unknown cookie {}",
+                h.cookie
+            )));
+        };
+        match &p.kind {
+            Kind::Read { length, .. } if h.error == 0 => {
+                if self.info.structured_replies {
+                    return Err(Violation(
+                        "successful simple reply to READ under structured replies".into(),
+                    ));
+                }
+                Ok(*length as usize)
+            }
+            Kind::BlockStatus { .. } if h.error == 0 => Err(Violation(
+                "simple reply to BLOCK_STATUS without an error".into(),
+            )),
+            _ => Ok(0),
+        }
+    }
+
+    fn on_simple(&self, h: SimpleReply, data: Bytes) {
+        let p = {
+            let mut st = self.lock();
+            let p = st.pending.remove(&h.cookie);
+            if st.pending.is_empty() {
+                self.idle.notify_waiters();
+            }
+            p
+        };
+        let Some(p) = p else { return };
+        let r = if h.error != 0 {
+            Err(ClientError::Server {
+                errno: NbdErrno::from_wire(h.error),
+                message: None,
+            })
+        } else {
+            match p.kind {
+                Kind::Read { .. } => Ok(Reply::Read(data)),
+                _ => Ok(Reply::Done),
+            }
+        };
+        // A dropped receiver (timed out caller) just discards the late reply.
+        let _ = p.reply.send(r);
+    }
+
+    fn on_chunk(&self, chunk: Chunk) -> Result<(), Violation> {
+        let done = chunk.is_done();
+        let cookie = chunk.cookie;
+        let finished = {
+            let mut st = self.lock();
+            let Some(p) = st.pending.get_mut(&cookie) else {
+                return Err(Violation(format!(
+                    "structured reply for unknown cookie {cookie}"
+                )));
+            };
+            apply_chunk(p, chunk.payload, done, self.info.base_allocation)?;
+            if done {
+                let p = st.pending.remove(&cookie);
+                if st.pending.is_empty() {
+                    self.idle.notify_waiters();
+                }
+                p
+            } else {
+                None
+            }
+        };
+        if let Some(p) = finished {
+            let reply = p.reply;
+            match finish(p.kind, p.error) {
+                Ok(r) => {
+                    let _ = reply.send(r);
+                }
+                Err(v) => {
+                    // Fail everything first, so this caller sees the same cause.
+                    self.fail_all(ClientError::Protocol(v.0.clone()));
+                    let _ = reply.send(Err(ClientError::Protocol(v.0.clone())));
+                    return Err(v);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_chunk(
+    p: &mut Pending,
+    payload: ChunkPayload,
+    done: bool,
+    ctx: Option<u32>,
+) -> Result<(), Violation> {
+    match payload {
+        ChunkPayload::None => {
+            if !done {
+                return Err(Violation("NONE chunk without the DONE flag".into()));
+            }
+        }
+        ChunkPayload::OffsetData { offset, data } => {
+            let Kind::Read {
+                offset: ro,
+                length,
+                asm,
+            } = &mut p.kind
+            else {
+                return Err(Violation(
+                    "OFFSET_DATA chunk for a request that is not a READ".into(),
+                ));
+            };
+            let rel = in_range(offset, data.len() as u64, *ro, *length)?;
+            if asm.covered + data.len() as u64 > *length as u64 {
+                return Err(Violation("READ chunks overlap".into()));
+            }
+            asm.data(rel, data, *length);
+        }
+        ChunkPayload::OffsetHole { offset, length: hl } => {
+            let Kind::Read {
+                offset: ro,
+                length,
+                asm,
+            } = &mut p.kind
+            else {
+                return Err(Violation(
+                    "OFFSET_HOLE chunk for a request that is not a READ".into(),
+                ));
+            };
+            in_range(offset, hl as u64, *ro, *length)?;
+            if asm.covered + hl as u64 > *length as u64 {
+                return Err(Violation("READ chunks overlap".into()));
+            }
+            asm.hole(hl, *length);
+        }
+        ChunkPayload::BlockStatus {
+            context_id,
+            extents,
+        } => {
+            let Kind::BlockStatus { extents: slot } = &mut p.kind else {
+                return Err(Violation("BLOCK_STATUS chunk for another command".into()));
+            };
+            if Some(context_id) != ctx {
+                return Err(Violation(format!(
+                    "BLOCK_STATUS for context {context_id}, which was not negotiated"
+                )));
+            }
+            if slot.is_some() {
+                return Err(Violation("two BLOCK_STATUS chunks for one context".into()));
+            }
+            *slot = Some(extents);
+        }
+        ref e @ (ChunkPayload::Error { .. }
+        | ChunkPayload::ErrorOffset { .. }
+        | ChunkPayload::Unknown { .. }) => {
+            let Some(errno) = e.error_value() else {
+                return Err(Violation(format!(
+                    "unknown structured reply chunk type {}",
+                    e.chunk_type()
+                )));
+            };
+            if errno == 0 {
+                return Err(Violation("error chunk with error value 0".into()));
+            }
+            let message = match e {
+                ChunkPayload::Error { message, .. } | ChunkPayload::ErrorOffset { message, .. }
+                    if !message.is_empty() =>
+                {
+                    Some(message.clone())
+                }
+                _ => None,
+            };
+            if p.error.is_none() {
+                p.error = Some(ClientError::Server {
+                    errno: NbdErrno::from_wire(errno),
+                    message,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Offset of a chunk inside its READ, checking it lies within the request.
+fn in_range(offset: u64, len: u64, req_offset: u64, req_len: u32) -> Result<usize, Violation> {
+    let ok = offset >= req_offset
+        && offset
+            .checked_add(len)
+            .is_some_and(|end| end <= req_offset + req_len as u64);
+    if !ok {
+        return Err(Violation(format!(
+            "chunk {offset}+{len} outside the READ {req_offset}+{req_len}"
+        )));
+    }
+    Ok((offset - req_offset) as usize)
+}
+
+/// The caller's result once the DONE chunk arrived.
+fn finish(kind: Kind, error: Option<ClientError>) -> Result<Result<Reply, ClientError>, Violation> {
+    if let Some(e) = error {
+        return Ok(Err(e));
+    }
+    let r = match kind {
+        Kind::Read { length, asm, .. } => {
+            if asm.covered != length as u64 {
+                return Err(Violation(format!(
+                    "READ reply covers {} of {length} bytes",
+                    asm.covered
+                )));
+            }
+            Reply::Read(asm.finish())
+        }
+        Kind::BlockStatus { extents } => match extents {
+            Some(e) if !e.is_empty() => Reply::BlockStatus(e),
+            _ => return Err(Violation("BLOCK_STATUS reply without extents".into())),
+        },
+        Kind::Other => Reply::Done,
+    };
+    Ok(Ok(r))
+}

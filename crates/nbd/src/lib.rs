@@ -1,0 +1,23 @@
+//! lunmpio-nbd: the NBD protocol for lunmpio.
+//!
+//! * [`proto`]: a sans-I/O codec for the fixed-newstyle handshake and the transmission phase.
+//! * [`client`]: an async (tokio) client with many requests in flight on one connection.
+//! * [`server`]: an async server generic over a [`server::Backend`].
+//! * [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`).
+//!
+//! The public surface is the contract in `docs/NBD_API.md`.
+
+pub mod client;
+mod io_util;
+pub mod proto;
+pub mod server;
+mod types;
+pub mod uri;
+
+pub use client::{
+    Client, ClientError, ConnectOptions, Endpoint, ExportInfo, Negotiation, Reply, Request,
+    RequestError,
+};
+pub use server::{Backend, ExportConfig, Server, ServerError, ServerOptions};
+pub use types::{BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
+pub use uri::{NbdUri, UriError};

@@ -1,0 +1,304 @@
+//! Server side of the fixed-newstyle handshake.
+
+use super::{Backend, ExportEntry, Server, ServerError};
+use crate::TransmissionFlags;
+use crate::io_util::fill;
+use crate::proto::*;
+use bytes::{Buf, BytesMut};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+/// The context id this server gives `base:allocation`.
+pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
+
+/// What the handshake settled.
+pub(crate) struct Negotiated<B> {
+    pub(crate) export: Arc<ExportEntry<B>>,
+    pub(crate) flags: TransmissionFlags,
+    pub(crate) structured: bool,
+    pub(crate) context_id: Option<u32>,
+}
+
+/// Option state carried between options.
+#[derive(Default)]
+struct OptState {
+    no_zeroes: bool,
+    structured: bool,
+    /// Export name for which `base:allocation` was selected by SET_META_CONTEXT.
+    meta_export: Option<String>,
+}
+
+enum Step<B> {
+    Continue,
+    Abort,
+    Transmit(Negotiated<B>),
+}
+
+impl<B: Backend> Server<B> {
+    /// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly.
+    pub(crate) async fn handshake<R, W>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Negotiated<B>>, ServerError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut out = BytesMut::with_capacity(1024);
+        Greeting {
+            flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
+        }
+        .encode(&mut out);
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+        out.clear();
+
+        let flags = loop {
+            if let Some(f) = decode_client_flags(buf)? {
+                buf.advance(CLIENT_FLAGS_BYTES);
+                break f;
+            }
+            if fill(rd, buf).await? == 0 {
+                return Ok(None);
+            }
+        };
+        if !(flags - ClientFlags::KNOWN).is_empty() {
+            return Err(ServerError::Handshake(format!(
+                "unknown client flags {:#x}",
+                flags.bits()
+            )));
+        }
+        if !flags.contains(ClientFlags::FIXED_NEWSTYLE) {
+            return Err(ServerError::Handshake(
+                "client does not speak fixed newstyle".into(),
+            ));
+        }
+        let mut st = OptState {
+            no_zeroes: flags.contains(ClientFlags::NO_ZEROES),
+            ..Default::default()
+        };
+
+        loop {
+            let raw = loop {
+                if let Some(raw) = RawOption::decode(buf)? {
+                    break raw;
+                }
+                // An idle negotiating client must not hold shutdown up.
+                let n = tokio::select! {
+                    _ = self.shutdown.cancelled() => return Ok(None),
+                    n = fill(rd, buf) => n?,
+                };
+                if n == 0 {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Err(ServerError::Truncated);
+                }
+            };
+            let step = self.handle_option(&raw, &mut st, &mut out);
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                out.clear();
+            }
+            match step? {
+                Step::Continue => {}
+                Step::Abort => return Ok(None),
+                Step::Transmit(n) => return Ok(Some(n)),
+            }
+        }
+    }
+
+    fn handle_option(
+        &self,
+        raw: &RawOption,
+        st: &mut OptState,
+        out: &mut BytesMut,
+    ) -> Result<Step<B>, ServerError> {
+        let code = raw.option;
+        let err = |out: &mut BytesMut, error: OptionError, message: &str| {
+            OptionReply::Error {
+                error,
+                message: message.to_string(),
+            }
+            .encode(code, out);
+        };
+        let parsed = match ClientOption::parse(raw) {
+            Ok(p) => p,
+            Err(e) => {
+                if code == NBD_OPT_EXPORT_NAME {
+                    // EXPORT_NAME cannot fail politely.
+                    return Err(ServerError::Protocol(e));
+                }
+                err(out, OptionError::Invalid, &e.to_string());
+                return Ok(Step::Continue);
+            }
+        };
+        if self.shutdown.is_cancelled() {
+            match parsed {
+                ClientOption::Abort => {
+                    OptionReply::Ack.encode(code, out);
+                    return Ok(Step::Abort);
+                }
+                ClientOption::ExportName(_) => {
+                    return Err(ServerError::Handshake("server is shutting down".into()));
+                }
+                _ => {
+                    err(out, OptionError::Shutdown, "server is shutting down");
+                    return Ok(Step::Continue);
+                }
+            }
+        }
+        match parsed {
+            ClientOption::Abort => {
+                OptionReply::Ack.encode(code, out);
+                Ok(Step::Abort)
+            }
+            ClientOption::List => {
+                for name in self.export_names() {
+                    OptionReply::Server {
+                        name,
+                        details: Default::default(),
+                    }
+                    .encode(code, out);
+                }
+                OptionReply::Ack.encode(code, out);
+                Ok(Step::Continue)
+            }
+            ClientOption::StructuredReply => {
+                st.structured = true;
+                OptionReply::Ack.encode(code, out);
+                Ok(Step::Continue)
+            }
+            ClientOption::ListMetaContext { export, queries } => {
+                if !st.structured {
+                    err(
+                        out,
+                        OptionError::Invalid,
+                        "structured replies not negotiated",
+                    );
+                } else if self.find_export(&export).is_none() {
+                    err(out, OptionError::Unknown, "unknown export");
+                } else {
+                    let any = queries.is_empty()
+                        || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION);
+                    if any {
+                        OptionReply::MetaContext {
+                            id: 0,
+                            name: BASE_ALLOCATION.into(),
+                        }
+                        .encode(code, out);
+                    }
+                    OptionReply::Ack.encode(code, out);
+                }
+                Ok(Step::Continue)
+            }
+            ClientOption::SetMetaContext { export, queries } => {
+                // A SET replaces whatever an earlier SET chose.
+                st.meta_export = None;
+                if !st.structured {
+                    err(
+                        out,
+                        OptionError::Invalid,
+                        "structured replies not negotiated",
+                    );
+                } else if self.find_export(&export).is_none() {
+                    err(out, OptionError::Unknown, "unknown export");
+                } else {
+                    if queries.iter().any(|q| q == BASE_ALLOCATION) {
+                        OptionReply::MetaContext {
+                            id: BASE_ALLOCATION_ID,
+                            name: BASE_ALLOCATION.into(),
+                        }
+                        .encode(code, out);
+                        st.meta_export = Some(export);
+                    }
+                    OptionReply::Ack.encode(code, out);
+                }
+                Ok(Step::Continue)
+            }
+            ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
+                let Some(export) = self.find_export(&name).cloned() else {
+                    err(out, OptionError::Unknown, "unknown export");
+                    return Ok(Step::Continue);
+                };
+                let flags = advertised_flags(&export.config.flags, st.structured);
+                let cfg = &export.config;
+                OptionReply::Info(Info::Export {
+                    size: cfg.size,
+                    flags,
+                })
+                .encode(code, out);
+                if requests.contains(&NBD_INFO_NAME) {
+                    OptionReply::Info(Info::Name(cfg.name.clone())).encode(code, out);
+                }
+                if requests.contains(&NBD_INFO_DESCRIPTION)
+                    && let Some(d) = &cfg.description
+                {
+                    OptionReply::Info(Info::Description(d.clone())).encode(code, out);
+                }
+                // Always sent: a client that did not ask may ignore it, one that did must obey.
+                OptionReply::Info(Info::BlockSize(cfg.block_size)).encode(code, out);
+                OptionReply::Ack.encode(code, out);
+                if code == NBD_OPT_INFO {
+                    return Ok(Step::Continue);
+                }
+                Ok(Step::Transmit(self.negotiated(export, flags, st, &name)))
+            }
+            ClientOption::ExportName(name) => {
+                let Some(export) = self.find_export(&name).cloned() else {
+                    return Err(ServerError::Handshake(format!("unknown export {name:?}")));
+                };
+                let flags = advertised_flags(&export.config.flags, st.structured);
+                ExportNameReply {
+                    size: export.config.size,
+                    flags,
+                }
+                .encode(st.no_zeroes, out);
+                Ok(Step::Transmit(self.negotiated(export, flags, st, &name)))
+            }
+            ClientOption::StartTls => {
+                err(out, OptionError::Unsup, "TLS is not supported");
+                Ok(Step::Continue)
+            }
+            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+                err(out, OptionError::Unsup, "option not supported");
+                Ok(Step::Continue)
+            }
+        }
+    }
+
+    fn negotiated(
+        &self,
+        export: Arc<ExportEntry<B>>,
+        flags: TransmissionFlags,
+        st: &OptState,
+        name: &str,
+    ) -> Negotiated<B> {
+        let context_id = match &st.meta_export {
+            Some(m) if st.structured && (m == name || m == &export.config.name) => {
+                Some(BASE_ALLOCATION_ID)
+            }
+            _ => None,
+        };
+        Negotiated {
+            export,
+            flags,
+            structured: st.structured,
+            context_id,
+        }
+    }
+}
+
+/// The flags actually sent for an export.
+pub(crate) fn advertised_flags(cfg: &TransmissionFlags, structured: bool) -> TransmissionFlags {
+    let mut f = *cfg | TransmissionFlags::HAS_FLAGS;
+    f.remove(TransmissionFlags::SEND_RESIZE | TransmissionFlags::BLOCK_STATUS_PAYLOAD);
+    if !structured {
+        // DF only has a meaning with structured replies.
+        f.remove(TransmissionFlags::SEND_DF);
+    }
+    f & TransmissionFlags::from_bits_retain(0x1fff)
+}

@@ -1,0 +1,346 @@
+//! Async NBD server, generic over a [`Backend`].
+//!
+//! One task per connection reads and validates requests, each request runs in its own task,
+//! and a writer task coalesces the replies (in completion order, so replies go out of order)
+//! into few socket writes. In-flight requests per connection are bounded: the reader stops
+//! reading when the bound is reached.
+
+mod handshake;
+mod transmission;
+
+use crate::proto::ProtoError;
+use crate::{BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use transmission::{RequestCheck, check_request};
+
+/// The storage behind an export. Every method may run concurrently with the others.
+pub trait Backend: Send + Sync + 'static {
+    /// Returns exactly `length` bytes.
+    fn read(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Bytes, NbdErrno>> + Send;
+    fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        flags: CommandFlags,
+    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
+    fn flush(&self) -> impl Future<Output = Result<(), NbdErrno>> + Send;
+    fn trim(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: CommandFlags,
+    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: CommandFlags,
+    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
+    /// `base:allocation` extents from `offset`. The server clips them to the request, honours
+    /// REQ_ONE, and replaces an empty list by one allocated extent.
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: CommandFlags,
+    ) -> impl Future<Output = Result<Vec<Extent>, NbdErrno>> + Send {
+        let _ = (offset, flags);
+        async move { Ok(vec![Extent { length, flags: 0 }]) }
+    }
+    /// A prefetch hint.
+    fn cache(&self, offset: u64, length: u32) -> impl Future<Output = Result<(), NbdErrno>> + Send {
+        let _ = (offset, length);
+        async { Ok(()) }
+    }
+}
+
+/// One export.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub name: String,
+    pub description: Option<String>,
+    pub size: u64,
+    /// Advertised flags. HAS_FLAGS is always added; SEND_DF only goes out once structured
+    /// replies are negotiated; SEND_RESIZE and BLOCK_STATUS_PAYLOAD are never advertised.
+    pub flags: TransmissionFlags,
+    pub block_size: BlockSize,
+}
+
+impl ExportConfig {
+    /// A writable export with FLUSH, FUA, TRIM, WRITE_ZEROES, CACHE and default block sizes.
+    pub fn new(name: impl Into<String>, size: u64) -> Self {
+        ExportConfig {
+            name: name.into(),
+            description: None,
+            size,
+            flags: TransmissionFlags::HAS_FLAGS
+                | TransmissionFlags::SEND_FLUSH
+                | TransmissionFlags::SEND_FUA
+                | TransmissionFlags::SEND_TRIM
+                | TransmissionFlags::SEND_WRITE_ZEROES
+                | TransmissionFlags::SEND_CACHE,
+            block_size: BlockSize::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub max_in_flight_per_connection: usize,
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_in_flight_per_connection: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Upper bound on `max_in_flight_per_connection` (a semaphore sizes itself from it).
+pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("export {0:?} already exists")]
+    DuplicateExport(String),
+    #[error("invalid export {name:?}: {reason}")]
+    InvalidExport { name: String, reason: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtoError),
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("client disconnected in the middle of a message")]
+    Truncated,
+}
+
+pub(crate) struct ExportEntry<B> {
+    pub(crate) config: ExportConfig,
+    pub(crate) backend: Arc<B>,
+}
+
+pub struct Server<B: Backend> {
+    exports: HashMap<String, Arc<ExportEntry<B>>>,
+    options: ServerOptions,
+    shutdown: CancellationToken,
+    active: watch::Sender<usize>,
+}
+
+/// Counts a live connection for `wait_idle`.
+struct ConnGuard(watch::Sender<usize>);
+
+impl ConnGuard {
+    fn new(active: &watch::Sender<usize>) -> Self {
+        active.send_modify(|n| *n += 1);
+        ConnGuard(active.clone())
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl<B: Backend> Server<B> {
+    pub fn new(options: ServerOptions) -> Self {
+        let mut options = options;
+        options.max_in_flight_per_connection = options
+            .max_in_flight_per_connection
+            .clamp(1, IN_FLIGHT_PER_CONNECTION_MAX);
+        Server {
+            exports: HashMap::new(),
+            options,
+            shutdown: CancellationToken::new(),
+            active: watch::Sender::new(0),
+        }
+    }
+
+    pub fn add_export(&mut self, config: ExportConfig, backend: Arc<B>) -> Result<(), ServerError> {
+        let invalid = |reason: String| ServerError::InvalidExport {
+            name: config.name.clone(),
+            reason,
+        };
+        if self.exports.contains_key(&config.name) {
+            return Err(ServerError::DuplicateExport(config.name));
+        }
+        if config.name.len() > crate::proto::STRING_BYTES_MAX as usize {
+            return Err(invalid("name longer than 4096 bytes".into()));
+        }
+        if config
+            .description
+            .as_ref()
+            .is_some_and(|d| d.len() > crate::proto::STRING_BYTES_MAX as usize)
+        {
+            return Err(invalid("description longer than 4096 bytes".into()));
+        }
+        config.block_size.validate().map_err(invalid)?;
+        if config.block_size.max_payload > MAX_PAYLOAD_BYTES {
+            return Err(invalid(format!(
+                "maximum payload above {MAX_PAYLOAD_BYTES} bytes"
+            )));
+        }
+        if !config.size.is_multiple_of(config.block_size.min as u64) {
+            return Err(invalid(
+                "size is not a multiple of the minimum block".into(),
+            ));
+        }
+        self.exports.insert(
+            config.name.clone(),
+            Arc::new(ExportEntry { config, backend }),
+        );
+        Ok(())
+    }
+
+    pub fn options(&self) -> &ServerOptions {
+        &self.options
+    }
+
+    /// Export names, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.exports.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Looks an export up; the empty name is the default export: one named "" or else the
+    /// only export.
+    pub(crate) fn find_export(&self, name: &str) -> Option<&Arc<ExportEntry<B>>> {
+        if let Some(e) = self.exports.get(name) {
+            return Some(e);
+        }
+        if name.is_empty() && self.exports.len() == 1 {
+            return self.exports.values().next();
+        }
+        None
+    }
+
+    /// Serves one already-accepted connection to completion (handshake + transmission).
+    pub async fn serve_connection<S>(self: &Arc<Self>, stream: S) -> Result<(), ServerError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let guard = ConnGuard::new(&self.active);
+        let r = self.serve_inner(stream).await;
+        drop(guard);
+        r
+    }
+
+    async fn serve_inner<S>(self: &Arc<Self>, stream: S) -> Result<(), ServerError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut buf = BytesMut::with_capacity(crate::io_util::READ_BUFFER_BYTES);
+        let negotiated = match tokio::time::timeout(
+            self.options.handshake_timeout,
+            self.handshake(&mut rd, &mut wr, &mut buf),
+        )
+        .await
+        {
+            Err(_) => return Err(ServerError::HandshakeTimeout),
+            Ok(r) => r?,
+        };
+        let Some(negotiated) = negotiated else {
+            return Ok(());
+        };
+        self.transmission(rd, wr, buf, negotiated).await
+    }
+
+    fn spawn_connection<S>(self: &Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // Count the connection before the task starts, so wait_idle() cannot miss it.
+        let guard = ConnGuard::new(&self.active);
+        let server = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(e) = server.serve_inner(stream).await {
+                tracing::debug!(error = %e, "nbd connection ended with an error");
+            }
+            drop(guard);
+        });
+    }
+
+    /// Accepts and serves TCP connections until [`Server::shutdown`].
+    pub async fn serve_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+    ) -> std::io::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok((stream, _peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        self.spawn_connection(stream);
+                    }
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    /// Accepts and serves Unix-socket connections until [`Server::shutdown`].
+    pub async fn serve_unix(
+        self: Arc<Self>,
+        listener: tokio::net::UnixListener,
+    ) -> std::io::Result<()> {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok((stream, _peer)) => self.spawn_connection(stream),
+                    Err(e) => accept_error(e).await,
+                },
+            }
+        }
+    }
+
+    /// Drain: new requests get NBD_ESHUTDOWN, options ERR_SHUTDOWN, in-flight requests
+    /// complete, then every connection closes and the accept loops return.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Resolves once no connection is being served.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.active.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        *self.active.borrow()
+    }
+}
+
+/// Accept errors (EMFILE, ECONNABORTED...) are transient: log, back off briefly, go on.
+async fn accept_error(e: std::io::Error) {
+    tracing::warn!(error = %e, "nbd accept failed");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);

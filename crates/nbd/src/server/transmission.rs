@@ -1,0 +1,449 @@
+//! Server side of the transmission phase: request validation, concurrent execution, and a
+//! writer that coalesces out-of-order replies.
+
+use super::handshake::Negotiated;
+use super::{Backend, Server, ServerError};
+use crate::io_util::{fill, reserve_total};
+use crate::proto::*;
+use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+/// The writer sends its buffer once it holds this much, even if more replies are queued.
+const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// Read data at least this large is written straight from the backend's buffer, not copied.
+const DIRECT_WRITE_BYTES: usize = 64 << 10;
+
+/// What a request is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestCheck {
+    pub size: u64,
+    /// The flags advertised on this connection.
+    pub flags: TransmissionFlags,
+    pub block_size: BlockSize,
+    /// `base:allocation` negotiated.
+    pub context_id: Option<u32>,
+}
+
+/// Validates a request header against the export; the error is the value to reply with.
+/// Order matters: EPERM for writes to a read-only export comes first, then flags, then
+/// bounds (ENOSPC for writes past the end, EINVAL otherwise), then alignment and size.
+pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno> {
+    use TransmissionFlags as T;
+    let f = c.flags;
+    let ro = f.contains(T::READ_ONLY);
+    let mut allowed = CommandFlags::empty();
+    if f.contains(T::SEND_FUA) {
+        allowed |= CommandFlags::FUA;
+    }
+    let (past_end, payload_cmd) = match h.command {
+        Command::Read => {
+            if f.contains(T::SEND_DF) {
+                allowed |= CommandFlags::DF;
+            }
+            (NbdErrno::Inval, true)
+        }
+        Command::Write => {
+            if ro {
+                return Err(NbdErrno::Perm);
+            }
+            (NbdErrno::NoSpc, true)
+        }
+        Command::Trim => {
+            if ro {
+                return Err(NbdErrno::Perm);
+            }
+            if !f.contains(T::SEND_TRIM) {
+                return Err(NbdErrno::Inval);
+            }
+            (NbdErrno::Inval, false)
+        }
+        Command::WriteZeroes => {
+            if ro {
+                return Err(NbdErrno::Perm);
+            }
+            if !f.contains(T::SEND_WRITE_ZEROES) {
+                return Err(NbdErrno::Inval);
+            }
+            allowed |= CommandFlags::NO_HOLE;
+            if f.contains(T::SEND_FAST_ZERO) {
+                allowed |= CommandFlags::FAST_ZERO;
+            }
+            (NbdErrno::NoSpc, false)
+        }
+        Command::Flush => {
+            if !f.contains(T::SEND_FLUSH) {
+                return Err(NbdErrno::Inval);
+            }
+            if !(h.flags - allowed).is_empty() {
+                return Err(NbdErrno::Inval);
+            }
+            return Ok(());
+        }
+        Command::Cache => (NbdErrno::Inval, false),
+        Command::BlockStatus => {
+            if c.context_id.is_none() || h.length == 0 {
+                return Err(NbdErrno::Inval);
+            }
+            allowed |= CommandFlags::REQ_ONE;
+            (NbdErrno::Inval, false)
+        }
+        Command::Disc => return Ok(()),
+        Command::Resize | Command::Unknown(_) => return Err(NbdErrno::Inval),
+    };
+    if !(h.flags - allowed).is_empty() {
+        return Err(NbdErrno::Inval);
+    }
+    match h.offset.checked_add(h.length as u64) {
+        Some(end) if end <= c.size => {}
+        _ => return Err(past_end),
+    }
+    let min = c.block_size.min as u64;
+    if !h.offset.is_multiple_of(min) || !(h.length as u64).is_multiple_of(min) {
+        return Err(NbdErrno::Inval);
+    }
+    if payload_cmd && h.length > c.block_size.max_payload {
+        return Err(NbdErrno::Inval);
+    }
+    Ok(())
+}
+
+/// A reply on its way to the writer. The permit frees the in-flight slot once written.
+struct Out {
+    cookie: u64,
+    offset: u64,
+    body: Body,
+    /// READ and BLOCK_STATUS errors go out as ERROR chunks under structured replies.
+    chunked_error: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+enum Body {
+    Ok,
+    Err(NbdErrno),
+    Read(Bytes),
+    BlockStatus(u32, Vec<Extent>),
+}
+
+impl<B: Backend> Server<B> {
+    pub(crate) async fn transmission<R, W>(
+        self: &Arc<Self>,
+        mut rd: R,
+        wr: W,
+        mut buf: BytesMut,
+        n: Negotiated<B>,
+    ) -> Result<(), ServerError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let max = self.options.max_in_flight_per_connection;
+        let slots = Arc::new(Semaphore::new(max));
+        let (tx, rx) = mpsc::unbounded_channel::<Out>();
+        let writer = tokio::spawn(write_replies(wr, rx, n.structured));
+        let check = RequestCheck {
+            size: n.export.config.size,
+            flags: n.flags,
+            block_size: n.export.config.block_size,
+            context_id: n.context_id,
+        };
+
+        let mut result = Ok(());
+        let mut draining = false;
+        // Normal operation: one slot per request, stop reading when all slots are taken.
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => { draining = true; break; }
+                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let req = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => { draining = true; break; }
+                r = read_request(&mut rd, &mut buf) => r,
+            };
+            match req {
+                Ok(Some((h, data))) => {
+                    if h.command == Command::Disc {
+                        break;
+                    }
+                    self.dispatch(&n, &check, h, data, permit, &tx);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if draining {
+            // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done.
+            loop {
+                let req = tokio::select! {
+                    biased;
+                    _ = slots.acquire_many(max as u32) => break,
+                    r = read_request(&mut rd, &mut buf) => r,
+                };
+                match req {
+                    Ok(Some((h, _))) if h.command == Command::Disc => break,
+                    Ok(Some((h, _))) => {
+                        let permit = Arc::clone(&slots).acquire_owned().await.ok();
+                        let _ = tx.send(Out {
+                            cookie: h.cookie,
+                            offset: h.offset,
+                            body: Body::Err(NbdErrno::Shutdown),
+                            chunked_error: n.structured && is_chunked(h.command),
+                            _permit: permit,
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        // In-flight requests hold clones of `tx`: the writer ends after their replies.
+        drop(tx);
+        match writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if result.is_ok() => result = Err(ServerError::Io(e)),
+            Ok(Err(_)) => {}
+            Err(join) => {
+                if result.is_ok() {
+                    result = Err(ServerError::Io(std::io::Error::other(join.to_string())));
+                }
+            }
+        }
+        result
+    }
+
+    fn dispatch(
+        &self,
+        n: &Negotiated<B>,
+        check: &RequestCheck,
+        h: RequestHeader,
+        data: Bytes,
+        permit: OwnedSemaphorePermit,
+        tx: &mpsc::UnboundedSender<Out>,
+    ) {
+        let chunked_error = n.structured && is_chunked(h.command);
+        let reply = |body: Body, permit| Out {
+            cookie: h.cookie,
+            offset: h.offset,
+            body,
+            chunked_error,
+            _permit: permit,
+        };
+        if let Err(e) = check_request(check, &h) {
+            let _ = tx.send(reply(body_err(e), Some(permit)));
+            return;
+        }
+        // Zero-length data commands need no backend call.
+        if h.length == 0
+            && matches!(
+                h.command,
+                Command::Read
+                    | Command::Write
+                    | Command::Trim
+                    | Command::WriteZeroes
+                    | Command::Cache
+            )
+        {
+            let body = if h.command == Command::Read {
+                Body::Read(Bytes::new())
+            } else {
+                Body::Ok
+            };
+            let _ = tx.send(reply(body, Some(permit)));
+            return;
+        }
+        let backend = Arc::clone(&n.export.backend);
+        let tx = tx.clone();
+        let context_id = n.context_id.unwrap_or(0);
+        tokio::spawn(async move {
+            let (offset, length, flags) = (h.offset, h.length, h.flags);
+            let body = match h.command {
+                Command::Read => match backend.read(offset, length).await {
+                    Ok(d) if d.len() == length as usize => Body::Read(d),
+                    Ok(_) => Body::Err(NbdErrno::Io),
+                    Err(e) => body_err(e),
+                },
+                Command::Write => done(backend.write(offset, data, flags).await),
+                Command::Flush => done(backend.flush().await),
+                Command::Trim => done(backend.trim(offset, length, flags).await),
+                Command::WriteZeroes => done(backend.write_zeroes(offset, length, flags).await),
+                Command::Cache => done(backend.cache(offset, length).await),
+                Command::BlockStatus => match backend.block_status(offset, length, flags).await {
+                    Ok(ext) => Body::BlockStatus(context_id, clip_extents(ext, length, flags)),
+                    Err(e) => body_err(e),
+                },
+                // Filtered out by check_request.
+                Command::Disc | Command::Resize | Command::Unknown(_) => Body::Err(NbdErrno::Inval),
+            };
+            let _ = tx.send(Out {
+                cookie: h.cookie,
+                offset,
+                body,
+                chunked_error,
+                _permit: Some(permit),
+            });
+        });
+    }
+}
+
+fn is_chunked(c: Command) -> bool {
+    matches!(c, Command::Read | Command::BlockStatus)
+}
+
+/// Error 0 on the wire would read as success.
+fn body_err(e: NbdErrno) -> Body {
+    if e.to_wire() == 0 {
+        Body::Err(NbdErrno::Io)
+    } else {
+        Body::Err(e)
+    }
+}
+
+fn done(r: Result<(), NbdErrno>) -> Body {
+    match r {
+        Ok(()) => Body::Ok,
+        Err(e) => body_err(e),
+    }
+}
+
+/// Clips extents to the request, drops empty ones, honours REQ_ONE, never returns none.
+fn clip_extents(ext: Vec<Extent>, length: u32, flags: CommandFlags) -> Vec<Extent> {
+    let mut out = ext;
+    let mut left = length;
+    out.retain_mut(|e| {
+        if left == 0 || e.length == 0 {
+            return false;
+        }
+        e.length = e.length.min(left);
+        left -= e.length;
+        true
+    });
+    if out.is_empty() {
+        out.push(Extent { length, flags: 0 });
+    }
+    if flags.contains(CommandFlags::REQ_ONE) {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Reads one complete request. `Ok(None)`: clean EOF between requests. Cancel-safe: partial
+/// input stays in `buf`.
+async fn read_request<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<(RequestHeader, Bytes)>, ServerError> {
+    loop {
+        if let Some(r) = decode_request(buf)? {
+            return Ok(Some(r));
+        }
+        if let Some(h) = RequestHeader::decode(buf)? {
+            // Bounded by decode_request: the payload is at most MAX_PAYLOAD_BYTES.
+            reserve_total(buf, REQUEST_HEADER_BYTES + h.payload_len() as usize);
+        }
+        if fill(rd, buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(ServerError::Truncated);
+        }
+    }
+}
+
+/// Encodes replies in completion order and sends them in as few writes as possible.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    structured: bool,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
+    let r = async {
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            while let Some(reply) = next {
+                encode_reply(&mut wr, &mut out, reply, structured).await?;
+                if out.len() >= WRITE_BATCH_BYTES {
+                    wr.write_all(&out).await?;
+                    out.clear();
+                }
+                next = rx.try_recv().ok();
+            }
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+                out.clear();
+            }
+            wr.flush().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
+    if r.is_err() {
+        // Keep consuming so in-flight tasks can finish and free their slots.
+        rx.close();
+        while rx.recv().await.is_some() {}
+    }
+    let _ = wr.shutdown().await;
+    r
+}
+
+async fn encode_reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    reply: Out,
+    structured: bool,
+) -> std::io::Result<()> {
+    let cookie = reply.cookie;
+    match reply.body {
+        Body::Ok => SimpleReply { error: 0, cookie }.encode(out),
+        Body::Err(e) if reply.chunked_error => ChunkPayload::Error {
+            error: e.to_wire(),
+            message: String::new(),
+        }
+        .encode(cookie, NBD_REPLY_FLAG_DONE, out),
+        Body::Err(e) => SimpleReply {
+            error: e.to_wire(),
+            cookie,
+        }
+        .encode(out),
+        Body::BlockStatus(context_id, extents) => ChunkPayload::BlockStatus {
+            context_id,
+            extents,
+        }
+        .encode(cookie, NBD_REPLY_FLAG_DONE, out),
+        Body::Read(data) => {
+            if structured {
+                if data.is_empty() {
+                    ChunkPayload::None.encode(cookie, NBD_REPLY_FLAG_DONE, out);
+                    return Ok(());
+                }
+                ChunkHeader {
+                    flags: NBD_REPLY_FLAG_DONE,
+                    chunk_type: NBD_REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    length: data.len() as u32 + 8,
+                }
+                .encode(out);
+                bytes::BufMut::put_u64(out, reply.offset);
+            } else {
+                SimpleReply { error: 0, cookie }.encode(out);
+            }
+            if data.len() >= DIRECT_WRITE_BYTES {
+                wr.write_all(out).await?;
+                out.clear();
+                wr.write_all(&data).await?;
+            } else {
+                out.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(())
+}
