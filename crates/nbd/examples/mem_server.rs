@@ -17,10 +17,19 @@ const SHARD_BYTES: u64 = 1 << 20;
 impl Mem {
     fn new(size: u64) -> Self {
         let n = size.div_ceil(SHARD_BYTES);
-        Mem { shards: (0..n).map(|_| RwLock::new(vec![0; SHARD_BYTES as usize])).collect() }
+        Mem {
+            shards: (0..n)
+                .map(|_| RwLock::new(vec![0; SHARD_BYTES as usize]))
+                .collect(),
+        }
     }
 
-    fn each(&self, offset: u64, len: u64, mut f: impl FnMut(&RwLock<Vec<u8>>, usize, usize, usize)) {
+    fn each(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&RwLock<Vec<u8>>, usize, usize, usize),
+    ) {
         let mut pos = offset;
         let mut done = 0usize;
         while pos < offset + len {
@@ -60,7 +69,12 @@ impl Backend for Mem {
         self.write_zeroes(offset, length, flags).await
     }
 
-    async fn write_zeroes(&self, offset: u64, length: u32, _flags: CommandFlags) -> Result<(), NbdErrno> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        _flags: CommandFlags,
+    ) -> Result<(), NbdErrno> {
         self.each(offset, length as u64, |s, at, n, _| {
             s.write().unwrap_or_else(|p| p.into_inner())[at..at + n].fill(0);
         });
@@ -71,7 +85,9 @@ impl Backend for Mem {
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().unwrap_or_else(|| "/tmp/lunmpio-nbd.sock".into());
+    let path = args
+        .next()
+        .unwrap_or_else(|| "/tmp/lunmpio-nbd.sock".into());
     let size: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1 << 30);
     let _ = std::fs::remove_file(&path);
     let mut server = Server::new(ServerOptions::default());

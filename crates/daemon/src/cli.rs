@@ -1,0 +1,334 @@
+//! Command-line interface: every subcommand and flag, with help text meant to teach.
+//!
+//! Values are parsed here (sizes, durations, fault commands) so a typo is reported by clap with the
+//! flag's name before anything starts.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+use crate::manage::{HbaPortAction, ManageOptions, PathAction, PolicyAction};
+pub use crate::serve::ServeArgs;
+use crate::target::fault::Fault;
+use crate::units;
+
+const ABOUT: &str = "User-space multipath I/O for block storage";
+
+// One line per paragraph: clap wraps to the terminal width itself.
+const LONG_ABOUT: &str = "lunmpio joins several paths to one LUN (NBD connections through different controller ports, or local devices) into one logical LUN, spreads I/O over them by a load-balance policy, hides path failures from the application, and is managed through an interface with the semantics of the Windows VDS IVdsLunMpio.\n\nToday this binary contains the built-in simulated storage array (`lunmpio target`) with live fault injection per controller port, and a showcase (`lunmpio demo`). The multipath daemon (`lunmpio serve`) and its management commands build on them.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  # Run the self-contained showcase (no configuration, no external programs):
+  lunmpio demo
+
+  # Run the daemon, then look at it:
+  lunmpio serve --config /etc/lunmpio/lunmpio.toml
+  lunmpio topology
+  lunmpio policy set lun0 least-queue-depth
+
+  # Serve a 1 GiB sparse RAM disk over 4 controller ports on free TCP ports:
+  lunmpio target --memory 1GiB --ports 4 --listen 127.0.0.1:0 --control /tmp/array.sock
+
+  # Make controller port 1 slow, then look at every port's counters:
+  lunmpio target fault --control /tmp/array.sock --port 1 delay=200ms
+  lunmpio target status --control /tmp/array.sock
+
+Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lunmpio",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for machines.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the built-in simulated storage array: one LUN served over N NBD controller ports, with
+    /// live fault injection per port.
+    #[command(after_help = TARGET_AFTER_HELP)]
+    Target(TargetCommand),
+
+    /// Run the self-contained showcase against an in-process simulated array.
+    #[command(after_help = DEMO_AFTER_HELP)]
+    Demo(DemoArgs),
+
+    /// Run the multipath daemon in the foreground; SIGTERM/SIGINT drain in-flight I/O and stop it.
+    #[command(after_help = SERVE_AFTER_HELP)]
+    Serve(ServeArgs),
+
+    /// List the LUNs of the running daemon (ListLuns).
+    Luns(ManageOptions),
+
+    /// A tree of LUNs and their paths with status, role and load, like `multipath -ll`.
+    Topology(ManageOptions),
+
+    /// The paths of a LUN with their VDS type and status (GetPathInfo).
+    Paths(LunArgs),
+
+    /// Get or set a LUN's load-balance policy (GetLoadBalancePolicy / SetLoadBalancePolicy).
+    Policy(PolicyCommand),
+
+    /// The load-balance policies a LUN supports (GetSupportedLbPolicies).
+    Policies(LunArgs),
+
+    /// Administratively fail, stand by or reinstate one path (SetPathStatus). PATH is a name or an id.
+    Path(PathCommand),
+
+    /// Set the status of every path through one initiator port (SetAllPathStatusesFromHbaPort).
+    HbaPort(HbaPortCommand),
+
+    /// Per-path I/O counters, latency and in-flight requests of a LUN (GetStatistics).
+    Stats(LunArgs),
+
+    /// Path status changes with their causes, oldest first (GetEvents).
+    Events(EventsArgs),
+
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+const SERVE_AFTER_HELP: &str = "\
+The configuration is TOML (docs/OPERATIONS.md lists every key; packaging/lunmpio.toml is an example).
+A bad configuration stops start-up with a message naming the key and the line. Each [[lun]] is exported
+over NBD under its name; the control socket (mode 0600) takes the management commands below; metrics
+are served at http://METRICS_LISTEN/metrics.
+
+Examples:
+  lunmpio serve --config /etc/lunmpio/lunmpio.toml
+  lunmpio topology --socket /run/lunmpio/control.sock
+  lunmpio policy set lun0 failover --primary ctrlA-port0
+  lunmpio path fail lun0 ctrlB-port1";
+
+#[derive(Debug, Args)]
+pub struct LunArgs {
+    /// The LUN's name.
+    pub lun: String,
+    #[command(flatten)]
+    pub options: ManageOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyCommand {
+    #[command(subcommand)]
+    pub action: PolicyAction,
+    #[command(flatten)]
+    pub options: ManageOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct PathCommand {
+    #[command(subcommand)]
+    pub action: PathAction,
+    #[command(flatten)]
+    pub options: ManageOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct HbaPortCommand {
+    #[command(subcommand)]
+    pub action: HbaPortAction,
+    #[command(flatten)]
+    pub options: ManageOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this LUN's events.
+    #[arg(long)]
+    pub lun: Option<String>,
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Keep printing new events as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub options: ManageOptions,
+}
+
+const TARGET_AFTER_HELP: &str = "\
+Every port is a controller port with its own NBD server and one export (flags FLUSH, FUA, TRIM,
+WRITE_ZEROES, CACHE and CAN_MULTI_CONN; block sizes 1 / 4096 / 32 MiB). Ports are PORT..PORT+N-1, or N
+free ports when PORT is 0. Once every port accepts connections, one `nbd://HOST:PORT/NAME` URI per port
+is printed on stdout in port order; ports are numbered from 0 in that order. SIGTERM or SIGINT shuts
+down gracefully.
+
+Faults (`lunmpio target fault --port I CMD`):
+  down              reset open connections (TCP RST) and refuse new ones
+  up                clear down and hang
+  hang              answer nothing on open or new connections until up/clear
+  delay=DURATION    add latency to every request (200ms, 1s; 0 removes it)
+  error-rate=P      answer a fraction of requests with NBD_EIO (0.05 or 5%)
+  rate=BYTES/s      cap the port's bandwidth (50MiB); rate=off removes the cap
+  clear             back to normal
+
+Examples:
+  lunmpio target --image lun0.img --size 10GiB --ports 2 --listen 0.0.0.0:10810 --control /run/array.sock
+  lunmpio target --memory 256MiB --ports 4 --listen 127.0.0.1:0 --control /tmp/array.sock
+  lunmpio target fault --control /tmp/array.sock --port 0 down
+  lunmpio target fault --control /tmp/array.sock --port 2 error-rate=5%
+  lunmpio target status --control /tmp/array.sock --json";
+
+const DEMO_AFTER_HELP: &str = "\
+The full demo (a multipath LUN with failover, policies and live per-path status) arrives with the
+multipath engine. Today `lunmpio demo` runs the simulated array: it verifies data written through one
+controller port reads back through another, then injects one fault per port and shows its effect.
+It exits non-zero if any data did not verify.";
+
+#[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    group(ArgGroup::new("backing").required(true).args(["image", "memory"]))
+)]
+pub struct TargetCommand {
+    #[command(subcommand)]
+    pub action: Option<TargetAction>,
+
+    #[command(flatten)]
+    pub serve: TargetServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetServeArgs {
+    /// LUN image: a regular file (or block device) served by every port.
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+
+    /// Create the image, or extend it, to this size (256MiB, 10GiB). Never shrinks an image.
+    #[arg(long, value_name = "SIZE", conflicts_with = "memory", value_parser = parse_size_arg)]
+    pub size: Option<u64>,
+
+    /// Serve a sparse RAM disk of this size instead of a file; memory is used only where written.
+    #[arg(long, value_name = "SIZE", value_parser = parse_nonzero_size_arg)]
+    pub memory: Option<u64>,
+
+    /// Export name on every port [default: the image file's stem, or `lun0`].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Number of controller ports.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub ports: u16,
+
+    /// Address of port 0; port I listens on PORT+I. With port 0 the OS picks N free ports.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:0")]
+    pub listen: String,
+
+    /// Unix socket taking fault and status commands (created with mode 0600).
+    #[arg(long, value_name = "SOCKET", env = "LUNMPIO_TARGET_CONTROL")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TargetAction {
+    /// Inject or clear a fault on one controller port of a running target.
+    Fault(TargetFaultArgs),
+    /// Show every port's fault state and counters.
+    Status(TargetStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TargetFaultArgs {
+    /// The target's control socket.
+    #[arg(long, value_name = "SOCKET", env = "LUNMPIO_TARGET_CONTROL")]
+    pub control: PathBuf,
+
+    /// Controller port, numbered from 0 in the order the target printed its URIs.
+    #[arg(long, value_name = "I")]
+    pub port: usize,
+
+    /// down | up | hang | delay=DURATION | error-rate=P | rate=BYTES/s | clear
+    #[arg(value_name = "FAULT", value_parser = Fault::parse)]
+    pub fault: Fault,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetStatusArgs {
+    /// The target's control socket.
+    #[arg(long, value_name = "SOCKET", env = "LUNMPIO_TARGET_CONTROL")]
+    pub control: PathBuf,
+
+    /// Print the raw JSON status object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// A shorter run (fewer blocks, shorter fault windows), for smoke tests.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    units::parse_size(text)
+}
+
+fn parse_nonzero_size_arg(text: &str) -> Result<u64, String> {
+    match units::parse_size(text)? {
+        0 => Err(format!("invalid size `{text}`: must be greater than 0")),
+        n => Ok(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fault_subcommand_does_not_need_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "lunmpio",
+            "target",
+            "fault",
+            "--control",
+            "/tmp/x",
+            "--port",
+            "1",
+            "delay=5ms",
+        ])
+        .unwrap();
+        let Command::Target(t) = cli.command else {
+            panic!("not target")
+        };
+        assert!(matches!(t.action, Some(TargetAction::Fault(_))));
+    }
+
+    #[test]
+    fn serve_needs_a_backing() {
+        let err = Cli::try_parse_from(["lunmpio", "target", "--ports", "2"]).unwrap_err();
+        assert!(err.to_string().contains("--image"), "{err}");
+        assert!(
+            Cli::try_parse_from(["lunmpio", "target", "--memory", "1M", "--image", "x"]).is_err()
+        );
+    }
+}

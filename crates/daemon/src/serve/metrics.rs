@@ -1,0 +1,272 @@
+//! Prometheus metrics (PRODUCT.md §10) at `http://METRICS_LISTEN/metrics`, in the text exposition
+//! format, rendered on each scrape from the engine's counters (nothing is kept twice).
+//!
+//! The HTTP side is deliberately tiny — one GET route, bounded request size, a timeout per
+//! connection — since it serves a scraper on a management network, not the public.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lunmpio_engine::latency::BUCKET_BOUNDS_US;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::control::Management;
+
+/// Bytes of an HTTP request we read before answering (headers of a scrape are far smaller).
+const REQUEST_BYTES_MAX: usize = 8192;
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn serve(
+    listener: TcpListener,
+    management: Arc<Management>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut stream, _)) = accepted else {
+            continue;
+        };
+        let management = Arc::clone(&management);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
+                let mut request = vec![0u8; REQUEST_BYTES_MAX];
+                let mut used = 0;
+                while used < request.len() {
+                    let n = stream.read(&mut request[used..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    used += n;
+                    if request[..used].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let head = String::from_utf8_lossy(&request[..used]);
+                let first = head.lines().next().unwrap_or("");
+                let response = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+                    let body = render(&management);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let body = "lunmpio: metrics are at /metrics\n";
+                    format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                };
+                stream.write_all(response.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+        });
+    }
+}
+
+/// The exposition text for every LUN and path.
+pub fn render(m: &Management) -> String {
+    let mut out = String::with_capacity(16 << 10);
+    // Gather each LUN's numbers once per scrape.
+    let luns: Vec<_> = m
+        .luns
+        .iter()
+        .map(|l| (l.name().to_string(), l.statistics(), l.mpio().policy()))
+        .collect();
+
+    let _ = writeln!(
+        out,
+        "# HELP lunmpio_path_ios_total Requests completed on a path, by operation.\n# TYPE lunmpio_path_ios_total counter"
+    );
+    for (lun, stats, _) in &luns {
+        for p in &stats.paths {
+            let other = p.ios.saturating_sub(p.reads + p.writes);
+            for (op, n) in [("read", p.reads), ("write", p.writes), ("other", other)] {
+                let _ = writeln!(
+                    out,
+                    "lunmpio_path_ios_total{{lun=\"{}\",path=\"{}\",op=\"{op}\"}} {n}",
+                    esc(lun),
+                    esc(&p.name)
+                );
+            }
+        }
+    }
+
+    let section = |out: &mut String,
+                   name: &str,
+                   kind: &str,
+                   help: &str,
+                   rows: Vec<(String, String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, suffix, value) in rows {
+            let _ = writeln!(out, "{name}{suffix}{{{labels}}} {value}");
+        }
+    };
+    let per_path =
+        |f: &dyn Fn(&lunmpio_engine::PathStats) -> String| -> Vec<(String, String, String)> {
+            luns.iter()
+                .flat_map(|(lun, stats, _)| {
+                    stats.paths.iter().map(move |p| {
+                        (
+                            format!("lun=\"{}\",path=\"{}\"", esc(lun), esc(&p.name)),
+                            String::new(),
+                            f(p),
+                        )
+                    })
+                })
+                .collect()
+        };
+    section(
+        &mut out,
+        "lunmpio_path_read_bytes_total",
+        "counter",
+        "Bytes read through a path.",
+        per_path(&|p| p.bytes_read.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_written_bytes_total",
+        "counter",
+        "Bytes written through a path.",
+        per_path(&|p| p.bytes_written.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_errors_total",
+        "counter",
+        "Requests that failed on a path (and were re-driven or returned).",
+        per_path(&|p| p.errors.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_in_flight",
+        "gauge",
+        "Requests in flight on a path.",
+        per_path(&|p| p.in_flight.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_in_flight_bytes",
+        "gauge",
+        "Bytes in flight on a path.",
+        per_path(&|p| p.in_flight_bytes.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_status",
+        "gauge",
+        "VDS_PATH_STATUS of a path: 0 unknown, 1 online, 5 failed, 7 standby.",
+        per_path(&|p| (p.status as i32).to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_failovers_total",
+        "counter",
+        "Times I/O failed away from a path.",
+        per_path(&|p| p.failovers.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_path_timeout_seconds",
+        "gauge",
+        "The adaptive deadline a request on the path gets now.",
+        per_path(&|p| secs(p.timeout_ms * 1000)),
+    );
+
+    // Latency histogram: cumulative buckets in seconds.
+    let _ = writeln!(
+        out,
+        "# HELP lunmpio_path_latency_seconds Completion latency of requests on a path.\n# TYPE lunmpio_path_latency_seconds histogram"
+    );
+    for (lun, stats, _) in &luns {
+        for p in &stats.paths {
+            let labels = format!("lun=\"{}\",path=\"{}\"", esc(lun), esc(&p.name));
+            let mut cumulative = 0u64;
+            for (i, count) in p.latency_buckets.iter().enumerate() {
+                cumulative += count;
+                let le = BUCKET_BOUNDS_US
+                    .get(i)
+                    .map(|us| secs(*us))
+                    .unwrap_or_else(|| "+Inf".into());
+                let _ = writeln!(
+                    out,
+                    "lunmpio_path_latency_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "lunmpio_path_latency_seconds_sum{{{labels}}} {}",
+                secs(p.latency_sum_us)
+            );
+            let _ = writeln!(
+                out,
+                "lunmpio_path_latency_seconds_count{{{labels}}} {cumulative}"
+            );
+        }
+    }
+
+    let per_lun = |f: &dyn Fn(
+        &lunmpio_engine::LunStats,
+        lunmpio_vds::LoadBalancePolicy,
+    ) -> String|
+     -> Vec<(String, String, String)> {
+        luns.iter()
+            .map(|(lun, stats, policy)| {
+                (
+                    format!("lun=\"{}\"", esc(lun)),
+                    String::new(),
+                    f(stats, *policy),
+                )
+            })
+            .collect()
+    };
+    section(
+        &mut out,
+        "lunmpio_lun_queued_ios",
+        "gauge",
+        "Requests queued because no path is usable.",
+        per_lun(&|s, _| s.queued_ios.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_queued_bytes",
+        "gauge",
+        "Bytes queued because no path is usable.",
+        per_lun(&|s, _| s.queued_bytes.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_in_doubt_writes",
+        "gauge",
+        "Writes in doubt (re-driven after their path was fenced) right now.",
+        per_lun(&|s, _| s.in_doubt_writes.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_in_doubt_writes_total",
+        "counter",
+        "Writes ever in doubt.",
+        per_lun(&|s, _| s.in_doubt_writes_total.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_policy",
+        "gauge",
+        "VDS_LOADBALANCE_POLICY_ENUM of the LUN (1 failover ... 7 vendor specific = service-time).",
+        per_lun(&|_, p| (p as i32).to_string()),
+    );
+    out
+}
+
+fn secs(us: u64) -> String {
+    format!("{}", us as f64 / 1e6)
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,217 @@
+//! `lunmpio serve --config FILE`: the multipath daemon, in the foreground.
+//!
+//! Start-up: read and check the configuration (a bad one stops here, naming the key and line);
+//! start every LUN (connect its paths, settle its identity, restore persisted policy); export each
+//! LUN over NBD under its name; open the control socket (0600) and the metrics endpoint.
+//! SIGTERM/SIGINT: stop taking new requests, fail I/O queued for lack of a path, let requests on
+//! live paths finish — all within `shutdown_timeout` — then close the paths and exit.
+
+pub mod control;
+pub mod export;
+pub mod metrics;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use lunmpio_engine::{EventLog, Lun, LunOptions};
+use lunmpio_nbd::server::{Server, ServerOptions};
+
+use crate::config::{Config, ListenAddr};
+use export::LunBackend;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The TOML configuration (see docs/OPERATIONS.md for every key).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+/// Exit bound after the drain: closing paths and tasks takes no longer than this.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// A running daemon (in this process). Dropping it does not stop it; call [`Daemon::stop`].
+pub struct Daemon {
+    config: Config,
+    server: Arc<Server<LunBackend>>,
+    luns: Vec<Lun>,
+    events: Arc<EventLog>,
+    stop: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    nbd_address: Option<std::net::SocketAddr>,
+    metrics_address: Option<std::net::SocketAddr>,
+}
+
+impl Daemon {
+    /// Starts every LUN, the NBD exports, the control socket and the metrics endpoint; returns once
+    /// all of them accept connections.
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        let events = Arc::new(EventLog::new());
+        std::fs::create_dir_all(&config.daemon.state_dir)
+            .with_context(|| format!("state_dir {}", config.daemon.state_dir.display()))?;
+        let mut luns = Vec::with_capacity(config.luns.len());
+        let mut server = Server::new(ServerOptions::default());
+        for lun_config in &config.luns {
+            let spec = lun_config.to_spec();
+            let options = LunOptions {
+                state_dir: Some(config.daemon.state_dir.clone()),
+                startup_timeout: None,
+            };
+            let lun = Lun::start(spec, options, Arc::clone(&events))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "LUN {:?}: {} ({})",
+                        lun_config.name,
+                        e.message,
+                        e.hresult.name()
+                    )
+                })?;
+            let backend = LunBackend::new(lun.clone());
+            server
+                .add_export(backend.export_config(), Arc::new(backend))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tracing::info!(
+                lun = %lun.name(), paths = lun_config.paths.len(), usable = lun.mpio().usable_path_count(),
+                policy = lun.mpio().policy().config_name(), size = lun.geometry().size_bytes, "LUN started"
+            );
+            luns.push(lun);
+        }
+        let server = Arc::new(server);
+        let management = Arc::new(control::Management {
+            luns: luns.clone(),
+            events: Arc::clone(&events),
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+
+        let control_listener = control::bind(&config.daemon.control_socket).with_context(|| {
+            format!("control_socket {}", config.daemon.control_socket.display())
+        })?;
+        tokio::spawn(control::serve(
+            control_listener,
+            Arc::clone(&management),
+            stop.clone(),
+        ));
+
+        let mut metrics_address = None;
+        if let Some(addr) = config.daemon.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics_listen {addr}"))?;
+            metrics_address = Some(listener.local_addr()?);
+            tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
+            tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&management),
+                stop.clone(),
+            ));
+        }
+
+        let mut nbd_address = None;
+        let serving = match &config.daemon.nbd_listen {
+            ListenAddr::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("nbd_listen {addr}"))?;
+                nbd_address = Some(listener.local_addr()?);
+                tracing::info!(address = %listener.local_addr()?, exports = luns.len(), "NBD exports listening");
+                tokio::spawn(Arc::clone(&server).serve_tcp(listener))
+            }
+            ListenAddr::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("nbd_listen unix:{}", path.display()))?;
+                tracing::info!(socket = %path.display(), exports = luns.len(), "NBD exports listening");
+                tokio::spawn(Arc::clone(&server).serve_unix(listener))
+            }
+        };
+        Ok(Daemon {
+            config,
+            server,
+            luns,
+            events,
+            stop,
+            serving,
+            nbd_address,
+            metrics_address,
+        })
+    }
+
+    pub fn luns(&self) -> &[Lun] {
+        &self.luns
+    }
+
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    pub fn control_socket(&self) -> &std::path::Path {
+        &self.config.daemon.control_socket
+    }
+
+    /// The TCP address the exports listen on (useful when the config asked for port 0).
+    pub fn nbd_address(&self) -> Option<std::net::SocketAddr> {
+        self.nbd_address
+    }
+
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_address
+    }
+
+    /// Graceful stop, bounded by `shutdown_timeout`: no new requests (ESHUTDOWN), queued I/O fails
+    /// now, requests on live paths finish; then paths close.
+    pub async fn stop(self) {
+        tracing::info!(timeout = ?self.config.daemon.shutdown_timeout, "shutting down: draining in-flight I/O");
+        let deadline = tokio::time::Instant::now() + self.config.daemon.shutdown_timeout;
+        self.server.shutdown();
+        for lun in &self.luns {
+            lun.fail_queued(); // no path to finish them on: fail now rather than at the deadline
+        }
+        if tokio::time::timeout_at(deadline, self.server.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown_timeout passed with I/O still in flight; failing it");
+        }
+        for lun in &self.luns {
+            lun.shutdown();
+        }
+        self.stop.cancel();
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.serving).await;
+        let _ = std::fs::remove_file(&self.config.daemon.control_socket);
+        if let ListenAddr::Unix(path) = &self.config.daemon.nbd_listen {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("stopped");
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let daemon = Daemon::start(config).await?;
+    // Tell whoever started us that everything is up (tests and supervisors wait for this line).
+    let nbd = daemon
+        .nbd_address()
+        .map(|a| format!(" nbd {a}"))
+        .unwrap_or_default();
+    println!(
+        "lunmpio: serving {} LUN(s);{nbd} control socket {}",
+        daemon.luns().len(),
+        daemon.control_socket().display()
+    );
+    wait_for_signal().await?;
+    daemon.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

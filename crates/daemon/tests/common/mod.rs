@@ -1,0 +1,874 @@
+//! Shared helpers for lunmpio's end-to-end tests: process guards, running external tools with deadlines,
+//! a `lunmpio target` fixture, port picking and polling.
+//!
+//! Rules these helpers enforce, so individual tests cannot forget them:
+//! * every spawned process lives in a [`ProcessGuard`] that kills it **by PID** and reaps it on drop, so
+//!   a failing assertion never leaks a server;
+//! * every wait has a deadline, and waits poll for the event rather than sleeping a fixed time;
+//! * a missing external tool fails the test with the package to install — tests are never skipped.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::VecDeque;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The binary under test.
+pub const LUNMPIO: &str = env!("CARGO_BIN_EXE_lunmpio");
+
+/// Generous bound for a tool run that normally takes well under a second; CI boxes with 2 cores are slow.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+
+// -------------------------------------------------------------------------------------------------
+// Process guard
+
+/// Owns a child process. On drop, a child that is still running is killed with SIGKILL by its PID and
+/// reaped. The PID is only signalled while the child is known not to have been reaped, so a recycled PID
+/// is never hit.
+pub struct ProcessGuard {
+    name: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    stdout: Option<OutputSink>,
+    stderr: Option<OutputSink>,
+}
+
+/// Collects one pipe of a child in a background thread, so the child never blocks on a full pipe.
+struct OutputSink {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl OutputSink {
+    fn collect(mut pipe: impl Read + Send + 'static) -> OutputSink {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        OutputSink {
+            buf,
+            thread: Some(thread),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+
+    fn finish(&mut self) -> Vec<u8> {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::mem::take(&mut *self.buf.lock().unwrap())
+    }
+}
+
+impl ProcessGuard {
+    /// Spawns `cmd` with stdin closed and stdout/stderr collected in the background.
+    pub fn spawn(name: &str, cmd: &mut Command) -> ProcessGuard {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {name} ({cmd:?}): {e}"));
+        let stdout = child.stdout.take().map(OutputSink::collect);
+        let stderr = child.stderr.take().map(OutputSink::collect);
+        ProcessGuard {
+            name: name.to_string(),
+            child,
+            status: None,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Wraps a child whose pipes the caller manages itself.
+    pub fn adopt(name: &str, child: Child) -> ProcessGuard {
+        ProcessGuard {
+            name: name.to_string(),
+            child,
+            status: None,
+            stdout: None,
+            stderr: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exit status, if the child has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// Sends `signal` to the child by PID, unless it has already been reaped.
+    pub fn signal(&mut self, signal: Signal) {
+        if self.try_wait().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), signal);
+        }
+    }
+
+    /// Waits for the child to exit, polling until `timeout`. `None` if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL by PID and reap. Idempotent.
+    pub fn kill(&mut self) {
+        self.signal(Signal::SIGKILL);
+        if self.status.is_none() {
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    /// Output collected so far (stdout, stderr), for diagnostics while the child still runs.
+    pub fn output_so_far(&self) -> (String, String) {
+        (
+            self.stdout
+                .as_ref()
+                .map(OutputSink::text)
+                .unwrap_or_default(),
+            self.stderr
+                .as_ref()
+                .map(OutputSink::text)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Waits up to `timeout` for the child to exit and returns its output; on timeout the child is killed
+    /// and the test fails with everything it printed.
+    pub fn wait_output(mut self, timeout: Duration) -> Output {
+        let status = match self.wait_timeout(timeout) {
+            Some(s) => s,
+            None => {
+                self.kill();
+                let (out, err) = self.output_so_far();
+                panic!(
+                    "{} did not finish within {timeout:?}; killed.\nstdout:\n{out}\nstderr:\n{err}",
+                    self.name
+                );
+            }
+        };
+        let stdout = self
+            .stdout
+            .as_mut()
+            .map(OutputSink::finish)
+            .unwrap_or_default();
+        let stderr = self
+            .stderr
+            .as_mut()
+            .map(OutputSink::finish)
+            .unwrap_or_default();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Running tools
+
+/// Fails the test unless `tool` is on PATH. Tests that need a peer we did not write never skip.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| is_executable(&dir.join(tool))))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} not found: install it with `apt-get install {package}`"
+    );
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Runs a command to completion within `timeout`; the child is killed by PID if it overruns.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let name = cmd.get_program().to_string_lossy().into_owned();
+    ProcessGuard::spawn(&name, cmd).wait_output(timeout)
+}
+
+/// Like [`run`], and fails the test with the full output unless the command succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let desc = describe(cmd);
+    let out = run(cmd, TOOL_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "`{desc}` failed with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Like [`run`], and fails the test if the command succeeded.
+pub fn run_fails(cmd: &mut Command) -> Output {
+    let desc = describe(cmd);
+    let out = run(cmd, TOOL_TIMEOUT);
+    assert!(
+        !out.status.success(),
+        "`{desc}` unexpectedly succeeded\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn stdout_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `Command` for a tool, with a clean locale so messages are stable.
+pub fn tool(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env("LC_ALL", "C");
+    c
+}
+
+// -------------------------------------------------------------------------------------------------
+// Polling and ports
+
+/// Polls `cond` every few milliseconds until it holds or `timeout` passes. Returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A base port such that `count` consecutive ports on 127.0.0.1 are free right now. Prefer `--listen
+/// 127.0.0.1:0` (the OS picks); use this only to test explicit port numbers.
+pub fn free_port_range(count: u16) -> u16 {
+    for _ in 0..50 {
+        let first = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let base = first.local_addr().unwrap().port();
+        if base as u32 + count as u32 > u16::MAX as u32 {
+            continue;
+        }
+        let rest: Vec<_> = (1..count)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if rest.iter().all(Result::is_ok) {
+            return base;
+        }
+    }
+    panic!("could not find {count} consecutive free ports");
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lunmpio-test-")
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+// -------------------------------------------------------------------------------------------------
+// The simulated array fixture
+
+/// How to start `lunmpio target`.
+#[derive(Clone, Debug)]
+pub struct TargetSpec {
+    /// `--memory SIZE`, or `None` with `image` set.
+    pub memory: Option<String>,
+    pub image: Option<PathBuf>,
+    pub size: Option<String>,
+    pub name: Option<String>,
+    pub ports: u16,
+    pub listen: String,
+}
+
+impl TargetSpec {
+    pub fn memory(size: &str, ports: u16) -> TargetSpec {
+        TargetSpec {
+            memory: Some(size.into()),
+            image: None,
+            size: None,
+            name: None,
+            ports,
+            listen: "127.0.0.1:0".into(),
+        }
+    }
+
+    pub fn image(path: &Path, size: Option<&str>, ports: u16) -> TargetSpec {
+        TargetSpec {
+            memory: None,
+            image: Some(path.to_path_buf()),
+            size: size.map(Into::into),
+            name: None,
+            ports,
+            listen: "127.0.0.1:0".into(),
+        }
+    }
+
+    pub fn name(mut self, name: &str) -> TargetSpec {
+        self.name = Some(name.into());
+        self
+    }
+
+    pub fn listen(mut self, listen: &str) -> TargetSpec {
+        self.listen = listen.into();
+        self
+    }
+
+    pub fn spawn(&self) -> Target {
+        Target::spawn(self)
+    }
+}
+
+/// A running `lunmpio target` with a control socket in its own temporary directory.
+pub struct Target {
+    // Field order matters: the process is killed before the directory holding its socket is removed.
+    process: ProcessGuard,
+    pub uris: Vec<String>,
+    pub control: PathBuf,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stdout_rest: Receiver<String>,
+    pub dir: tempfile::TempDir,
+}
+
+/// How long a target may take to print its URIs.
+const TARGET_START_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Target {
+    pub fn spawn(spec: &TargetSpec) -> Target {
+        let dir = tempdir();
+        let control = dir.path().join("control.sock");
+        let mut cmd = Command::new(LUNMPIO);
+        cmd.arg("target");
+        if let Some(m) = &spec.memory {
+            cmd.args(["--memory", m]);
+        }
+        if let Some(i) = &spec.image {
+            cmd.arg("--image").arg(i);
+        }
+        if let Some(s) = &spec.size {
+            cmd.args(["--size", s]);
+        }
+        if let Some(n) = &spec.name {
+            cmd.args(["--name", n]);
+        }
+        cmd.args(["--ports", &spec.ports.to_string(), "--listen", &spec.listen])
+            .arg("--control")
+            .arg(&control)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn lunmpio target");
+        let stdout = child.stdout.take().expect("stdout pipe");
+        let stderr_pipe = child.stderr.take().expect("stderr pipe");
+        let process = ProcessGuard::adopt("lunmpio target", child);
+
+        // Lines go through a channel so the test can wait for them with a deadline.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // Keep the last lines of the log for failure messages (bounded: the log can be long).
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut q = sink.lock().unwrap();
+                if q.len() >= 400 {
+                    q.pop_front();
+                }
+                q.push_back(line);
+            }
+        });
+
+        let mut target = Target {
+            process,
+            uris: Vec::new(),
+            control,
+            stderr,
+            stdout_rest: rx,
+            dir,
+        };
+        let deadline = Instant::now() + TARGET_START_TIMEOUT;
+        while target.uris.len() < spec.ports as usize {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match target.stdout_rest.recv_timeout(left) {
+                Ok(line) => target.uris.push(line),
+                Err(_) => {
+                    let status = target.process.try_wait();
+                    panic!(
+                        "lunmpio target printed {} of {} URIs within {TARGET_START_TIMEOUT:?} (exit: {status:?}); log:\n{}",
+                        target.uris.len(),
+                        spec.ports,
+                        target.log()
+                    );
+                }
+            }
+        }
+        target
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn uri(&self, port: usize) -> &str {
+        &self.uris[port]
+    }
+
+    /// `HOST:PORT` of a controller port, parsed from its URI.
+    pub fn addr(&self, port: usize) -> String {
+        let uri = self.uri(port);
+        let rest = uri.strip_prefix("nbd://").expect("nbd:// URI");
+        rest.split('/').next().unwrap().to_string()
+    }
+
+    /// The target's log so far (stderr).
+    pub fn log(&self) -> String {
+        let q = self.stderr.lock().unwrap();
+        q.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// `lunmpio target fault --control ... --port I CMD`, which must succeed.
+    pub fn fault(&self, port: usize, cmd: &str) {
+        let out = run(&mut self.fault_command(port, cmd), TOOL_TIMEOUT);
+        assert!(
+            out.status.success(),
+            "fault {cmd} on port {port} failed: {}{}\ntarget log:\n{}",
+            stdout_text(&out),
+            stderr_text(&out),
+            self.log()
+        );
+    }
+
+    pub fn fault_command(&self, port: usize, cmd: &str) -> Command {
+        let mut c = Command::new(LUNMPIO);
+        c.args(["target", "fault", "--control"])
+            .arg(&self.control)
+            .args(["--port", &port.to_string(), cmd]);
+        c
+    }
+
+    /// `lunmpio target status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let mut c = Command::new(LUNMPIO);
+        c.args(["target", "status", "--json", "--control"])
+            .arg(&self.control);
+        let out = run_ok(&mut c);
+        serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
+    }
+
+    /// A counter of one port from `target status`.
+    pub fn counter(&self, port: usize, name: &str) -> u64 {
+        self.status()["ports"][port][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status has no counter {name} for port {port}"))
+    }
+
+    /// SIGTERM, then wait for a graceful exit; returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.process.signal(Signal::SIGTERM);
+        match self.process.wait_timeout(timeout) {
+            Some(s) => s,
+            None => {
+                self.process.kill();
+                panic!(
+                    "lunmpio target did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    pub fn process(&mut self) -> &mut ProcessGuard {
+        &mut self.process
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Small data helpers
+
+/// Deterministic pseudo-random bytes (xorshift), so test data is reproducible without a dependency.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Extracts the JSON object fio prints after its "fio: connected to NBD server" chatter.
+pub fn fio_json(stdout: &str) -> serde_json::Value {
+    let start = stdout
+        .find("\n{")
+        .map(|i| i + 1)
+        .or_else(|| stdout.starts_with('{').then_some(0))
+        .unwrap_or_else(|| panic!("no JSON object in fio output:\n{stdout}"));
+    serde_json::from_str(&stdout[start..])
+        .unwrap_or_else(|e| panic!("fio JSON does not parse ({e}):\n{stdout}"))
+}
+
+// -------------------------------------------------------------------------------------------------
+// Interactive tools
+
+/// A long-running interactive tool (for example `qemu-io` reading commands from stdin), so a test can
+/// hold a connection open across fault changes and watch what that connection sees.
+pub struct Interactive {
+    process: ProcessGuard,
+    stdin: Option<std::process::ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Interactive {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Interactive {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {name}: {e}"));
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Interactive {
+            process: ProcessGuard::adopt(name, child),
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to the tool's stdin");
+        stdin.flush().expect("flush the tool's stdin");
+    }
+
+    /// Waits up to `timeout` for an output line containing `needle`; returns it, or `None`.
+    pub fn expect(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Everything read so far, for failure messages.
+    pub fn transcript(&self) -> String {
+        self.seen.join("\n")
+    }
+
+    /// Closes stdin (the tool's cue to quit) and waits for it to exit; kills it after `timeout`.
+    pub fn finish(mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.stdin = None;
+        let status = self.process.wait_timeout(timeout);
+        if status.is_none() {
+            self.process.kill();
+        }
+        status
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// The multipath daemon fixture
+
+/// A running `lunmpio serve` with its config, state directory and control socket in its own temporary
+/// directory, exporting on a free TCP port.
+pub struct Daemon {
+    // Field order matters: the process dies before its directory is removed.
+    process: ProcessGuard,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    /// `127.0.0.1:PORT` of the NBD exports.
+    pub nbd: String,
+    /// `127.0.0.1:PORT` of /metrics, when the config asked for it.
+    pub metrics: Option<String>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    pub dir: tempfile::TempDir,
+}
+
+const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Starts a daemon whose config is `[daemon]` (generated: free ports, sockets and state in a
+    /// temporary directory, metrics on) plus `rest` (`[defaults]` and `[[lun]]` tables).
+    pub fn spawn(rest: &str) -> Daemon {
+        let dir = tempdir();
+        let config = dir.path().join("lunmpio.toml");
+        let socket = dir.path().join("control.sock");
+        let text = format!(
+            "[daemon]\nnbd_listen = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nshutdown_timeout = \"5s\"\n\n{rest}",
+            socket.display(),
+            dir.path().join("state").display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        Daemon::start(dir, config, socket)
+    }
+
+    fn start(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf) -> Daemon {
+        let mut cmd = Command::new(LUNMPIO);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn lunmpio serve");
+        let stdout = child.stdout.take().expect("stdout pipe");
+        let stderr_pipe = child.stderr.take().expect("stderr pipe");
+        let mut process = ProcessGuard::adopt("lunmpio serve", child);
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut q = sink.lock().unwrap();
+                if q.len() >= 2000 {
+                    q.pop_front();
+                }
+                q.push_back(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = match rx.recv_timeout(DAEMON_START_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let status = process.try_wait();
+                let log = stderr.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n");
+                panic!("lunmpio serve did not report ready within {DAEMON_START_TIMEOUT:?} (exit: {status:?}); log:\n{log}");
+            }
+        };
+        let field = |name: &str| -> Option<String> {
+            ready
+                .split(';')
+                .map(str::trim)
+                .find_map(|part| part.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let nbd = field("nbd ").unwrap_or_else(|| panic!("no nbd address in {ready:?}"));
+        let metrics = field("metrics ");
+        Daemon { process, socket, config, nbd, metrics, stderr, dir }
+    }
+
+    /// `nbd://127.0.0.1:PORT/LUN`
+    pub fn uri(&self, lun: &str) -> String {
+        format!("nbd://{}/{lun}", self.nbd)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    /// One JSON-RPC call over the control socket.
+    pub fn rpc(&self, method: &str, params: serde_json::Value) -> Result<serde_json::Value, lunmpio_rpc::RpcError> {
+        let mut client = lunmpio_rpc::client::Client::connect(&self.socket).expect("connect to the control socket");
+        match client.call(method, params) {
+            Ok(v) => Ok(v),
+            Err(lunmpio_rpc::client::ClientError::Rpc(e)) => Err(e),
+            Err(e) => panic!("control socket failed: {e}\nlog:\n{}", self.log()),
+        }
+    }
+
+    /// An `rpc` that must succeed.
+    pub fn rpc_ok(&self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        self.rpc(method, params.clone())
+            .unwrap_or_else(|e| panic!("{method} {params} failed: {e}\nlog:\n{}", self.log()))
+    }
+
+    /// The HRESULT name of a call that must fail.
+    pub fn rpc_err(&self, method: &str, params: serde_json::Value) -> lunmpio_rpc::RpcError {
+        match self.rpc(method, params.clone()) {
+            Ok(v) => panic!("{method} {params} succeeded ({v}) but should have failed"),
+            Err(e) => e,
+        }
+    }
+
+    /// `lunmpio …` pointed at this daemon's socket.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(LUNMPIO);
+        c.env("LUNMPIO_SOCKET", &self.socket).env("LC_ALL", "C");
+        c
+    }
+
+    /// GetStatistics' per-path `ios`, in GetPathInfo order.
+    pub fn path_ios(&self, lun: &str) -> Vec<u64> {
+        let stats = self.rpc_ok("GetStatistics", serde_json::json!({ "lun": lun }));
+        stats["paths"].as_array().unwrap().iter().map(|p| p["ios"].as_u64().unwrap()).collect()
+    }
+
+    /// GetPathInfo's status name of a path, by name.
+    pub fn path_status(&self, lun: &str, path: &str) -> String {
+        let info = self.rpc_ok("GetPathInfo", serde_json::json!({ "lun": lun }));
+        let p = info["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == path)
+            .unwrap_or_else(|| panic!("no path {path} in {info}"));
+        p["statusName"].as_str().unwrap().to_string()
+    }
+
+    /// Waits until a path reports `status` (e.g. "VDS_MPS_FAILED").
+    pub fn wait_path_status(&self, lun: &str, path: &str, status: &str, timeout: Duration) {
+        let ok = wait_until(timeout, || self.path_status(lun, path) == status);
+        assert!(ok, "path {path} of {lun} did not become {status} within {timeout:?}; now {}; log:\n{}",
+            self.path_status(lun, path), self.log());
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.process.signal(Signal::SIGTERM);
+        match self.process.wait_timeout(timeout) {
+            Some(s) => s,
+            None => {
+                self.process.kill();
+                panic!("lunmpio serve did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
+            }
+        }
+    }
+
+    /// Stops the daemon (SIGTERM) and starts it again with the same config and state directory.
+    pub fn restart(self) -> Daemon {
+        let Daemon { mut process, socket, config, dir, .. } = self;
+        process.signal(Signal::SIGTERM);
+        assert!(process.wait_timeout(Duration::from_secs(15)).is_some(), "daemon did not stop for a restart");
+        drop(process);
+        Daemon::start(dir, config, socket)
+    }
+
+    pub fn process(&mut self) -> &mut ProcessGuard {
+        &mut self.process
+    }
+}
+
+/// `[[lun]]` TOML for a LUN over the given path URIs, named p0, p1, ….
+pub fn lun_toml(name: &str, policy: &str, uris: &[String]) -> String {
+    let mut t = format!("[[lun]]\nname = \"{name}\"\npolicy = \"{policy}\"\n");
+    for (i, uri) in uris.iter().enumerate() {
+        t += &format!("[[lun.path]]\nuri = \"{uri}\"\nname = \"p{i}\"\n");
+    }
+    t
+}
