@@ -10,10 +10,10 @@ use lunmpio::{demo, manage, serve, target, target_cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo talks to people on stdout; its log would only interleave with that, so it logs warnings
-    // only unless RUST_LOG asks for more.
+    // The demo talks to people on stdout and shows every event in its own view; its log would only
+    // interleave with that, so it logs errors only unless RUST_LOG asks for more.
     let default_level = if matches!(cli.command, Command::Demo(_)) {
-        "warn"
+        "error"
     } else {
         "info"
     };
@@ -60,7 +60,14 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("LUNMPIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        builder.worker_threads(n.max(1));
+    }
+    builder
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))

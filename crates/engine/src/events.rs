@@ -84,7 +84,12 @@ impl EventLog {
             event
         };
         match (&event.path_name, event.from, event.to) {
-            (Some(path), Some(from), Some(to)) => tracing::warn!(
+            // A path lost is worth a warning; every other transition is information.
+            (Some(path), Some(from), Some(to)) if to == PathStatus::Failed => tracing::warn!(
+                lun = %event.lun, path = %path, from = from.vds_name(), to = to.vds_name(),
+                cause = %event.cause, seq = event.seq, "path status changed"
+            ),
+            (Some(path), Some(from), Some(to)) => tracing::info!(
                 lun = %event.lun, path = %path, from = from.vds_name(), to = to.vds_name(),
                 cause = %event.cause, seq = event.seq, "path status changed"
             ),

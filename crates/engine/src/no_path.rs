@@ -41,6 +41,9 @@ pub enum NoPathError {
     Expired,
     /// Shutting down.
     Shutdown,
+    /// The control task has not declared the LUN path-less (it still counts a usable path, e.g. one
+    /// whose probe is running): try again shortly instead of queueing.
+    NotDown,
 }
 
 pub struct NoPathQueue {
@@ -87,10 +90,26 @@ impl NoPathQueue {
 
     /// Waits for a path, per `no_path_retry`. `Ok(())` means: dispatch again.
     pub async fn wait_for_path(&self, bytes: u64) -> Result<(), NoPathError> {
+        self.wait(bytes, false).await
+    }
+
+    /// Like [`wait_for_path`](Self::wait_for_path), but only once [`all_paths_down`](Self::all_paths_down)
+    /// has been called (checked under the same lock [`path_available`](Self::path_available) takes, so
+    /// a request can never queue just after the last release and wait for nobody); otherwise
+    /// `NotDown`. The data path uses this: running out of candidates while the control task still
+    /// counts a usable path (every path suspected at once, a probe running) is not "no path".
+    pub async fn wait_while_down(&self, bytes: u64) -> Result<(), NoPathError> {
+        self.wait(bytes, true).await
+    }
+
+    async fn wait(&self, bytes: u64, require_down: bool) -> Result<(), NoPathError> {
         let (receiver, deadline) = {
             let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
             if w.shutting_down {
                 return Err(NoPathError::Shutdown);
+            }
+            if require_down && w.down_since.is_none() {
+                return Err(NoPathError::NotDown);
             }
             let now = Instant::now();
             let down_since = *w.down_since.get_or_insert(now);
@@ -181,6 +200,23 @@ impl Drop for Accounting<'_> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[tokio::test]
+    async fn the_data_path_queues_only_once_the_lun_is_declared_pathless() {
+        // Every candidate suspected at once is not "no path": no queueing, no EIO in fail mode, and
+        // no no_path_retry clock started behind the control task's back.
+        for retry in [NoPathRetry::Fail, NoPathRetry::Queue] {
+            let q = NoPathQueue::new(retry, 1 << 20);
+            assert_eq!(q.wait_while_down(4096).await, Err(NoPathError::NotDown));
+            assert_eq!(q.down_since(), None);
+            q.all_paths_down();
+            q.path_available();
+            assert_eq!(q.wait_while_down(4096).await, Err(NoPathError::NotDown));
+        }
+        let q = NoPathQueue::new(NoPathRetry::Fail, 1 << 20);
+        q.all_paths_down();
+        assert_eq!(q.wait_while_down(4096).await, Err(NoPathError::NotQueueing));
+    }
 
     #[tokio::test]
     async fn fail_mode_never_queues() {

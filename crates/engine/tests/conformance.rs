@@ -5,7 +5,6 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +12,9 @@ use lunmpio_engine::transport::{
     ConnectLimits, FileTarget, PathConnection, PathErrorKind, PathTarget, Reply, Request,
 };
 use lunmpio_nbd::{CommandFlags, NbdErrno, TransmissionFlags};
+
+mod support;
+use support::pattern;
 
 const SIZE_BYTES: u64 = 64 << 20;
 
@@ -60,19 +62,6 @@ async fn connect_with_deadline(target: &PathTarget) -> PathConnection {
             Err(e) => panic!("could not connect to {target:?}: {e}"),
         }
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
 }
 
 async fn read(conn: &PathConnection, offset: u64, length: u32) -> Bytes {
@@ -395,89 +384,19 @@ async fn nbd_qemu_nbd_over_tcp() {
 mod in_process {
     //! Our own server, with a memory backend, to keep the suite honest on both ends.
     use super::*;
-    use lunmpio_nbd::server::{Backend, ExportConfig, Server, ServerOptions};
-    use lunmpio_nbd::{BlockSize, Extent};
-    use std::sync::Mutex;
-
-    pub struct Memory(pub Mutex<Vec<u8>>);
-
-    impl Backend for Memory {
-        async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdErrno> {
-            let m = self.0.lock().unwrap();
-            Ok(Bytes::copy_from_slice(
-                &m[offset as usize..offset as usize + length as usize],
-            ))
-        }
-        async fn write(
-            &self,
-            offset: u64,
-            data: Bytes,
-            _flags: CommandFlags,
-        ) -> Result<(), NbdErrno> {
-            let mut m = self.0.lock().unwrap();
-            m[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-            Ok(())
-        }
-        async fn flush(&self) -> Result<(), NbdErrno> {
-            Ok(())
-        }
-        async fn trim(
-            &self,
-            _offset: u64,
-            _length: u32,
-            _flags: CommandFlags,
-        ) -> Result<(), NbdErrno> {
-            Ok(())
-        }
-        async fn write_zeroes(
-            &self,
-            offset: u64,
-            length: u32,
-            _flags: CommandFlags,
-        ) -> Result<(), NbdErrno> {
-            let mut m = self.0.lock().unwrap();
-            m[offset as usize..offset as usize + length as usize].fill(0);
-            Ok(())
-        }
-        async fn block_status(
-            &self,
-            _offset: u64,
-            length: u32,
-            _flags: CommandFlags,
-        ) -> Result<Vec<Extent>, NbdErrno> {
-            Ok(vec![Extent { length, flags: 0 }])
-        }
-    }
 
     #[tokio::test]
     async fn nbd_our_server_over_unix() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("ours.sock");
-        let mut server = Server::new(ServerOptions::default());
-        let flags = TransmissionFlags::SEND_FLUSH
-            | TransmissionFlags::SEND_FUA
-            | TransmissionFlags::SEND_TRIM
-            | TransmissionFlags::SEND_WRITE_ZEROES
-            | TransmissionFlags::CAN_MULTI_CONN;
-        server
-            .add_export(
-                ExportConfig {
-                    name: "lun0".into(),
-                    description: None,
-                    size: SIZE_BYTES,
-                    flags,
-                    block_size: BlockSize::default(),
-                },
-                Arc::new(Memory(Mutex::new(vec![0; SIZE_BYTES as usize]))),
-            )
-            .unwrap();
-        let server = Arc::new(server);
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let serving = tokio::spawn(Arc::clone(&server).serve_unix(listener));
+        let socket = support::serve(
+            dir.path(),
+            "ours",
+            support::Memory::new(SIZE_BYTES),
+            SIZE_BYTES,
+            true,
+        );
         let uri = format!("nbd+unix:///lun0?socket={}", socket.display());
         let conn = connect_with_deadline(&PathTarget::parse(&uri, None).unwrap()).await;
         conformance(conn).await;
-        server.shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
     }
 }

@@ -32,6 +32,12 @@ pub struct Client {
 
 impl Client {
     pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        Client::connect_with_timeout(path, CALL_TIMEOUT)
+    }
+
+    /// Like [`Client::connect`], with a different bound on each call (the C ABI uses a shorter one,
+    /// so a stuck daemon cannot hold a management program for long).
+    pub fn connect_with_timeout(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let io = |e: std::io::Error| ClientError::Io {
             path: path.to_path_buf(),
             message: if e.kind() == std::io::ErrorKind::NotFound
@@ -45,8 +51,8 @@ impl Client {
             },
         };
         let stream = UnixStream::connect(path).map_err(io)?;
-        stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
-        stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         Ok(Client {
             path: path.to_path_buf(),

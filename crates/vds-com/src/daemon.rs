@@ -27,6 +27,10 @@ use crate::abi::{
 };
 use crate::convert::BadData;
 
+/// Bound on one management call from C: a daemon that is alive but stuck fails the call with
+/// `VDS_E_OBJECT_DELETED` after this long instead of holding the caller for the client's default 30 s.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
 }
@@ -65,7 +69,8 @@ pub fn hresult_of(error: &ClientError) -> HResult {
 
 /// One call to the daemon at `socket`.
 pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value, HResult> {
-    let result = Client::connect(socket).and_then(|mut client| client.call(method, params));
+    let result = Client::connect_with_timeout(socket, CALL_TIMEOUT)
+        .and_then(|mut client| client.call(method, params));
     result.map_err(|e| fail(hresult_of(&e), format!("{method}: {e}")))
 }
 

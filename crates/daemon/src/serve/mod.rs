@@ -191,15 +191,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let daemon = Daemon::start(config).await?;
     // Tell whoever started us that everything is up (tests and supervisors wait for this line).
-    let nbd = daemon
-        .nbd_address()
-        .map(|a| format!(" nbd {a}"))
-        .unwrap_or_default();
-    println!(
-        "lunmpio: serving {} LUN(s);{nbd} control socket {}",
-        daemon.luns().len(),
-        daemon.control_socket().display()
-    );
+    // One line, fields separated by "; ": `nbd ADDR` (TCP exports), `metrics ADDR` (when on).
+    let mut line = format!("lunmpio: serving {} LUN(s)", daemon.luns().len());
+    match (&daemon.config.daemon.nbd_listen, daemon.nbd_address()) {
+        (_, Some(a)) => line += &format!("; nbd {a}"),
+        (ListenAddr::Unix(path), None) => line += &format!("; nbd unix:{}", path.display()),
+        _ => {}
+    }
+    if let Some(a) = daemon.metrics_address() {
+        line += &format!("; metrics {a}");
+    }
+    line += &format!("; control socket {}", daemon.control_socket().display());
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
     wait_for_signal().await?;
     daemon.stop().await;
     Ok(())

@@ -753,8 +753,16 @@ impl Daemon {
             Ok(line) => line,
             Err(_) => {
                 let status = process.try_wait();
-                let log = stderr.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n");
-                panic!("lunmpio serve did not report ready within {DAEMON_START_TIMEOUT:?} (exit: {status:?}); log:\n{log}");
+                let log = stderr
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "lunmpio serve did not report ready within {DAEMON_START_TIMEOUT:?} (exit: {status:?}); log:\n{log}"
+                );
             }
         };
         let field = |name: &str| -> Option<String> {
@@ -766,7 +774,15 @@ impl Daemon {
         };
         let nbd = field("nbd ").unwrap_or_else(|| panic!("no nbd address in {ready:?}"));
         let metrics = field("metrics ");
-        Daemon { process, socket, config, nbd, metrics, stderr, dir }
+        Daemon {
+            process,
+            socket,
+            config,
+            nbd,
+            metrics,
+            stderr,
+            dir,
+        }
     }
 
     /// `nbd://127.0.0.1:PORT/LUN`
@@ -779,12 +795,23 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        self.stderr.lock().unwrap().iter().cloned().collect::<Vec<_>>().join("\n")
+        self.stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// One JSON-RPC call over the control socket.
-    pub fn rpc(&self, method: &str, params: serde_json::Value) -> Result<serde_json::Value, lunmpio_rpc::RpcError> {
-        let mut client = lunmpio_rpc::client::Client::connect(&self.socket).expect("connect to the control socket");
+    pub fn rpc(
+        &self,
+        method: &str,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, lunmpio_rpc::RpcError> {
+        let mut client = lunmpio_rpc::client::Client::connect(&self.socket)
+            .expect("connect to the control socket");
         match client.call(method, params) {
             Ok(v) => Ok(v),
             Err(lunmpio_rpc::client::ClientError::Rpc(e)) => Err(e),
@@ -816,7 +843,12 @@ impl Daemon {
     /// GetStatistics' per-path `ios`, in GetPathInfo order.
     pub fn path_ios(&self, lun: &str) -> Vec<u64> {
         let stats = self.rpc_ok("GetStatistics", serde_json::json!({ "lun": lun }));
-        stats["paths"].as_array().unwrap().iter().map(|p| p["ios"].as_u64().unwrap()).collect()
+        stats["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["ios"].as_u64().unwrap())
+            .collect()
     }
 
     /// GetPathInfo's status name of a path, by name.
@@ -834,8 +866,12 @@ impl Daemon {
     /// Waits until a path reports `status` (e.g. "VDS_MPS_FAILED").
     pub fn wait_path_status(&self, lun: &str, path: &str, status: &str, timeout: Duration) {
         let ok = wait_until(timeout, || self.path_status(lun, path) == status);
-        assert!(ok, "path {path} of {lun} did not become {status} within {timeout:?}; now {}; log:\n{}",
-            self.path_status(lun, path), self.log());
+        assert!(
+            ok,
+            "path {path} of {lun} did not become {status} within {timeout:?}; now {}; log:\n{}",
+            self.path_status(lun, path),
+            self.log()
+        );
     }
 
     /// SIGTERM, then wait for the exit (bounded).
@@ -845,16 +881,28 @@ impl Daemon {
             Some(s) => s,
             None => {
                 self.process.kill();
-                panic!("lunmpio serve did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
+                panic!(
+                    "lunmpio serve did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
             }
         }
     }
 
     /// Stops the daemon (SIGTERM) and starts it again with the same config and state directory.
     pub fn restart(self) -> Daemon {
-        let Daemon { mut process, socket, config, dir, .. } = self;
+        let Daemon {
+            mut process,
+            socket,
+            config,
+            dir,
+            ..
+        } = self;
         process.signal(Signal::SIGTERM);
-        assert!(process.wait_timeout(Duration::from_secs(15)).is_some(), "daemon did not stop for a restart");
+        assert!(
+            process.wait_timeout(Duration::from_secs(15)).is_some(),
+            "daemon did not stop for a restart"
+        );
         drop(process);
         Daemon::start(dir, config, socket)
     }
@@ -871,4 +919,186 @@ pub fn lun_toml(name: &str, policy: &str, uris: &[String]) -> String {
         t += &format!("[[lun.path]]\nuri = \"{uri}\"\nname = \"p{i}\"\n");
     }
     t
+}
+
+// -------------------------------------------------------------------------------------------------
+// Helpers of the `serve_*` suites (lunmpio serve end to end)
+
+/// A Unix-socket NBD server we did not write (qemu-nbd, nbdkit), started in a guard; returns once the
+/// socket accepts connections. Fails with the server's output if it dies first.
+pub fn spawn_unix_server(name: &str, cmd: &mut Command, socket: &Path) -> ProcessGuard {
+    let mut guard = ProcessGuard::spawn(name, cmd);
+    let up = wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(socket).is_ok() || !guard.is_running()
+    });
+    if !(up && guard.is_running()) {
+        guard.kill();
+        let (out, err) = guard.output_so_far();
+        panic!(
+            "{name} did not come up on {} (`{}`):\n{out}\n{err}",
+            socket.display(),
+            describe(cmd)
+        );
+    }
+    guard
+}
+
+/// `nbd+unix:///EXPORT?socket=PATH`
+pub fn unix_uri(export: &str, socket: &Path) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// Per-path counters from GetStatistics, by path name.
+pub fn path_counter(stats: &serde_json::Value, path: &str, counter: &str) -> u64 {
+    stats["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == path)
+        .unwrap_or_else(|| panic!("no path {path} in {stats}"))[counter]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {counter} for {path} in {stats}"))
+}
+
+/// Runs an async block on a fresh current-thread runtime (the test binaries are synchronous).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Connects our own NBD client to `export` at `addr` (`127.0.0.1:PORT`).
+pub async fn nbd_connect(addr: &str, export: &str) -> lunmpio_nbd::client::Client {
+    let (host, port) = addr.rsplit_once(':').expect("HOST:PORT");
+    let endpoint = lunmpio_nbd::client::Endpoint::Tcp {
+        host: host.to_string(),
+        port: port.parse().expect("port"),
+        bind: None,
+    };
+    lunmpio_nbd::client::Client::connect(lunmpio_nbd::client::ConnectOptions::new(endpoint, export))
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}/{export}: {e}"))
+}
+
+/// Exactly `count` 4 KiB reads through the export, one at a time, then a clean disconnect.
+pub fn drive_reads(addr: &str, export: &str, count: usize) {
+    block_on(async {
+        let client = nbd_connect(addr, export).await;
+        for i in 0..count {
+            let offset = (i as u64 % 1024) * 4096;
+            client
+                .read(offset, 4096)
+                .await
+                .unwrap_or_else(|e| panic!("read {i} at {offset} failed: {e}"));
+        }
+        client.disconnect().await;
+    });
+}
+
+/// One HTTP/1.1 GET over a plain TCP connection: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the HTTP response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// fio's verified random-write job through an NBD URI, as a command (the caller runs or spawns it).
+pub fn fio_verify_command(uri: &str, size: &str, workdir: &Path) -> Command {
+    let mut c = tool("fio");
+    c.current_dir(workdir).args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=32",
+        &format!("--size={size}"),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--continue_on_error=none",
+        "--output-format=json",
+    ]);
+    c
+}
+
+impl Daemon {
+    /// Like [`Daemon::spawn`], with extra `[daemon]` keys (`daemon_extra`, one `key = value` a line)
+    /// replacing the generated ones of the same name.
+    pub fn spawn_with(daemon_extra: &str, rest: &str) -> Daemon {
+        let dir = tempdir();
+        let config = dir.path().join("lunmpio.toml");
+        let socket = dir.path().join("control.sock");
+        let overridden: Vec<&str> = daemon_extra
+            .lines()
+            .filter_map(|l| l.split('=').next())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .collect();
+        let mut text = String::from("[daemon]\n");
+        for (k, v) in [
+            ("nbd_listen", "\"127.0.0.1:0\"".to_string()),
+            ("control_socket", format!("\"{}\"", socket.display())),
+            ("metrics_listen", "\"127.0.0.1:0\"".to_string()),
+            (
+                "state_dir",
+                format!("\"{}\"", dir.path().join("state").display()),
+            ),
+            ("shutdown_timeout", "\"5s\"".to_string()),
+        ] {
+            if !overridden.contains(&k) {
+                text += &format!("{k} = {v}\n");
+            }
+        }
+        text += daemon_extra;
+        text += "\n\n";
+        text += rest;
+        std::fs::write(&config, text).expect("write config");
+        Daemon::start(dir, config, socket)
+    }
+
+    /// The full GetStatistics answer.
+    pub fn stats(&self, lun: &str) -> serde_json::Value {
+        self.rpc_ok("GetStatistics", serde_json::json!({ "lun": lun }))
+    }
+
+    /// GetPathInfo's `pathId` object of a path, by name.
+    pub fn path_id(&self, lun: &str, path: &str) -> serde_json::Value {
+        let info = self.rpc_ok("GetPathInfo", serde_json::json!({ "lun": lun }));
+        info["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == path)
+            .unwrap_or_else(|| panic!("no path {path} in {info}"))["pathId"]
+            .clone()
+    }
+
+    /// Waits until the LUN has moved at least `ios` more requests than `since` (summed over paths).
+    pub fn wait_io_moving(&self, lun: &str, since: u64, ios: u64, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.path_ios(lun).iter().sum::<u64>() >= since + ios
+        })
+    }
 }

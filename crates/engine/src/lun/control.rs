@@ -223,7 +223,13 @@ impl ControlTask {
 
     fn on_fault(&mut self, index: usize, generation: u64, cause: String) {
         if !self.is_current(index, generation) {
-            return; // already handled: a second request of the same connection reporting it
+            // Already handled (a second request of the same connection reporting it), or about a
+            // connection since replaced. The reporter marked the slot unusable; if the path is
+            // usable, a probe of the current connection puts it back in rotation.
+            if self.mpio.paths()[index].is_usable() {
+                self.shared.slots[index].probe_now.notify_one();
+            }
+            return;
         }
         let slot = &self.shared.slots[index];
         slot.load.mark_unusable();
@@ -275,23 +281,69 @@ impl ControlTask {
             connection.close();
             return Admission::RetryAfter(HOLD_DOWN_MAX);
         }
+        let mut admitted_in_hold = false;
         if let Some(until) = self.health[index].hold_until
             && until > now
         {
-            connection.close();
-            return Admission::RetryAfter(until - now);
+            // A marginal path is held out while the LUN has another usable path; it is not held
+            // out *instead of* having a path (multipath-tools' marginal groups are a last resort
+            // too). It checks back every `check_interval`, so when the other paths go, it is there.
+            // "Usable" here means usable and not under suspicion right now: a path that keeps
+            // answering EIO or timing out does not keep a healthy marginal path out.
+            let others_usable = self
+                .mpio
+                .paths()
+                .iter()
+                .enumerate()
+                .any(|(i, p)| {
+                    i != index && p.is_usable() && !self.shared.slots[i].load.is_unusable()
+                });
+            if others_usable {
+                connection.close();
+                return Admission::RetryAfter(
+                    (until - now).min(self.shared.settings.check_interval),
+                );
+            }
+            admitted_in_hold = true;
         }
         let info = connection.info().clone();
         if let Some(reason) = self.identity_mismatch(&info) {
             connection.close();
-            self.set_oper(index, OperStatus::Failed { reason });
+            let id = self.shared.slots[index].id;
+            let before = self
+                .mpio
+                .path(id)
+                .map(|p| p.reported_status(self.mpio.policy()));
+            let changed = self.mpio.set_oper_status(
+                id,
+                OperStatus::Failed {
+                    reason: reason.clone(),
+                },
+            );
+            match changed {
+                Some(t) => self.log_transition(&t, &reason),
+                // Already Failed (it failed first, then came back as another volume): the status
+                // does not change, but the new cause must still be seen — once per new reason.
+                None if before.as_ref().is_some_and(|(_, r)| *r != reason) => {
+                    let (status, _) = before.expect("checked");
+                    let name = self.shared.slots[index].name.clone();
+                    self.shared.events.push(
+                        &self.shared.name,
+                        Some((id, &name)),
+                        Some(status),
+                        Some(status),
+                        reason,
+                    );
+                }
+                None => {}
+            }
             self.publish_state_only();
             return Admission::RetryAfter(IDENTITY_RETRY);
         }
         let generation = self.install(index, connection);
         let h = &mut self.health[index];
         h.info = Some(info);
-        let failback = if h.ever_online {
+        let failback = if h.ever_online && !admitted_in_hold {
             self.shared.settings.failback
         } else {
             Failback::Immediate
@@ -320,6 +372,9 @@ impl ControlTask {
             }
         }
         let cause = match failback {
+            _ if admitted_in_hold => "reconnected and answering; marginal (in hold-down), but no \
+                                      other path is usable (or unsuspected)"
+                .to_string(),
             Failback::Immediate => "reconnected, identity verified, probe answered".to_string(),
             Failback::Manual => {
                 "reconnected and healthy; waiting for a manual reinstate (failback = manual)"

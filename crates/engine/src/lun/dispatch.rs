@@ -60,6 +60,16 @@ enum Attempt {
     Slow(PathError),
 }
 
+/// How often a request with every candidate out of rotation (but the LUN not path-less) looks again.
+const NOT_DOWN_RECHECK: Duration = Duration::from_millis(2);
+
+/// How long a request that got an error reply from every usable path waits for another path to
+/// come back before the error is returned: two health checks (a held-down marginal path checks back
+/// once per `check_interval`), at most `io_timeout`.
+fn error_reply_grace(s: &Shared) -> Duration {
+    (s.settings.check_interval * 2).min(s.settings.io_timeout)
+}
+
 /// Upper bound on attempts for one request between two waits for a path: every path twice. Past it
 /// something is flapping faster than we can use it, and the no-path policy decides.
 fn attempts_max(paths: usize) -> usize {
@@ -126,6 +136,7 @@ impl Lun {
         let mut last_error: Option<PathError> = None;
         let mut in_doubt: Option<InDoubtGuard<'_>> = None;
         let mut attempts = 0usize;
+        let mut error_grace: Option<Instant> = None;
         loop {
             let snapshot = s.snapshot.load();
             let exclude = candidate_mask(&snapshot, excluded_slots);
@@ -135,6 +146,19 @@ impl Lun {
                 s.selector.pick(&snapshot, bytes, s.now_ns(), exclude)
             };
             let Some(candidate) = picked else {
+                if error_replies > 0 && attempts < attempts_max(s.slots.len()) {
+                    // Every usable path failed this request. If another path may come back soon
+                    // (failed, reconnecting, or a healthy path held down as marginal that is
+                    // admitted when nothing else is usable), give it a short grace before the
+                    // error is the request's.
+                    let grace = *error_grace
+                        .get_or_insert_with(|| Instant::now() + error_reply_grace(s));
+                    let others = snapshot.candidates().len() < s.slots.len();
+                    if others && Instant::now() < grace && !s.stopping.load(Ordering::Acquire) {
+                        tokio::time::sleep(NOT_DOWN_RECHECK).await;
+                        continue;
+                    }
+                }
                 if error_replies > 0 {
                     // Every usable path failed this request: it is the request's error now.
                     let e = last_error.take().unwrap_or_else(|| {
@@ -297,8 +321,19 @@ impl Lun {
 
     async fn wait_for_path(&self, bytes: u32) -> Result<(), IoError> {
         let s = &*self.shared;
-        match s.no_path.wait_for_path(u64::from(bytes)).await {
+        match s.no_path.wait_while_down(u64::from(bytes)).await {
             Ok(()) => Ok(()),
+            Err(NoPathError::NotDown) => {
+                // Every candidate is out of rotation for the moment (suspected, probing) but the
+                // control task still counts a usable path: it resolves that within a probe timeout
+                // (the path fails, or its probe answers). Look again shortly; this is not "no path",
+                // so neither `no_path_retry = "fail"` nor its clock applies.
+                if s.stopping.load(Ordering::Acquire) {
+                    return Err(IoError::new(NbdErrno::Shutdown, "the LUN is shutting down"));
+                }
+                tokio::time::sleep(NOT_DOWN_RECHECK).await;
+                Ok(())
+            }
             Err(NoPathError::NotQueueing) => Err(IoError::new(
                 NbdErrno::Io,
                 "no usable path (no_path_retry = \"fail\")",

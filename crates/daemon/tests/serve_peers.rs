@@ -1,0 +1,342 @@
+//! NBD peers we did not write against `lunmpio serve`'s multipath export, exactly as against a plain
+//! NBD server: qemu-img, qemu-io, nbdinfo, nbdcopy, and a kernel file system through nbdfuse.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// A daemon exporting `lun0` (round robin over the target's ports).
+fn rig(size: &str, ports: u16) -> (Daemon, Target) {
+    let target = TargetSpec::memory(size, ports).spawn();
+    let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &target.uris));
+    (daemon, target)
+}
+
+fn make_raw(path: &Path, size: u64, data: u64, seed: u64) -> Vec<u8> {
+    let mut bytes = pseudo_random(data as usize, seed);
+    bytes.resize(size as usize, 0);
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+fn assert_same_file(path: &Path, expected: &[u8]) {
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{} has the wrong size",
+        path.display()
+    );
+    if let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!("{} differs from the source at byte {at}", path.display());
+    }
+}
+
+/// Every path carried some of the work: the export really is multipath.
+fn assert_spread(daemon: &Daemon) {
+    let ios = daemon.path_ios("lun0");
+    assert!(
+        ios.iter().all(|n| *n > 0),
+        "not every path carried I/O: {ios:?}"
+    );
+}
+
+#[test]
+fn qemu_io_pattern_write_read_verify_and_flush() {
+    require_tool("qemu-io", "qemu-utils");
+    let (daemon, _t) = rig("64MiB", 2);
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in [
+        "write -P 0xab 0 1M",
+        "write -P 0x5a 3M 64k",
+        "write -P 0x11 5000 333",
+        "flush",
+        "read -P 0xab 0 4999",
+        "read -P 0x11 5000 333",
+        "read -P 0xab 5333 1043243",
+        "read -P 0x5a 3M 64k",
+        "read -P 0x00 2M 64k",
+        "aio_write -P 0x77 8M 1M",
+        "aio_write -P 0x78 9M 1M",
+        "aio_flush",
+        "read -P 0x77 8M 1M",
+        "read -P 0x78 9M 1M",
+    ] {
+        c.args(["-c", cmd]);
+    }
+    c.arg(daemon.uri("lun0"));
+    let out = run_ok(&mut c);
+    let text = stdout_text(&out);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    assert_spread(&daemon);
+}
+
+#[test]
+fn qemu_img_info_convert_compare_and_map() {
+    require_tool("qemu-img", "qemu-utils");
+    let (daemon, _t) = rig("16MiB", 3);
+    let uri = daemon.uri("lun0");
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    let expected = make_raw(&src, 16 * MIB, 3 * MIB, 7);
+
+    let out = run_ok(tool("qemu-img").args(["info", "--output=json", "-f", "raw", &uri]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 16 * MIB, "{info}");
+
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+    let back = dir.path().join("back.raw");
+    run_ok(
+        tool("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(&back),
+    );
+    assert_same_file(&back, &expected);
+    run_ok(
+        tool("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(&uri),
+    );
+
+    let out = run_ok(tool("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let extents = map.as_array().expect("map is a list");
+    let total: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 16 * MIB, "{map}");
+    assert_eq!(extents[0]["start"], 0);
+    assert_eq!(extents[0]["data"], true, "{map}");
+    assert!(extents[0]["length"].as_u64().unwrap() >= 3 * MIB, "{map}");
+    assert!(
+        extents
+            .iter()
+            .any(|e| e["data"] == false && e["zero"] == true),
+        "no hole reported through the export: {map}"
+    );
+    assert_spread(&daemon);
+}
+
+#[test]
+fn nbdinfo_json_and_list() {
+    require_tool("nbdinfo", "libnbd-bin");
+    let target = TargetSpec::memory("48MiB", 2).spawn();
+    let other = TargetSpec::memory("8MiB", 1).spawn();
+    let daemon = Daemon::spawn(&format!(
+        "{}\n{}",
+        lun_toml("lun0", "round-robin", &target.uris),
+        lun_toml("lun1", "failover", &other.uris)
+    ));
+    let out = run_ok(tool("nbdinfo").args(["--json", &daemon.uri("lun0")]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-name"], "lun0", "{info}");
+    assert_eq!(export["export-size"], 48 * MIB, "{info}");
+    assert_eq!(
+        export["can_multi_conn"], true,
+        "every path is multi-conn: {info}"
+    );
+    assert_eq!(export["is_read_only"], false);
+    for flag in ["can_flush", "can_fua", "can_trim", "can_zero"] {
+        assert_eq!(export[flag], true, "{flag}: {info}");
+    }
+    assert!(
+        export["contexts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "base:allocation"),
+        "{info}"
+    );
+    let out = run_ok(tool("nbdinfo").args(["--json", &daemon.uri("lun1")]));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], 8 * MIB, "{info}");
+
+    let out = run_ok(tool("nbdinfo").args(["--list", &daemon.uri("lun0")]));
+    let text = stdout_text(&out);
+    assert!(
+        text.contains("export=\"lun0\"") && text.contains("export=\"lun1\""),
+        "{text}"
+    );
+    // An export that does not exist is refused by name.
+    let out = run_fails(tool("nbdinfo").arg(daemon.uri("nope")));
+    assert!(!stderr_text(&out).is_empty());
+}
+
+#[test]
+fn nbdcopy_to_and_from_the_export() {
+    require_tool("nbdcopy", "libnbd-bin");
+    let (daemon, _t) = rig("16MiB", 2);
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    let expected = make_raw(&src, 16 * MIB, 5 * MIB + 12345, 11);
+    run_ok(tool("nbdcopy").arg(&src).arg(daemon.uri("lun0")));
+    let back = dir.path().join("back.raw");
+    run_ok(tool("nbdcopy").arg(daemon.uri("lun0")).arg(&back));
+    assert_same_file(&back, &expected);
+    assert_spread(&daemon);
+}
+
+// ---- nbdfuse + loop device + ext4 (the approach of tests/nbdfuse.rs) ----
+
+/// Unmounts a FUSE mount point on drop (the nbdfuse process then exits on its own).
+struct FuseMount {
+    dir: PathBuf,
+    nbdfuse: Option<ProcessGuard>,
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = run(
+            tool("fusermount3").arg("-u").arg(&self.dir),
+            Duration::from_secs(20),
+        );
+        if let Some(mut p) = self.nbdfuse.take() {
+            p.wait_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Detaches a loop device on drop.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run(
+            tool("losetup").args(["-d", &self.0]),
+            Duration::from_secs(20),
+        );
+    }
+}
+
+/// Unmounts a file system on drop; lazily if a plain unmount fails.
+struct Mounted {
+    dir: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn unmount(&mut self) {
+        run_ok(tool("umount").arg(&self.dir));
+        self.mounted = false;
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let out = run(tool("umount").arg(&self.dir), Duration::from_secs(20));
+            if !out.status.success() {
+                let _ = run(
+                    tool("umount").arg("-l").arg(&self.dir),
+                    Duration::from_secs(20),
+                );
+            }
+        }
+    }
+}
+
+fn mount_nbdfuse(dir: &Path, uri: &str) -> FuseMount {
+    let pidfile = dir.with_extension("pid");
+    let process = ProcessGuard::spawn(
+        "nbdfuse",
+        tool("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(dir.join("disk"))
+            .arg(uri),
+    );
+    let mut mount = FuseMount {
+        dir: dir.to_path_buf(),
+        nbdfuse: Some(process),
+    };
+    let ready = wait_until(Duration::from_secs(20), || {
+        pidfile.exists() || !mount.nbdfuse.as_mut().unwrap().is_running()
+    });
+    let running = mount.nbdfuse.as_mut().unwrap().is_running();
+    if !(ready && running) {
+        let (out, err) = mount.nbdfuse.as_ref().unwrap().output_so_far();
+        panic!("nbdfuse did not come up (ready {ready}, running {running}):\n{out}\n{err}");
+    }
+    mount
+}
+
+#[test]
+fn ext4_on_a_loop_device_on_nbdfuse_on_the_export() {
+    for (t, p) in [
+        ("nbdfuse", "nbdfuse"),
+        ("fusermount3", "fuse3"),
+        ("losetup", "mount"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("fsck.ext4", "e2fsprogs"),
+    ] {
+        require_tool(t, p);
+    }
+    let (daemon, _target) = rig("128MiB", 2);
+    let dir = tempdir();
+    let fuse_dir = dir.path().join("fuse");
+    let fs_dir = dir.path().join("fs");
+    std::fs::create_dir(&fuse_dir).unwrap();
+    std::fs::create_dir(&fs_dir).unwrap();
+
+    let fuse = mount_nbdfuse(&fuse_dir, &daemon.uri("lun0"));
+    let disk = fuse_dir.join("disk");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 128 * MIB);
+
+    let out = run_ok(tool("losetup").args(["-f", "--show"]).arg(&disk));
+    let device = LoopDevice(stdout_text(&out).trim().to_string());
+    assert!(
+        device.0.starts_with("/dev/loop"),
+        "losetup printed {:?}",
+        device.0
+    );
+
+    run_ok(tool("mkfs.ext4").args(["-q", &device.0]));
+    run_ok(tool("mount").arg(&device.0).arg(&fs_dir));
+    let mut mounted = Mounted {
+        dir: fs_dir.clone(),
+        mounted: true,
+    };
+    let payload = pseudo_random(3 << 20, 99);
+    std::fs::write(fs_dir.join("hello.bin"), &payload).unwrap();
+    run_ok(Command::new("sync").arg("-f").arg(fs_dir.join("hello.bin")));
+    assert_eq!(std::fs::read(fs_dir.join("hello.bin")).unwrap(), payload);
+    mounted.unmount();
+
+    let out = run(tool("fsck.ext4").args(["-fn", &device.0]), TOOL_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "fsck.ext4 found problems ({}):\n{}{}",
+        out.status,
+        stdout_text(&out),
+        stderr_text(&out)
+    );
+    let stats = daemon.stats("lun0");
+    let written: u64 = stats["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["bytesWritten"].as_u64().unwrap())
+        .sum();
+    assert!(
+        written >= 3 << 20,
+        "the file system went through the multipath export: {stats}"
+    );
+    assert_spread(&daemon);
+
+    drop(mounted);
+    drop(device);
+    drop(fuse);
+}
