@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 const LUN: &str = "vol";
 const ONLINE: &str = "VDS_MPS_ONLINE";
 const FAILED: &str = "VDS_MPS_FAILED";
-/// The engine's default `io_timeout`: the bound on a client-visible stall while a path remains.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The engine's default `io_timeout` (5 s) bounds a client-visible stall while a path remains; the
+/// assertion allows one more second.
 const STALL_BOUND: Duration = Duration::from_secs(6);
 /// How long one fio run lasts: long enough to start, fault, and recover inside it.
 const FIO_RUNTIME: Duration = Duration::from_secs(14);
@@ -356,9 +356,7 @@ fn run_case(case: Case<'_>) -> Row {
     // The other paths carry on while the fault lasts.
     wait_io_moves(daemon, 2000, &mut fio, "the repair");
     (case.repair)();
-    let t1 = Instant::now();
     let recovered = wait_status(daemon, "p1", ONLINE, WAIT);
-    let _ = t1;
     let report = fio.finish(FIO_RUNTIME + Duration::from_secs(60));
     report.assert_clean(case.name);
     let events = assert_events(daemon, since, "p1", case.causes);
@@ -1097,5 +1095,44 @@ fn initiator_port_fail_and_reinstate() {
             events,
         }],
     );
-    let _ = IO_TIMEOUT;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Known issue: a hung path that resumes lands its stale in-doubt write
+
+/// PRODUCT.md §7.1/§7.3: a write in flight on a hung path is fenced (the client closes its
+/// connection) and re-driven on another path. But NBD has no abort: the hung server still holds the
+/// write in its socket buffer, and when it resumes it applies it — after newer acknowledged writes to
+/// the same range, which are then lost. Closing our end (FIN or RST) cannot stop a server from
+/// executing bytes it already received. Reproduced here with `lunmpio target` hang/up; the same
+/// happens with a SIGSTOPped/SIGCONTed nbdkit. Ignored until the engine keeps in-doubt ranges ordered
+/// until the old copy can no longer land (see the issue-5 report).
+#[test]
+#[ignore = "known issue: a resumed hung server applies the stale in-doubt write after newer writes"]
+fn a_resumed_hung_path_does_not_overwrite_newer_writes() {
+    require_tool("qemu-io", "qemu-utils");
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let daemon = start_daemon("", &target.uris[..2]);
+    let uri = daemon.uri(LUN);
+    let qemu_io = |cmds: &[String]| {
+        let mut c = tool("qemu-io");
+        c.args(["-f", "raw", &uri]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        stdout_text(&run_ok(&mut c))
+    };
+    qemu_io(&["write -P 1 0 64k".into()]);
+    target.fault(1, "hang");
+    // Round-robin: one of these goes to the hung path, is fenced and re-driven on p0.
+    qemu_io(&(0..4).map(|i| format!("write -P 0xaa {}k 4k", i * 4)).collect::<Vec<_>>());
+    daemon.wait_path_status(LUN, "p1", FAILED, WAIT);
+    qemu_io(&["write -P 0xbb 0 16k".into()]);
+    target.fault(1, "up");
+    daemon.wait_path_status(LUN, "p1", ONLINE, WAIT);
+    let out = qemu_io(&(0..4).map(|i| format!("read -P 0xbb {}k 4k", i * 4)).collect::<Vec<_>>());
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "an acknowledged write was overwritten by the stale copy from the resumed path:\n{out}"
+    );
 }
