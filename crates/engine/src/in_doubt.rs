@@ -1,10 +1,25 @@
 //! In-doubt writes (PRODUCT.md §7.3).
 //!
 //! A write that was in flight on a path that hung or broke may or may not have reached the storage,
-//! and a hung target may still apply it later. Before such a write is re-driven on another path, the
-//! old path is fenced (its connection closed); while the re-driven write runs, its byte range is
-//! *in doubt*, and any later I/O that overlaps it waits until the re-driven write has completed, so
-//! it is ordered after it. Linux dm-multipath, NVMe multipath and SPDK do not do this (SPDK #3593).
+//! and a *hung* target may still apply it later, whenever it resumes. Two holds keep that from
+//! corrupting data:
+//!
+//! 1. **Re-drive hold.** Before such a write is re-driven on another path the old path is fenced (its
+//!    connection closed); while the re-driven write runs, its range is in doubt and *any* later I/O
+//!    that overlaps it waits, so it is ordered after the re-drive.
+//! 2. **Quarantine** (hung paths only). Closing our end of a connection does not stop a stalled target
+//!    from executing the requests it already holds when it resumes — the stale copy of the write then
+//!    lands on top of whatever was written since (the demo caught exactly that: blocks went back to
+//!    older generations after a hung port was released). So after the re-drive completes, the range
+//!    stays quarantined for *writes* until the fenced path has reconnected and answered a probe (a
+//!    resumed target has worked off its backlog by then) or, if it never returns, until a bound passes.
+//!    Reads are not held by a quarantine: the stale copy carries the same data as the completed
+//!    re-drive, so a read sees the right data before and after it lands.
+//!
+//! Linux dm-multipath, NVMe multipath and SPDK do neither (SPDK #3593; NVMe's CQT is unimplemented).
+//! The quarantine narrows the window to "a target that resumes *after* the bound, or after answering
+//! a new connection's probe while still holding old requests"; closing it fully needs target-side
+//! fencing (persistent reservations), which NBD does not have.
 //!
 //! The table is tiny and almost always empty: the data path checks one atomic counter and takes the
 //! lock only while something is in doubt. The lock is a plain mutex, never held across an `.await`.
@@ -13,28 +28,45 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Bound on ranges in doubt at once: every request in flight on every path of a LUN (paths ×
-/// in-flight limit). Past it, a re-drive waits for room rather than growing the table.
+/// in-flight limit).
 pub const IN_DOUBT_RANGES_MAX: usize = 64 * 256;
+
+/// Why a range is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// A re-driven write is running: every overlapping request waits.
+    Redrive,
+    /// The re-drive completed, but the hung path it came from may still apply the old copy: writes
+    /// wait until that path is back (`release_path`) or `until`.
+    Quarantine { path: usize, until: Instant },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InDoubtRange {
     pub id: u64,
     pub offset: u64,
     pub length: u64,
+    pub hold: Hold,
 }
 
 impl InDoubtRange {
     fn overlaps(&self, offset: u64, length: u64) -> bool {
         let end = offset.saturating_add(length);
         let own_end = self.offset.saturating_add(self.length);
-        // A zero-length request (FLUSH) overlaps nothing by range, but must still be ordered after
-        // every in-doubt write: a flush promises durability of everything acknowledged before it.
-        if length == 0 {
-            return true;
-        }
         offset < own_end && self.offset < end
+    }
+
+    /// Whether this hold makes a request over `offset..offset+length` wait.
+    fn blocks(&self, offset: u64, length: u64, writes: bool) -> bool {
+        match self.hold {
+            // A zero-length request (FLUSH) overlaps nothing by range, but must be ordered after every
+            // running re-drive: a flush promises durability of everything acknowledged before it.
+            Hold::Redrive => length == 0 || self.overlaps(offset, length),
+            Hold::Quarantine { .. } => writes && length != 0 && self.overlaps(offset, length),
+        }
     }
 }
 
@@ -48,8 +80,7 @@ pub struct InDoubtTable {
     total: AtomicU64,
 }
 
-/// Holds one range in doubt; dropping it (when the re-driven write completed, or finally failed)
-/// releases every I/O waiting on it.
+/// Holds one range in doubt while its re-drive runs; dropping it releases every I/O waiting on it.
 pub struct InDoubtGuard<'a> {
     table: &'a InDoubtTable,
     id: u64,
@@ -60,22 +91,50 @@ impl InDoubtTable {
         Self::default()
     }
 
-    /// Marks `offset..offset+length` in doubt until the guard is dropped.
+    /// Marks `offset..offset+length` in doubt (re-drive hold) until the guard is dropped.
     pub fn register(&self, offset: u64, length: u64) -> InDoubtGuard<'_> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-            ranges.push(InDoubtRange { id, offset, length });
-            self.count.store(ranges.len(), Ordering::Release);
-            debug_assert!(ranges.len() <= IN_DOUBT_RANGES_MAX * 2);
-        }
+        let id = self.insert(offset, length, Hold::Redrive);
         self.total.fetch_add(1, Ordering::Relaxed);
         InDoubtGuard { table: self, id }
     }
 
-    /// Waits until no in-doubt range overlaps `offset..offset+length`. Returns at once (one atomic
-    /// load) when nothing is in doubt, which is the normal case.
-    pub async fn wait_clear(&self, offset: u64, length: u64) {
+    /// Quarantines a completed re-drive's range for writes until `release_path(path)` or `until`.
+    pub fn quarantine(&self, offset: u64, length: u64, path: usize, until: Instant) {
+        self.insert(offset, length, Hold::Quarantine { path, until });
+    }
+
+    /// The fenced path is back (reconnected, identity verified, probe answered): lift its quarantines.
+    pub fn release_path(&self, path: usize) {
+        let released = {
+            let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+            let before = ranges.len();
+            ranges.retain(|r| !matches!(r.hold, Hold::Quarantine { path: p, .. } if p == path));
+            self.count.store(ranges.len(), Ordering::Release);
+            before != ranges.len()
+        };
+        if released {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn insert(&self, offset: u64, length: u64, hold: Hold) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        ranges.push(InDoubtRange {
+            id,
+            offset,
+            length,
+            hold,
+        });
+        self.count.store(ranges.len(), Ordering::Release);
+        debug_assert!(ranges.len() <= IN_DOUBT_RANGES_MAX * 2);
+        id
+    }
+
+    /// Waits until nothing in doubt holds a request over `offset..offset+length` (`writes`: the
+    /// request changes data). Returns at once (one atomic load) when nothing is in doubt, which is the
+    /// normal case.
+    pub async fn wait_clear(&self, offset: u64, length: u64, writes: bool) {
         loop {
             if self.count.load(Ordering::Acquire) == 0 {
                 return;
@@ -85,19 +144,46 @@ impl InDoubtTable {
             // Register interest before checking, so a release between the check and the await
             // cannot be missed.
             changed.as_mut().enable();
-            if !self.overlaps(offset, length) {
+            let (blocked, expiry) = self.check(offset, length, writes);
+            if !blocked {
                 return;
             }
-            changed.await;
+            match expiry {
+                Some(at) => {
+                    tokio::select! {
+                        _ = &mut changed => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => changed.await,
+            }
         }
     }
 
-    pub fn overlaps(&self, offset: u64, length: u64) -> bool {
-        let ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        ranges.iter().any(|r| r.overlaps(offset, length))
+    /// Whether a request is held, and the earliest quarantine expiry (to wake up for). Drops expired
+    /// quarantines on the way.
+    fn check(&self, offset: u64, length: u64, writes: bool) -> (bool, Option<Instant>) {
+        let now = Instant::now();
+        let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        ranges.retain(|r| !matches!(r.hold, Hold::Quarantine { until, .. } if until <= now));
+        self.count.store(ranges.len(), Ordering::Release);
+        let blocked = ranges.iter().any(|r| r.blocks(offset, length, writes));
+        let expiry = ranges
+            .iter()
+            .filter_map(|r| match r.hold {
+                Hold::Quarantine { until, .. } => Some(until),
+                Hold::Redrive => None,
+            })
+            .min();
+        (blocked, expiry)
     }
 
-    /// Writes in doubt right now.
+    /// Whether any hold overlaps the range (for tests and statistics).
+    pub fn overlaps(&self, offset: u64, length: u64) -> bool {
+        self.check(offset, length, true).0
+    }
+
+    /// Ranges in doubt right now (re-drives running plus quarantines).
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }
@@ -150,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn empty_table_never_waits() {
         let t = InDoubtTable::new();
-        t.wait_clear(0, 4096).await;
+        t.wait_clear(0, 4096, true).await;
         assert!(t.is_empty());
     }
 
@@ -161,12 +247,12 @@ mod tests {
         let guard = t.register(8192, 4096);
         assert_eq!(t.len(), 1);
         // Not overlapping: proceeds at once.
-        t.wait_clear(0, 8192).await;
-        t.wait_clear(12288, 4096).await;
+        t.wait_clear(0, 8192, true).await;
+        t.wait_clear(12288, 4096, true).await;
         let waiter = {
             let (t, order) = (Arc::clone(&t), Arc::clone(&order));
             tokio::spawn(async move {
-                t.wait_clear(10000, 10).await;
+                t.wait_clear(10000, 10, false).await;
                 order.lock().unwrap().push("later io");
             })
         };
@@ -190,12 +276,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn flush_is_ordered_after_every_in_doubt_write() {
+    async fn flush_is_ordered_after_every_redrive_but_not_a_quarantine() {
         let t = InDoubtTable::new();
         let g = t.register(1 << 30, 512);
-        assert!(t.overlaps(0, 0), "a flush overlaps everything in doubt");
+        assert!(
+            t.check(0, 0, true).0,
+            "a flush waits for a running re-drive"
+        );
         drop(g);
-        assert!(!t.overlaps(0, 0));
+        t.quarantine(0, 4096, 1, Instant::now() + Duration::from_secs(60));
+        assert!(
+            !t.check(0, 0, true).0,
+            "a flush does not wait for a quarantine"
+        );
+    }
+
+    #[tokio::test]
+    async fn quarantine_holds_writes_not_reads_until_the_path_returns() {
+        let t = Arc::new(InDoubtTable::new());
+        t.quarantine(4096, 4096, 2, Instant::now() + Duration::from_secs(60));
+        t.wait_clear(4096, 4096, false).await; // a read passes
+        let writer = {
+            let t = Arc::clone(&t);
+            tokio::spawn(async move { t.wait_clear(6000, 100, true).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!writer.is_finished(), "an overlapping write waits");
+        t.release_path(1); // another path: nothing changes
+        assert_eq!(t.len(), 1);
+        t.release_path(2);
+        tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quarantine_expires_if_the_path_never_returns() {
+        let t = InDoubtTable::new();
+        t.quarantine(0, 4096, 0, Instant::now() + Duration::from_secs(30));
+        let started = Instant::now();
+        t.wait_clear(0, 4096, true).await;
+        assert!(started.elapsed() >= Duration::from_secs(30));
+        assert!(t.is_empty());
     }
 
     #[test]
@@ -204,6 +330,7 @@ mod tests {
             id: 0,
             offset: 100,
             length: 10,
+            hold: Hold::Redrive,
         };
         assert!(r.overlaps(109, 1));
         assert!(!r.overlaps(110, 5));

@@ -29,6 +29,8 @@ pub(crate) const MARGINAL_WINDOW: Duration = Duration::from_secs(60);
 /// First hold-down of a marginal path; doubles each time it is held again, up to the max.
 pub(crate) const HOLD_DOWN_BASE: Duration = Duration::from_secs(8);
 pub(crate) const HOLD_DOWN_MAX: Duration = Duration::from_secs(300);
+/// After a hung path is back, how long its quarantined ranges stay held (see `crate::in_doubt`).
+const QUARANTINE_GRACE: Duration = Duration::from_secs(1);
 /// How long a path whose identity does not match waits before it is tried again.
 const IDENTITY_RETRY: Duration = Duration::from_secs(5);
 
@@ -290,16 +292,18 @@ impl ControlTask {
             // too). It checks back every `check_interval`, so when the other paths go, it is there.
             // "Usable" here means usable and not under suspicion right now: a path that keeps
             // answering EIO or timing out does not keep a healthy marginal path out.
-            let others_usable = self
-                .mpio
-                .paths()
-                .iter()
-                .enumerate()
-                .any(|(i, p)| {
-                    i != index && p.is_usable() && !self.shared.slots[i].load.is_unusable()
-                });
-            if others_usable {
+            let others_usable = self.mpio.paths().iter().enumerate().any(|(i, p)| {
+                i != index && p.is_usable() && !self.shared.slots[i].load.is_unusable()
+            });
+            // A request that every usable path answered with an error is waiting for another.
+            let wanted =
+                self.shared.path_wanted_until_ns.load(Ordering::Acquire) > self.shared.now_ns();
+            if others_usable && !wanted {
                 connection.close();
+                // Held out, but it reconnected and answered a probe: the target is working again,
+                // so what it held from before the fence has been worked off — lift the quarantine
+                // of writes fenced off it (else they would wait out the whole hold-down).
+                self.release_quarantine_later(index);
                 return Admission::RetryAfter(
                     (until - now).min(self.shared.settings.check_interval),
                 );
@@ -341,6 +345,15 @@ impl ControlTask {
             return Admission::RetryAfter(IDENTITY_RETRY);
         }
         let generation = self.install(index, connection);
+        // Writes fenced off this path while it hung are quarantined until it is back; give a resumed
+        // target a moment to work off what it still held before lifting the quarantine.
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shared.stop.cancelled() => {}
+                _ = tokio::time::sleep(QUARANTINE_GRACE) => shared.in_doubt.release_path(index),
+            }
+        });
         let h = &mut self.health[index];
         h.info = Some(info);
         let failback = if h.ever_online && !admitted_in_hold {
@@ -373,7 +386,7 @@ impl ControlTask {
         }
         let cause = match failback {
             _ if admitted_in_hold => "reconnected and answering; marginal (in hold-down), but no \
-                                      other path is usable (or unsuspected)"
+                                      other path is usable or every usable one failed a request"
                 .to_string(),
             Failback::Immediate => "reconnected, identity verified, probe answered".to_string(),
             Failback::Manual => {
@@ -386,6 +399,17 @@ impl ControlTask {
         self.update_multi_path_safety();
         self.publish();
         Admission::Installed
+    }
+
+    /// Lifts the quarantine of writes fenced off a path after [`QUARANTINE_GRACE`].
+    fn release_quarantine_later(&self, index: usize) {
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shared.stop.cancelled() => {}
+                _ = tokio::time::sleep(QUARANTINE_GRACE) => shared.in_doubt.release_path(index),
+            }
+        });
     }
 
     fn install(&mut self, index: usize, connection: PathConnection) -> u64 {

@@ -26,7 +26,7 @@ use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
 
 use super::{Control, Installed, Lun, PathSlot, Shared, humanize};
-use crate::in_doubt::InDoubtGuard;
+use crate::in_doubt::{InDoubtGuard, InDoubtTable};
 use crate::no_path::NoPathError;
 use crate::settings::ADAPTIVE_TIMEOUT_FLOOR;
 use crate::transport::{Failed, PathError, PathErrorKind};
@@ -123,7 +123,9 @@ impl Lun {
             _ => {}
         }
         let (offset, length) = range(&request);
-        s.in_doubt.wait_clear(offset, length).await;
+        s.in_doubt
+            .wait_clear(offset, length, changes_data(&request))
+            .await;
         self.dispatch(request).await
     }
 
@@ -134,7 +136,7 @@ impl Lun {
         let mut excluded_slots = 0u64;
         let mut error_replies = 0u32;
         let mut last_error: Option<PathError> = None;
-        let mut in_doubt: Option<InDoubtGuard<'_>> = None;
+        let mut in_doubt: Option<InDoubt<'_>> = None;
         let mut attempts = 0usize;
         let mut error_grace: Option<Instant> = None;
         loop {
@@ -151,8 +153,12 @@ impl Lun {
                     // (failed, reconnecting, or a healthy path held down as marginal that is
                     // admitted when nothing else is usable), give it a short grace before the
                     // error is the request's.
-                    let grace = *error_grace
-                        .get_or_insert_with(|| Instant::now() + error_reply_grace(s));
+                    let grace = *error_grace.get_or_insert_with(|| {
+                        let grace = error_reply_grace(s);
+                        s.path_wanted_until_ns
+                            .fetch_max(s.now_ns() + grace.as_nanos() as u64, Ordering::AcqRel);
+                        Instant::now() + grace
+                    });
                     let others = snapshot.candidates().len() < s.slots.len();
                     if others && Instant::now() < grace && !s.stopping.load(Ordering::Acquire) {
                         tokio::time::sleep(NOT_DOWN_RECHECK).await;
@@ -237,10 +243,22 @@ impl Lun {
                         cause: e.message.clone(),
                     });
                     excluded_slots |= 1 << index;
-                    if changes_data(&request) && in_doubt.is_none() {
+                    if changes_data(&request) {
                         // It may have reached the storage, or may still: order later overlapping I/O
-                        // after its re-drive.
-                        in_doubt = Some(s.in_doubt.register(offset, length));
+                        // after its re-drive; if the path hung (fenced, not reset), also quarantine
+                        // the range for writes until that path is back.
+                        let hung = matches!(e.kind, PathErrorKind::Timeout | PathErrorKind::Closed);
+                        let hold = in_doubt.get_or_insert_with(|| InDoubt {
+                            guard: s.in_doubt.register(offset, length),
+                            table: &s.in_doubt,
+                            offset,
+                            length,
+                            hung_path: None,
+                            quarantine: quarantine_bound(s.settings.io_timeout),
+                        });
+                        if hung {
+                            hold.hung_path = Some(index);
+                        }
                     }
                     last_error = Some(e);
                 }
@@ -356,7 +374,7 @@ impl Lun {
     /// last flush has been flushed; one flush covers all when every such path is multi-conn.
     async fn flush(&self, request: Request) -> Result<Reply, IoError> {
         let s = &*self.shared;
-        s.in_doubt.wait_clear(0, 0).await; // a flush is ordered after every in-doubt write
+        s.in_doubt.wait_clear(0, 0, false).await; // a flush is ordered after every running re-drive
         let dirty: Vec<(usize, u64)> = s
             .slots
             .iter()
@@ -431,6 +449,34 @@ impl Lun {
             }
         }
         self.dispatch(request).await
+    }
+}
+
+/// How long a hung path's in-doubt ranges stay quarantined if the path never returns.
+fn quarantine_bound(io_timeout: Duration) -> Duration {
+    (io_timeout * 6).clamp(Duration::from_secs(5), Duration::from_secs(60))
+}
+
+/// One request's in-doubt hold while it is re-driven (see `crate::in_doubt`). When it ends — the
+/// re-drive completed or finally failed — a write that came from a hung path leaves a quarantine
+/// behind for that path, inserted before the re-drive hold is released so there is no gap.
+struct InDoubt<'a> {
+    guard: InDoubtGuard<'a>,
+    table: &'a InDoubtTable,
+    offset: u64,
+    length: u64,
+    hung_path: Option<usize>,
+    quarantine: Duration,
+}
+
+impl Drop for InDoubt<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.hung_path {
+            let until = tokio::time::Instant::now() + self.quarantine;
+            self.table.quarantine(self.offset, self.length, path, until);
+        }
+        // `guard` is dropped after this body: the re-drive hold ends once the quarantine is in place.
+        let _ = &self.guard;
     }
 }
 

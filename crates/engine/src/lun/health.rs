@@ -143,10 +143,21 @@ async fn reconnect(shared: &Arc<Shared>, index: usize, backoff: &mut Duration) -
     // Identity first: a path that now leads to another volume must not even be read from.
     let geometry = shared.geometry.load();
     let info = connection.info();
-    if super::identity::mismatch(info, geometry.size_bytes, geometry.read_only, geometry.identity.as_deref()).is_some() {
+    if super::identity::mismatch(
+        info,
+        geometry.size_bytes,
+        geometry.read_only,
+        geometry.identity.as_deref(),
+    )
+    .is_some()
+    {
         // The control task records the reason (and decides when to try again) without a probe.
         let (reply, admission) = oneshot::channel();
-        shared.send(Control::Connected { index, connection, reply });
+        shared.send(Control::Connected {
+            index,
+            connection,
+            reply,
+        });
         match admission.await {
             Ok(Admission::RetryAfter(delay)) => *backoff = delay,
             Ok(Admission::Installed) => *backoff = RECONNECT_BACKOFF_MIN,

@@ -185,6 +185,9 @@ pub(crate) struct Shared {
     pub(crate) epoch: Instant,
     pub(crate) stopping: AtomicBool,
     pub(crate) stop: tokio_util::sync::CancellationToken,
+    /// Until when (`now_ns`) a request is waiting for a path because every usable one failed it:
+    /// a healthy path held down as marginal is admitted meanwhile (better marginal than an error).
+    pub(crate) path_wanted_until_ns: AtomicU64,
 }
 
 impl Shared {
@@ -345,6 +348,7 @@ impl Lun {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             stop: tokio_util::sync::CancellationToken::new(),
+            path_wanted_until_ns: AtomicU64::new(0),
         });
         let mut control = control::ControlTask::new(Arc::clone(&shared), mpio, state_file);
         control.admit_initial(results);
