@@ -201,6 +201,8 @@ fn demo_help_says_what_it_does_today() {
         .args(["demo", "--help"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("arrives with the"))
+        .stdout(predicate::str::contains("service-time"))
+        .stdout(predicate::str::contains("--plot"))
+        .stdout(predicate::str::contains("--json"))
         .stdout(predicate::str::contains("--quick"));
 }

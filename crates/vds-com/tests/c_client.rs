@@ -29,21 +29,25 @@ fn require(tool: &str, hint: &str) {
     }
 }
 
-/// The directory holding the crate's `liblunmpio_vds_com.so` (`target/<profile>`).
+/// The directory holding the crate's `liblunmpio_vds_com.so`: `target/<profile>` when cargo uplifted
+/// it (`cargo test -p lunmpio-vds-com`), else `target/<profile>/deps` (a workspace-wide nextest run
+/// builds it there without the uplift).
 fn library_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
+    let deps = exe
         .parent()
-        .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>")
         .to_path_buf();
-    let lib = dir.join("liblunmpio_vds_com.so");
-    assert!(
-        lib.exists(),
-        "{} is missing: build the crate (cargo test -p lunmpio-vds-com builds it)",
-        lib.display()
+    let profile = deps.parent().expect("target/<profile>").to_path_buf();
+    for dir in [profile, deps] {
+        if dir.join("liblunmpio_vds_com.so").exists() {
+            return dir;
+        }
+    }
+    panic!(
+        "liblunmpio_vds_com.so is missing next to {}: build the crate (cargo test -p lunmpio-vds-com builds it)",
+        exe.display()
     );
-    dir
 }
 
 fn crate_dir() -> PathBuf {
