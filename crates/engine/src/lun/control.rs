@@ -29,6 +29,8 @@ pub(crate) const MARGINAL_WINDOW: Duration = Duration::from_secs(60);
 /// First hold-down of a marginal path; doubles each time it is held again, up to the max.
 pub(crate) const HOLD_DOWN_BASE: Duration = Duration::from_secs(8);
 pub(crate) const HOLD_DOWN_MAX: Duration = Duration::from_secs(300);
+/// A path without a failure for this long is forgiven its past hold-downs.
+pub(crate) const HOLD_DOWN_DECAY: Duration = Duration::from_secs(600);
 /// After a hung path is back, how long its quarantined ranges stay held (see `crate::in_doubt`).
 const QUARANTINE_GRACE: Duration = Duration::from_secs(1);
 /// How long a path whose identity does not match waits before it is tried again.
@@ -39,6 +41,9 @@ struct PathHealth {
     failures: VecDeque<Instant>,
     hold_until: Option<Instant>,
     hold_level: u32,
+    /// The last failure: a path that has stayed healthy for [`HOLD_DOWN_DECAY`] since starts again
+    /// from the first hold-down, so one bad hour does not mark a path for good.
+    failure_last: Option<Instant>,
     /// Has carried I/O since start (a path's first arrival is not a failback).
     ever_online: bool,
     info: Option<TransportInfo>,
@@ -253,6 +258,10 @@ impl ControlTask {
     fn record_failure(&mut self, index: usize, cause: &str) -> String {
         let now = Instant::now();
         let h = &mut self.health[index];
+        if h.failure_last.is_some_and(|t| now.duration_since(t) > HOLD_DOWN_DECAY) {
+            h.hold_level = 0;
+        }
+        h.failure_last = Some(now);
         h.failures.push_back(now);
         while h
             .failures
