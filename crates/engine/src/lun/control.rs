@@ -258,7 +258,9 @@ impl ControlTask {
     fn record_failure(&mut self, index: usize, cause: &str) -> String {
         let now = Instant::now();
         let h = &mut self.health[index];
-        if h.failure_last.is_some_and(|t| now.duration_since(t) > HOLD_DOWN_DECAY) {
+        if h.failure_last
+            .is_some_and(|t| now.duration_since(t) > HOLD_DOWN_DECAY)
+        {
             h.hold_level = 0;
         }
         h.failure_last = Some(now);
