@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -16,27 +14,6 @@ fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Output {
     }
     c.arg(uri);
     run_ok(&mut c)
-}
-
-/// A raw file of `size` bytes: pseudo-random data in the first `data` bytes, zeroes after.
-fn make_raw(path: &Path, size: u64, data: u64, seed: u64) -> Vec<u8> {
-    let mut bytes = pseudo_random(data as usize, seed);
-    bytes.resize(size as usize, 0);
-    std::fs::write(path, &bytes).unwrap();
-    bytes
-}
-
-fn assert_same_file(path: &Path, expected: &[u8]) {
-    let got = std::fs::read(path).unwrap();
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "{} has the wrong size",
-        path.display()
-    );
-    if let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!("{} differs from the source at byte {at}", path.display());
-    }
 }
 
 #[test]

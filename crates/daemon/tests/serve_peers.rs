@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -14,26 +12,6 @@ fn rig(size: &str, ports: u16) -> (Daemon, Target) {
     let target = TargetSpec::memory(size, ports).spawn();
     let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &target.uris));
     (daemon, target)
-}
-
-fn make_raw(path: &Path, size: u64, data: u64, seed: u64) -> Vec<u8> {
-    let mut bytes = pseudo_random(data as usize, seed);
-    bytes.resize(size as usize, 0);
-    std::fs::write(path, &bytes).unwrap();
-    bytes
-}
-
-fn assert_same_file(path: &Path, expected: &[u8]) {
-    let got = std::fs::read(path).unwrap();
-    assert_eq!(
-        got.len(),
-        expected.len(),
-        "{} has the wrong size",
-        path.display()
-    );
-    if let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!("{} differs from the source at byte {at}", path.display());
-    }
 }
 
 /// Every path carried some of the work: the export really is multipath.

@@ -429,29 +429,8 @@ impl Target {
         let stderr_pipe = child.stderr.take().expect("stderr pipe");
         let process = ProcessGuard::adopt("lunmpio target", child);
 
-        // Lines go through a channel so the test can wait for them with a deadline.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        // Keep the last lines of the log for failure messages (bounded: the log can be long).
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut q = sink.lock().unwrap();
-                if q.len() >= 400 {
-                    q.pop_front();
-                }
-                q.push_back(line);
-            }
-        });
+        let rx = line_channel(stdout);
+        let stderr = tail_lines(stderr_pipe, 400);
 
         let mut target = Target {
             process,
@@ -497,8 +476,7 @@ impl Target {
 
     /// The target's log so far (stderr).
     pub fn log(&self) -> String {
-        let q = self.stderr.lock().unwrap();
-        q.iter().cloned().collect::<Vec<_>>().join("\n")
+        joined(&self.stderr)
     }
 
     /// `lunmpio target fault --control ... --port I CMD`, which must succeed.
@@ -728,27 +706,8 @@ impl Daemon {
         let stdout = child.stdout.take().expect("stdout pipe");
         let stderr_pipe = child.stderr.take().expect("stderr pipe");
         let mut process = ProcessGuard::adopt("lunmpio serve", child);
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines() {
-                let Ok(line) = line else { break };
-                let mut q = sink.lock().unwrap();
-                if q.len() >= 2000 {
-                    q.pop_front();
-                }
-                q.push_back(line);
-            }
-        });
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stderr = tail_lines(stderr_pipe, 2000);
+        let rx = line_channel(stdout);
         let ready = match rx.recv_timeout(DAEMON_START_TIMEOUT) {
             Ok(line) => line,
             Err(_) => {
@@ -1246,4 +1205,71 @@ pub fn ext4_on_nbdfuse(uri: &str, size_bytes: u64) {
     drop(mounted);
     drop(device);
     drop(fuse);
+}
+
+// -------------------------------------------------------------------------------------------------
+// Child output plumbing shared by the fixtures
+
+/// Every line of a child's pipe into a channel, so a test can wait for a line with a deadline.
+fn line_channel(pipe: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The last `max` lines of a child's pipe, kept for failure messages (bounded: logs can be long).
+fn tail_lines(pipe: impl Read + Send + 'static, max: usize) -> Arc<Mutex<VecDeque<String>>> {
+    let tail = Arc::new(Mutex::new(VecDeque::new()));
+    let sink = tail.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            let mut q = sink.lock().unwrap();
+            if q.len() >= max {
+                q.pop_front();
+            }
+            q.push_back(line);
+        }
+    });
+    tail
+}
+
+fn joined(tail: &Mutex<VecDeque<String>>) -> String {
+    tail.lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// -------------------------------------------------------------------------------------------------
+// Files
+
+/// A raw file of `size` bytes: pseudo-random data in the first `data` bytes, zeroes after.
+pub fn make_raw(path: &Path, size: u64, data: u64, seed: u64) -> Vec<u8> {
+    let mut bytes = pseudo_random(data as usize, seed);
+    bytes.resize(size as usize, 0);
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+pub fn assert_same_file(path: &Path, expected: &[u8]) {
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{} has the wrong size",
+        path.display()
+    );
+    if let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!("{} differs from the source at byte {at}", path.display());
+    }
 }
