@@ -259,6 +259,25 @@ pub enum TargetAction {
     Fault(TargetFaultArgs),
     /// Show every port's fault state and counters.
     Status(TargetStatusArgs),
+    /// Fence one controller port: discard every request it holds (including those stuck behind `hang`,
+    /// `delay` or `rate`), reset its connections, and never execute them. The port's fault state is
+    /// otherwise unchanged. Exits 0 once nothing the port received before can still execute — the
+    /// contract of lunmpio's `fence` setting, so this command can be configured as one.
+    #[command(
+        after_help = "Example, as the fence of the paths of a LUN in lunmpio's config:\n\n  [[lun.path]]\n  uri = \"nbd://127.0.0.1:10810/lun0\"\n  fence = [\"lunmpio\", \"target\", \"fence\", \"--control\", \"/run/array.sock\", \"--port\", \"0\"]"
+    )]
+    Fence(TargetFenceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TargetFenceArgs {
+    /// The target's control socket.
+    #[arg(long, value_name = "SOCKET", env = "LUNMPIO_TARGET_CONTROL")]
+    pub control: PathBuf,
+
+    /// Controller port, numbered from 0 in the order the target printed its URIs.
+    #[arg(long, value_name = "I")]
+    pub port: usize,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,8 @@ use crate::units::{parse_duration, parse_size};
 pub const LUNS_MAX: usize = 256;
 pub const PATHS_PER_LUN_MAX: usize = 64;
 pub const NAME_BYTES_MAX: usize = 128;
+/// Bound on a `fence` command's program plus arguments.
+pub const FENCE_ARGS_MAX: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -69,6 +71,8 @@ pub struct PathConfig {
     /// The initiator HBA port's WWNs, for local paths whose sysfs cannot tell them.
     pub hba_wwnn: Option<Wwn>,
     pub hba_wwpn: Option<Wwn>,
+    /// The path's own `fence` (else the LUN's).
+    pub fence: Option<Vec<String>>,
 }
 
 /// A configuration problem, with where it is.
@@ -112,6 +116,7 @@ impl LunConfig {
                     bind: p.bind,
                     interconnect: p.interconnect,
                     hba_wwns: p.hba_wwnn.zip(p.hba_wwpn),
+                    fence: p.fence.clone(),
                 }
             })
             .collect();
@@ -180,6 +185,9 @@ struct RawSettings {
     no_path_retry: Option<Spanned<String>>,
     failback: Option<Spanned<String>>,
     no_path_queue_max: Option<Spanned<String>>,
+    in_doubt_timeout: Option<Spanned<String>>,
+    fence: Option<Spanned<Vec<String>>>,
+    fence_timeout: Option<Spanned<String>>,
 }
 
 /// A `[[lun]]` table. The settings keys are repeated here rather than flattened from
@@ -199,6 +207,9 @@ struct RawLun {
     no_path_retry: Option<Spanned<String>>,
     failback: Option<Spanned<String>>,
     no_path_queue_max: Option<Spanned<String>>,
+    in_doubt_timeout: Option<Spanned<String>>,
+    fence: Option<Spanned<Vec<String>>>,
+    fence_timeout: Option<Spanned<String>>,
     #[serde(default)]
     path: Vec<Spanned<RawPath>>,
 }
@@ -213,6 +224,9 @@ impl RawLun {
             no_path_retry: self.no_path_retry.clone(),
             failback: self.failback.clone(),
             no_path_queue_max: self.no_path_queue_max.clone(),
+            in_doubt_timeout: self.in_doubt_timeout.clone(),
+            fence: self.fence.clone(),
+            fence_timeout: self.fence_timeout.clone(),
         }
     }
 }
@@ -229,6 +243,7 @@ struct RawPath {
     interconnect: Option<Spanned<String>>,
     hba_wwnn: Option<Spanned<String>>,
     hba_wwpn: Option<Spanned<String>>,
+    fence: Option<Spanned<Vec<String>>>,
 }
 
 impl Config {
@@ -411,7 +426,52 @@ impl Context<'_> {
             s.no_path_queue_bytes_max = parse_size(v.get_ref())
                 .map_err(|m| self.error(v.span(), key("no_path_queue_max"), m))?;
         }
+        if let Some(v) = &raw.in_doubt_timeout {
+            s.in_doubt_timeout = match v.get_ref().as_str() {
+                "never" => None,
+                other => Some(parse_duration(other).map_err(|m| {
+                    self.error(
+                        v.span(),
+                        key("in_doubt_timeout"),
+                        format!("expected a duration or \"never\": {m}"),
+                    )
+                })?),
+            };
+        }
+        if let Some(v) = &raw.fence_timeout {
+            s.fence_timeout = self.duration(v, &key("fence_timeout"))?;
+            if s.fence_timeout.is_zero() {
+                return Err(self.error(v.span(), key("fence_timeout"), "must be above zero"));
+            }
+        }
+        if let Some(v) = &raw.fence {
+            s.fence = Some(self.fence(v, &key("fence"))?);
+        }
         Ok(s)
+    }
+
+    /// `fence = ["program", "arg", ...]`: run without a shell, so the first element is the program.
+    fn fence(&self, v: &Spanned<Vec<String>>, key: &str) -> Result<Vec<String>, ConfigError> {
+        let command = v.get_ref();
+        match command.first() {
+            None => Err(self.error(
+                v.span(),
+                key.into(),
+                "needs at least the program: fence = [\"/usr/local/bin/fence-path\", \"arg\"]",
+            )),
+            Some(program) if program.trim().is_empty() => {
+                Err(self.error(v.span(), key.into(), "the program name is empty"))
+            }
+            Some(_) if command.len() > FENCE_ARGS_MAX => Err(self.error(
+                v.span(),
+                key.into(),
+                format!("more than {FENCE_ARGS_MAX} arguments"),
+            )),
+            Some(_) if command.iter().any(|a| a.contains('\0')) => {
+                Err(self.error(v.span(), key.into(), "an argument contains a NUL byte"))
+            }
+            Some(_) => Ok(command.clone()),
+        }
     }
 
     fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
@@ -570,7 +630,12 @@ impl Context<'_> {
             None => None,
             Some(v) => Some(self.id(v, &format!("{table}.id"))?),
         };
+        let fence = match &raw.fence {
+            None => None,
+            Some(v) => Some(self.fence(v, &format!("{table}.fence"))?),
+        };
         Ok(PathConfig {
+            fence,
             uri,
             target,
             name,

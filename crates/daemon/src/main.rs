@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Target(target) => match target.action {
             Some(TargetAction::Fault(args)) => target_cli::fault(args),
             Some(TargetAction::Status(args)) => target_cli::status(args),
+            Some(TargetAction::Fence(args)) => target_cli::fence(args),
             None => runtime()
                 .and_then(|rt| rt.block_on(target::run(target.serve)))
                 .map(|()| ExitCode::SUCCESS),

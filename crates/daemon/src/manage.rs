@@ -374,7 +374,7 @@ pub fn stats(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
     let r = call(o, method::GET_STATISTICS, json!({ "lun": lun }))?;
     show(o, &r, || {
         let mut out = format!(
-            "queued: {} I/Os, {}   in doubt: {} writes ({} since start)\n",
+            "queued: {} I/Os, {}   in doubt: {} writes ({} since start: {} answered, {} fenced, {} expired)\n",
             s(&r["queuedIos"]),
             r["queuedBytes"]
                 .as_u64()
@@ -382,6 +382,9 @@ pub fn stats(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default(),
             s(&r["inDoubtWrites"]),
             s(&r["inDoubtWritesTotal"]),
+            s(&r["inDoubtAnsweredTotal"]),
+            s(&r["inDoubtFencedTotal"]),
+            s(&r["inDoubtExpiredTotal"]),
         );
         let mut rows = vec![row(&[
             "PATH",

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use serde_json::{Value, json};
 
-use crate::cli::{TargetFaultArgs, TargetStatusArgs};
+use crate::cli::{TargetFaultArgs, TargetFenceArgs, TargetStatusArgs};
 use crate::target::control;
 use crate::units::{format_duration, format_size};
 
@@ -13,6 +13,22 @@ pub fn fault(args: TargetFaultArgs) -> anyhow::Result<ExitCode> {
     let response = control::call(&args.control, &request)?;
     if response["ok"] == Value::Bool(true) {
         println!("port {}: {}", args.port, args.fault);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        anyhow::bail!("{}", error_text(&response))
+    }
+}
+
+pub fn fence(args: TargetFenceArgs) -> anyhow::Result<ExitCode> {
+    let request = json!({"port": args.port, "fence": true});
+    let response = control::call(&args.control, &request)?;
+    if response["ok"] == Value::Bool(true) {
+        println!(
+            "port {}: fenced ({} connections reset, {} held requests discarded)",
+            args.port,
+            response["connectionsReset"].as_u64().unwrap_or(0),
+            response["requestsDiscarded"].as_u64().unwrap_or(0)
+        );
         Ok(ExitCode::SUCCESS)
     } else {
         anyhow::bail!("{}", error_text(&response))

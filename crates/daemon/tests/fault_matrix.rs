@@ -218,12 +218,18 @@ fn print_table(title: &str, rows: &[Row]) {
 // -------------------------------------------------------------------------------------------------
 // Daemon helpers
 
-fn lun_config(defaults: &str, paths: &[String]) -> String {
+/// The LUN under test over `paths`, with extra keys for each path (`extras[i]` goes into path i's
+/// table).
+fn lun_config_with(defaults: &str, paths: &[String], extras: &[String]) -> String {
     let mut t = format!(
         "[defaults]\n{defaults}\n[[lun]]\nname = \"{LUN}\"\npolicy = \"round-robin\"\nshared_backing = true\n"
     );
     for (i, uri) in paths.iter().enumerate() {
         t += &format!("[[lun.path]]\nuri = \"{uri}\"\nname = \"p{i}\"\n");
+        if let Some(extra) = extras.get(i) {
+            t += extra;
+            t += "\n";
+        }
     }
     t
 }
@@ -324,7 +330,11 @@ fn wait_status(daemon: &Daemon, path: &str, status: &str, timeout: Duration) -> 
 }
 
 fn start_daemon(defaults: &str, paths: &[String]) -> Daemon {
-    let daemon = Daemon::spawn(&lun_config(defaults, paths));
+    start_daemon_with(defaults, paths, &[])
+}
+
+fn start_daemon_with(defaults: &str, paths: &[String], extras: &[String]) -> Daemon {
+    let daemon = Daemon::spawn(&lun_config_with(defaults, paths, extras));
     for i in 0..paths.len() {
         daemon.wait_path_status(LUN, &format!("p{i}"), ONLINE, WAIT);
     }
@@ -383,10 +393,19 @@ fn run_case(case: Case<'_>) -> Row {
 // -------------------------------------------------------------------------------------------------
 // `lunmpio target` cases
 
+/// An array of 3 ports and a LUN over them, each path fenced through the array's fencing API — how an
+/// operator runs lunmpio against storage that can fence: a reset or hung port's in-doubt writes are
+/// released as soon as the fence has run.
 fn target_setup() -> (Target, Daemon) {
     let target = TargetSpec::memory("64MiB", 3).spawn();
-    let daemon = start_daemon("", &target.uris);
+    let daemon = start_daemon_with("", &target.uris, &fences(&target));
     (target, daemon)
+}
+
+fn fences(target: &Target) -> Vec<String> {
+    (0..target.uris.len())
+        .map(|i| target.fence_toml(i))
+        .collect()
 }
 
 fn target_case(name: &str, fault: &str, repair: &str, affected: Box<dyn FnOnce(&Daemon) + '_>) {
@@ -616,11 +635,14 @@ fn proxies(pause_on_p1: bool) -> Proxies {
     }
 }
 
+/// No fence here: killing the proxy does not stop qemu-nbd behind it from finishing the writes the
+/// proxy had forwarded, and nothing tells lunmpio when it has. The writes in flight stay in doubt for
+/// `in_doubt_timeout` (2 s here), which bounds the stall; the expiry is an event.
 #[test]
 fn proxy_killed_then_restarted_with_a_wrong_then_the_right_volume() {
     let mut p = proxies(false);
     let uris: Vec<String> = p.sockets.iter().map(|s| unix_uri(s)).collect();
-    let daemon = start_daemon("", &uris);
+    let daemon = start_daemon("in_doubt_timeout = \"2s\"", &uris);
     let since = last_seq(&daemon);
     let p1 = p.sockets[1].clone();
     let upstream = p.upstream.clone();
@@ -704,6 +726,159 @@ fn nbdkit_pause_filter_pause_then_resume() {
         repair: Box::new(|| pause_control(&ctl, b'r')),
         causes: &["timed out", "no reply", "probe"],
     });
+}
+
+// -------------------------------------------------------------------------------------------------
+// SIGSTOP of a path's server, with and without a fence (issue 10 C)
+
+/// Three nbdkit processes serving one image file, one per path (`nbdkit file` advertises
+/// CAN_MULTI_CONN: its connections share the page cache).
+struct Servers {
+    guards: Vec<ProcessGuard>,
+    sockets: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+fn nbdkit_servers(count: usize) -> Servers {
+    require_tool("nbdkit", "nbdkit");
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("create the image");
+    let mut guards = Vec::new();
+    let mut sockets = Vec::new();
+    for i in 0..count {
+        let socket = dir.path().join(format!("s{i}.sock"));
+        let mut cmd = tool("nbdkit");
+        cmd.args(["-f", "-U"])
+            .arg(&socket)
+            .arg("file")
+            .arg(format!("file={}", image.display()));
+        guards.push(spawn_unix_server("nbdkit", &mut cmd, &socket));
+        sockets.push(socket);
+    }
+    Servers {
+        guards,
+        sockets,
+        _dir: dir,
+    }
+}
+
+/// fio verify at QD32 while p1's nbdkit is SIGSTOPped, with `fence = ["kill", "-9", PID]` on p1 and
+/// `io_timeout = "1s"`. The writes p1 held are in doubt until the fence has killed it; then they are
+/// released at once. No client I/O waits longer than hang detection plus the fence: under 1.5 s.
+#[test]
+fn sigstop_with_a_fence_stalls_under_one_and_a_half_seconds() {
+    let mut servers = nbdkit_servers(3);
+    let uris: Vec<String> = servers.sockets.iter().map(|s| unix_uri(s)).collect();
+    let fence = |i: usize| {
+        format!(
+            "fence = [\"kill\", \"-9\", \"{}\"]",
+            servers.guards[i].pid()
+        )
+    };
+    let extras: Vec<String> = (0..3).map(fence).collect();
+    let daemon = start_daemon_with("io_timeout = \"1s\"", &uris, &extras);
+    let since = last_seq(&daemon);
+    let mut fio = Fio::start(&daemon.uri(LUN), Duration::from_secs(8), &[]);
+    wait_io_moves(&daemon, 2000, &mut fio, "the SIGSTOP");
+    let t0 = Instant::now();
+    servers.guards[1].signal(Signal::SIGSTOP);
+    wait_status(&daemon, "p1", FAILED, WAIT);
+    let detected = t0.elapsed();
+    let fenced = wait_until(WAIT, || {
+        events_since(&daemon, since).iter().any(|e| {
+            e["cause"]
+                .as_str()
+                .is_some_and(|c| c.contains("fence of p1 succeeded"))
+        })
+    });
+    assert!(fenced, "p1 was not fenced; log:\n{}", daemon.log());
+    let fence_ms = t0.elapsed();
+    wait_io_moves(&daemon, 2000, &mut fio, "the end");
+    let report = fio.finish(Duration::from_secs(60));
+    report.assert_clean("SIGSTOP with a fence");
+    let events = path_events(&daemon, since, "p1");
+    print_table(
+        "SIGSTOP of p1's nbdkit, fence = kill -9, io_timeout = 1s",
+        &[Row {
+            case: "SIGSTOP + fence".into(),
+            detected: Some(detected),
+            recovered: Some(fence_ms),
+            report_clat: report.clat_max,
+            report_gap: report.gap_max,
+            mib: (report.read_bytes + report.write_bytes) >> 20,
+            events,
+        }],
+    );
+    let bound = Duration::from_millis(1500);
+    assert!(
+        report.clat_max < bound && report.gap_max < bound,
+        "stall {:?} / gap {:?} with a fence; log:\n{}",
+        report.clat_max,
+        report.gap_max,
+        daemon.log()
+    );
+    assert_eq!(
+        daemon.stats(LUN)["inDoubtExpiredTotal"].as_u64(),
+        Some(0),
+        "a hold expired although the fence released it"
+    );
+}
+
+/// The same without a fence: the writes p1 held stay in doubt until `in_doubt_timeout` (2 s here),
+/// which bounds the longest completion, and the lapse is visible (event, metric). p1 is never
+/// continued: it is killed after the run, so its stale copies cannot land.
+#[test]
+fn sigstop_without_a_fence_is_bounded_by_in_doubt_timeout_and_visible() {
+    let mut servers = nbdkit_servers(3);
+    let uris: Vec<String> = servers.sockets.iter().map(|s| unix_uri(s)).collect();
+    let daemon = start_daemon("io_timeout = \"1s\"\nin_doubt_timeout = \"2s\"", &uris);
+    let since = last_seq(&daemon);
+    let mut fio = Fio::start(&daemon.uri(LUN), Duration::from_secs(8), &[]);
+    wait_io_moves(&daemon, 2000, &mut fio, "the SIGSTOP");
+    servers.guards[1].signal(Signal::SIGSTOP);
+    wait_status(&daemon, "p1", FAILED, WAIT);
+    let expired = wait_until(WAIT, || {
+        daemon.stats(LUN)["inDoubtExpiredTotal"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    assert!(expired, "no in-doubt hold expired; log:\n{}", daemon.log());
+    wait_io_moves(&daemon, 2000, &mut fio, "the end");
+    let report = fio.finish(Duration::from_secs(60));
+    servers.guards[1].kill();
+    report.assert_clean("SIGSTOP without a fence");
+    let events = path_events(&daemon, since, "p1");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("in_doubt_timeout (2 s) passed")),
+        "the expiry is not an event: {events:?}"
+    );
+    print_table(
+        "SIGSTOP of p1's nbdkit, no fence, in_doubt_timeout = 2s",
+        &[Row {
+            case: "SIGSTOP, no fence".into(),
+            detected: None,
+            recovered: None,
+            report_clat: report.clat_max,
+            report_gap: report.gap_max,
+            mib: (report.read_bytes + report.write_bytes) >> 20,
+            events,
+        }],
+    );
+    // Held at most in_doubt_timeout after the copies went into doubt (which is at most io_timeout
+    // after they were sent), plus scheduling slack.
+    let bound = Duration::from_millis(3500);
+    assert!(
+        report.clat_max < bound && report.gap_max < bound,
+        "stall {:?} / gap {:?}",
+        report.clat_max,
+        report.gap_max
+    );
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -874,7 +1049,7 @@ fn lun_events(daemon: &Daemon, since: u64) -> Vec<String> {
 #[test]
 fn all_paths_down_queues_then_completes() {
     let target = TargetSpec::memory("64MiB", 3).spawn();
-    let daemon = start_daemon("no_path_retry = \"30s\"", &target.uris);
+    let daemon = start_daemon_with("no_path_retry = \"30s\"", &target.uris, &fences(&target));
     let since = last_seq(&daemon);
     let mut fio = Fio::start(&daemon.uri(LUN), Duration::from_secs(14), &[]);
     wait_io_moves(&daemon, 2000, &mut fio, "all paths down");
@@ -931,7 +1106,7 @@ fn all_paths_down_queues_then_completes() {
 #[test]
 fn all_paths_down_with_fail_returns_eio_at_once() {
     let target = TargetSpec::memory("64MiB", 3).spawn();
-    let daemon = start_daemon("no_path_retry = \"fail\"", &target.uris);
+    let daemon = start_daemon_with("no_path_retry = \"fail\"", &target.uris, &fences(&target));
     let mut fio = Fio::start(
         &daemon.uri(LUN),
         Duration::from_secs(30),
@@ -980,7 +1155,7 @@ fn all_paths_down_with_fail_returns_eio_at_once() {
 #[test]
 fn sigterm_during_all_paths_down_exits_within_shutdown_timeout() {
     let target = TargetSpec::memory("64MiB", 3).spawn();
-    let mut daemon = start_daemon("no_path_retry = \"queue\"", &target.uris);
+    let mut daemon = start_daemon_with("no_path_retry = \"queue\"", &target.uris, &fences(&target));
     let mut fio = Fio::start(&daemon.uri(LUN), Duration::from_secs(30), &[]);
     wait_io_moves(&daemon, 2000, &mut fio, "all paths down");
     all_down(&target);

@@ -1,89 +1,111 @@
-//! In-doubt writes (PRODUCT.md §7.3).
+//! In-doubt writes (PRODUCT.md §7.3): old copies of writes that a path may still execute.
 //!
-//! A write that was in flight on a path that hung or broke may or may not have reached the storage,
-//! and a *hung* target may still apply it later, whenever it resumes. Two holds keep that from
-//! corrupting data:
+//! NBD cannot recall a request. When lunmpio gives up on a data-changing request on one path — the
+//! path hung, its connection was reset or closed, or the request was merely slow and is hedged on
+//! another path — the copy it sent may still be executed by that target, at any later time: a
+//! SIGSTOPped server resumes, nbdkit and qemu-nbd finish what they had read after their client
+//! vanished, a partitioned array works off its queue. The request is re-driven elsewhere and
+//! acknowledged; if the old copy then lands *after a newer write* to the same blocks, acknowledged data
+//! is lost. So every such copy is recorded here as a [`StaleCopy`], and while one overlaps a range,
+//! new writes to that range wait. Reads never wait: the old copy carries the same data as the
+//! acknowledged re-drive, so a read sees the right data before and after it lands.
 //!
-//! 1. **Re-drive hold.** Before such a write is re-driven on another path the old path is fenced (its
-//!    connection closed); while the re-driven write runs, its range is in doubt and *any* later I/O
-//!    that overlaps it waits, so it is ordered after the re-drive.
-//! 2. **Quarantine** (hung paths only). Closing our end of a connection does not stop a stalled target
-//!    from executing the requests it already holds when it resumes — the stale copy of the write then
-//!    lands on top of whatever was written since (the demo caught exactly that: blocks went back to
-//!    older generations after a hung port was released). So after the re-drive completes, the range
-//!    stays quarantined for *writes* until the fenced path has reconnected and answered a probe (a
-//!    resumed target has worked off its backlog by then) or, if it never returns, until a bound passes.
-//!    Reads are not held by a quarantine: the stale copy carries the same data as the completed
-//!    re-drive, so a read sees the right data before and after it lands.
+//! A copy stops holding its range only on real evidence that it can no longer execute:
 //!
-//! Linux dm-multipath, NVMe multipath and SPDK do neither (SPDK #3593; NVMe's CQT is unimplemented).
-//! The quarantine narrows the window to "a target that resumes *after* the bound, or after answering
-//! a new connection's probe while still holding old requests"; closing it fully needs target-side
-//! fencing (persistent reservations), which NBD does not have.
+//! 1. **The target answered it** — the reply to that very request arrived on the old connection (which
+//!    is therefore kept open, out of rotation, while it owes replies). A target that answered has
+//!    finished with it: executed or refused, it will not execute it again.
+//! 2. **A fence succeeded** — the configured `fence` program exited 0 for that path, which means its
+//!    target will never execute anything it received on that path before.
+//! 3. **`in_doubt_timeout` passed** — not evidence but a bound the operator chose: the hold lapses with
+//!    an event, a warning and a metric, because from then on a late copy *can* overwrite newer data.
 //!
-//! The table is tiny and almost always empty: the data path checks one atomic counter and takes the
-//! lock only while something is in doubt. The lock is a plain mutex, never held across an `.await`.
+//! A new connection to the same target answering a probe is *not* evidence: nbdkit and qemu-nbd serve
+//! each connection on its own, so an old connection's held write can land after a new one works.
+//!
+//! Linux dm-multipath, NVMe multipath and SPDK do none of this (SPDK #3593; NVMe's CQT is
+//! unimplemented): a re-driven write can be overwritten by its own stale copy there.
+//!
+//! The table is tiny and almost always empty: a writer checks one atomic counter and takes the lock
+//! only while something is in doubt. The lock is a plain mutex, never held across an `.await`.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// Bound on ranges in doubt at once: every request in flight on every path of a LUN (paths ×
-/// in-flight limit).
-pub const IN_DOUBT_RANGES_MAX: usize = 64 * 256;
+/// Bound on copies in doubt at once per LUN. Far above what faults produce (the requests in flight on
+/// the paths that failed); when reached, a request that would add one waits for room — a copy is never
+/// forgotten to make space.
+pub const IN_DOUBT_COPIES_MAX: usize = 16 * 1024;
 
-/// Why a range is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hold {
-    /// A re-driven write is running: every overlapping request waits.
-    Redrive,
-    /// The re-drive completed, but the hung path it came from may still apply the old copy: writes
-    /// wait until that path is back (`release_path`) or `until`.
-    Quarantine { path: usize, until: Instant },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InDoubtRange {
+/// One old copy of a data-changing request that a path may still execute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleCopy {
     pub id: u64,
     pub offset: u64,
     pub length: u64,
-    pub hold: Hold,
+    /// Slot index of the path that may still execute it.
+    pub path: usize,
+    /// Generation of the connection it was sent on; 0 for copies restored from `state_dir` (sent by an
+    /// earlier run of the daemon).
+    pub generation: u64,
+    /// Wall-clock time it was put in doubt, in milliseconds since the Unix epoch (persisted).
+    pub since_unix_ms: u64,
+    /// When the hold lapses (`in_doubt_timeout`); `None`: never.
+    pub expires: Option<Instant>,
+    /// The same, in wall-clock milliseconds (persisted).
+    pub expires_unix_ms: Option<u64>,
 }
 
-impl InDoubtRange {
+impl StaleCopy {
     fn overlaps(&self, offset: u64, length: u64) -> bool {
         let end = offset.saturating_add(length);
         let own_end = self.offset.saturating_add(self.length);
         offset < own_end && self.offset < end
     }
 
-    /// Whether this hold makes a request over `offset..offset+length` wait.
-    fn blocks(&self, offset: u64, length: u64, writes: bool) -> bool {
-        match self.hold {
-            // A zero-length request (FLUSH) overlaps nothing by range, but must be ordered after every
-            // running re-drive: a flush promises durability of everything acknowledged before it.
-            Hold::Redrive => length == 0 || self.overlaps(offset, length),
-            Hold::Quarantine { .. } => writes && length != 0 && self.overlaps(offset, length),
-        }
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| at <= now)
     }
+}
+
+/// What a new copy needs to say; the table assigns the id and the clocks.
+#[derive(Debug, Clone, Copy)]
+pub struct NewCopy {
+    pub offset: u64,
+    pub length: u64,
+    pub path: usize,
+    pub generation: u64,
+    /// `in_doubt_timeout`; `None`: hold until evidence arrives.
+    pub hold_max: Option<Duration>,
 }
 
 #[derive(Default)]
 pub struct InDoubtTable {
-    ranges: Mutex<Vec<InDoubtRange>>,
+    copies: Mutex<Vec<StaleCopy>>,
     count: AtomicUsize,
     next_id: AtomicU64,
+    /// Woken whenever a copy leaves the table (writers waiting on a range, requests waiting for room).
+    released: Notify,
+    /// Woken on every change (the journal writer).
     changed: Notify,
-    /// Cumulative number of writes that were ever in doubt (statistics).
+    /// Bumped on every change, so a persister can tell what it has written.
+    version: AtomicU64,
+    /// Copies ever put in doubt, answered, released by a fence, expired.
     total: AtomicU64,
+    answered_total: AtomicU64,
+    fenced_total: AtomicU64,
+    expired_total: AtomicU64,
 }
 
-/// Holds one range in doubt while its re-drive runs; dropping it releases every I/O waiting on it.
-pub struct InDoubtGuard<'a> {
-    table: &'a InDoubtTable,
-    id: u64,
+pub fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl InDoubtTable {
@@ -91,99 +113,204 @@ impl InDoubtTable {
         Self::default()
     }
 
-    /// Marks `offset..offset+length` in doubt (re-drive hold) until the guard is dropped.
-    pub fn register(&self, offset: u64, length: u64) -> InDoubtGuard<'_> {
-        let id = self.insert(offset, length, Hold::Redrive);
-        self.total.fetch_add(1, Ordering::Relaxed);
-        InDoubtGuard { table: self, id }
-    }
-
-    /// Quarantines a completed re-drive's range for writes until `release_path(path)` or `until`.
-    pub fn quarantine(&self, offset: u64, length: u64, path: usize, until: Instant) {
-        self.insert(offset, length, Hold::Quarantine { path, until });
-    }
-
-    /// The fenced path is back (reconnected, identity verified, probe answered): lift its quarantines.
-    pub fn release_path(&self, path: usize) {
-        let released = {
-            let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-            let before = ranges.len();
-            ranges.retain(|r| !matches!(r.hold, Hold::Quarantine { path: p, .. } if p == path));
-            self.count.store(ranges.len(), Ordering::Release);
-            before != ranges.len()
-        };
-        if released {
-            self.changed.notify_waiters();
+    /// Records a copy in doubt; waits for room while the table is full. Returns its id and the table
+    /// version that includes it (what must be persisted before the write is acknowledged).
+    pub async fn insert(&self, new: NewCopy) -> (u64, u64) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(done) = self.try_insert(new) {
+                return done;
+            }
+            released.await;
         }
     }
 
-    fn insert(&self, offset: u64, length: u64, hold: Hold) -> u64 {
+    fn try_insert(&self, new: NewCopy) -> Option<(u64, u64)> {
+        let now = Instant::now();
+        let now_ms = unix_ms_now();
+        let mut copies = self.lock();
+        if copies.len() >= IN_DOUBT_COPIES_MAX {
+            return None;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        ranges.push(InDoubtRange {
+        copies.push(StaleCopy {
             id,
-            offset,
-            length,
-            hold,
+            offset: new.offset,
+            length: new.length,
+            path: new.path,
+            generation: new.generation,
+            since_unix_ms: now_ms,
+            expires: new.hold_max.map(|d| now + d),
+            expires_unix_ms: new
+                .hold_max
+                .map(|d| now_ms.saturating_add(d.as_millis() as u64)),
         });
-        self.count.store(ranges.len(), Ordering::Release);
-        debug_assert!(ranges.len() <= IN_DOUBT_RANGES_MAX * 2);
-        id
+        self.count.store(copies.len(), Ordering::Release);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let version = self.version.fetch_add(1, Ordering::AcqRel) + 1;
+        debug_assert!(copies.len() <= IN_DOUBT_COPIES_MAX);
+        drop(copies);
+        self.changed.notify_waiters();
+        Some((id, version))
     }
 
-    /// Waits until nothing in doubt holds a request over `offset..offset+length` (`writes`: the
-    /// request changes data). Returns at once (one atomic load) when nothing is in doubt, which is the
-    /// normal case.
-    pub async fn wait_clear(&self, offset: u64, length: u64, writes: bool) {
+    /// Puts back copies persisted by an earlier run (their ids are new; their clocks are kept).
+    pub fn restore(&self, copies: impl IntoIterator<Item = StaleCopy>) -> usize {
+        let mut table = self.lock();
+        let mut restored = 0;
+        for mut copy in copies {
+            if table.len() >= IN_DOUBT_COPIES_MAX {
+                break;
+            }
+            copy.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            table.push(copy);
+            restored += 1;
+        }
+        self.count.store(table.len(), Ordering::Release);
+        self.total.fetch_add(restored as u64, Ordering::Relaxed);
+        self.version.fetch_add(1, Ordering::AcqRel);
+        drop(table);
+        self.changed.notify_waiters();
+        restored
+    }
+
+    /// Evidence 1: the target answered this copy.
+    pub fn answered(&self, id: u64) -> bool {
+        let removed = self.remove_where(|c| c.id == id);
+        self.answered_total
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        !removed.is_empty()
+    }
+
+    /// Evidence 2: a fence of `path` succeeded; it covers every connection up to `through_generation`.
+    pub fn fenced(&self, path: usize, through_generation: u64) -> Vec<StaleCopy> {
+        let removed = self.remove_where(|c| c.path == path && c.generation <= through_generation);
+        self.fenced_total
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        removed
+    }
+
+    /// The bound: removes and returns the copies whose hold has lapsed by `now`.
+    pub fn expire(&self, now: Instant) -> Vec<StaleCopy> {
+        let removed = self.remove_where(|c| c.expired(now));
+        self.expired_total
+            .fetch_add(removed.len() as u64, Ordering::Relaxed);
+        removed
+    }
+
+    fn remove_where(&self, mut matches: impl FnMut(&StaleCopy) -> bool) -> Vec<StaleCopy> {
+        let removed: Vec<StaleCopy> = {
+            let mut copies = self.lock();
+            if copies.is_empty() {
+                return Vec::new();
+            }
+            let mut removed = Vec::new();
+            copies.retain(|c| {
+                if matches(c) {
+                    removed.push(c.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            self.count.store(copies.len(), Ordering::Release);
+            removed
+        };
+        if !removed.is_empty() {
+            self.version.fetch_add(1, Ordering::AcqRel);
+            self.released.notify_waiters();
+            self.changed.notify_waiters();
+        }
+        removed
+    }
+
+    /// Waits until no copy in doubt overlaps `offset..offset+length`: what a write does before it is
+    /// sent. Returns at once (one atomic load) when nothing is in doubt, the normal case. A copy whose
+    /// hold has lapsed stops holding at once, even before the control task has logged its expiry.
+    pub async fn wait_clear(&self, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
         loop {
             if self.count.load(Ordering::Acquire) == 0 {
                 return;
             }
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
+            let released = self.released.notified();
+            tokio::pin!(released);
             // Register interest before checking, so a release between the check and the await
             // cannot be missed.
-            changed.as_mut().enable();
-            let (blocked, expiry) = self.check(offset, length, writes);
+            released.as_mut().enable();
+            let (blocked, lapse) = self.check(offset, length);
             if !blocked {
                 return;
             }
-            match expiry {
+            match lapse {
                 Some(at) => {
                     tokio::select! {
-                        _ = &mut changed => {}
+                        _ = &mut released => {}
                         _ = tokio::time::sleep_until(at) => {}
                     }
                 }
-                None => changed.await,
+                None => released.await,
             }
         }
     }
 
-    /// Whether a request is held, and the earliest quarantine expiry (to wake up for). Drops expired
-    /// quarantines on the way.
-    fn check(&self, offset: u64, length: u64, writes: bool) -> (bool, Option<Instant>) {
+    /// Whether a write over the range is held now, and the earliest lapse among the copies holding it.
+    fn check(&self, offset: u64, length: u64) -> (bool, Option<Instant>) {
         let now = Instant::now();
-        let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-        ranges.retain(|r| !matches!(r.hold, Hold::Quarantine { until, .. } if until <= now));
-        self.count.store(ranges.len(), Ordering::Release);
-        let blocked = ranges.iter().any(|r| r.blocks(offset, length, writes));
-        let expiry = ranges
+        let copies = self.lock();
+        let mut blocked = false;
+        let mut lapse: Option<Instant> = None;
+        for c in copies
             .iter()
-            .filter_map(|r| match r.hold {
-                Hold::Quarantine { until, .. } => Some(until),
-                Hold::Redrive => None,
-            })
-            .min();
-        (blocked, expiry)
+            .filter(|c| !c.expired(now) && c.overlaps(offset, length))
+        {
+            blocked = true;
+            if let Some(at) = c.expires {
+                lapse = Some(lapse.map_or(at, |l| l.min(at)));
+            }
+        }
+        // A copy without a lapse holds until evidence: then only a release wakes us.
+        let holds_forever = copies
+            .iter()
+            .any(|c| c.expires.is_none() && c.overlaps(offset, length));
+        (blocked, if holds_forever { None } else { lapse })
     }
 
-    /// Whether any hold overlaps the range (for tests and statistics).
-    pub fn overlaps(&self, offset: u64, length: u64) -> bool {
-        self.check(offset, length, true).0
+    /// Whether a write over the range would wait now.
+    pub fn holds(&self, offset: u64, length: u64) -> bool {
+        self.check(offset, length).0
     }
 
-    /// Ranges in doubt right now (re-drives running plus quarantines).
+    /// The earliest lapse of any copy (the control task's timer).
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.lock().iter().filter_map(|c| c.expires).min()
+    }
+
+    /// Copies of `path` from connections up to `through_generation` still in doubt.
+    pub fn count_for(&self, path: usize, through_generation: u64) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        self.lock()
+            .iter()
+            .filter(|c| c.path == path && c.generation <= through_generation)
+            .count()
+    }
+
+    /// Whether any copy sent on connection `generation` of `path` is still in doubt.
+    pub fn has_connection(&self, path: usize, generation: u64) -> bool {
+        !self.is_empty()
+            && self
+                .lock()
+                .iter()
+                .any(|c| c.path == path && c.generation == generation)
+    }
+
+    /// Copies in doubt right now.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }
@@ -192,38 +319,40 @@ impl InDoubtTable {
         self.len() == 0
     }
 
-    /// Writes ever in doubt since start.
+    /// A future that resolves at the next change (insert, release, expiry, restore).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Copies ever put in doubt since start (restored ones included).
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// The ranges in doubt right now (for statistics).
-    pub fn snapshot(&self) -> Vec<InDoubtRange> {
-        self.ranges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub fn answered_total(&self) -> u64 {
+        self.answered_total.load(Ordering::Relaxed)
     }
 
-    fn release(&self, id: u64) {
-        {
-            let mut ranges = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
-            let before = ranges.len();
-            ranges.retain(|r| r.id != id);
-            debug_assert_eq!(
-                ranges.len() + 1,
-                before,
-                "released a range that was not registered"
-            );
-            self.count.store(ranges.len(), Ordering::Release);
-        }
-        self.changed.notify_waiters();
+    pub fn fenced_total(&self) -> u64 {
+        self.fenced_total.load(Ordering::Relaxed)
     }
-}
 
-impl Drop for InDoubtGuard<'_> {
-    fn drop(&mut self) {
-        self.table.release(self.id);
+    pub fn expired_total(&self) -> u64 {
+        self.expired_total.load(Ordering::Relaxed)
+    }
+
+    /// The copies in doubt right now, and the version they are (for persistence and statistics).
+    pub fn snapshot(&self) -> (Vec<StaleCopy>, u64) {
+        let copies = self.lock();
+        (copies.clone(), self.version())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<StaleCopy>> {
+        self.copies.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -231,106 +360,130 @@ impl Drop for InDoubtGuard<'_> {
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use std::time::Duration;
+
+    fn copy(offset: u64, length: u64, path: usize, generation: u64) -> NewCopy {
+        NewCopy {
+            offset,
+            length,
+            path,
+            generation,
+            hold_max: Some(Duration::from_secs(60)),
+        }
+    }
 
     #[tokio::test]
     async fn empty_table_never_waits() {
         let t = InDoubtTable::new();
-        t.wait_clear(0, 4096, true).await;
+        t.wait_clear(0, 4096).await;
         assert!(t.is_empty());
     }
 
     #[tokio::test]
-    async fn overlapping_io_waits_for_the_redriven_write() {
+    async fn writes_wait_until_the_copy_is_answered_reads_never_wait() {
         let t = Arc::new(InDoubtTable::new());
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let guard = t.register(8192, 4096);
-        assert_eq!(t.len(), 1);
-        // Not overlapping: proceeds at once.
-        t.wait_clear(0, 8192, true).await;
-        t.wait_clear(12288, 4096, true).await;
-        let waiter = {
-            let (t, order) = (Arc::clone(&t), Arc::clone(&order));
-            tokio::spawn(async move {
-                t.wait_clear(10000, 10, false).await;
-                order.lock().unwrap().push("later io");
-            })
-        };
-        // Give the waiter every chance to run; it must still be blocked.
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(order.lock().unwrap().is_empty());
-        order.lock().unwrap().push("redriven write done");
-        drop(guard);
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            *order.lock().unwrap(),
-            vec!["redriven write done", "later io"]
-        );
-        assert_eq!(t.total(), 1);
-        assert!(t.is_empty());
-    }
-
-    #[tokio::test]
-    async fn flush_is_ordered_after_every_redrive_but_not_a_quarantine() {
-        let t = InDoubtTable::new();
-        let g = t.register(1 << 30, 512);
-        assert!(
-            t.check(0, 0, true).0,
-            "a flush waits for a running re-drive"
-        );
-        drop(g);
-        t.quarantine(0, 4096, 1, Instant::now() + Duration::from_secs(60));
-        assert!(
-            !t.check(0, 0, true).0,
-            "a flush does not wait for a quarantine"
-        );
-    }
-
-    #[tokio::test]
-    async fn quarantine_holds_writes_not_reads_until_the_path_returns() {
-        let t = Arc::new(InDoubtTable::new());
-        t.quarantine(4096, 4096, 2, Instant::now() + Duration::from_secs(60));
-        t.wait_clear(4096, 4096, false).await; // a read passes
+        let (id, version) = t.insert(copy(8192, 4096, 0, 1)).await;
+        assert_eq!((t.len(), t.version()), (1, version));
+        // Not overlapping: proceeds at once. Zero length (FLUSH): never waits.
+        t.wait_clear(0, 8192).await;
+        t.wait_clear(12288, 4096).await;
+        t.wait_clear(8192, 0).await;
         let writer = {
             let t = Arc::clone(&t);
-            tokio::spawn(async move { t.wait_clear(6000, 100, true).await })
+            tokio::spawn(async move { t.wait_clear(10000, 10).await })
         };
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         assert!(!writer.is_finished(), "an overlapping write waits");
-        t.release_path(1); // another path: nothing changes
-        assert_eq!(t.len(), 1);
-        t.release_path(2);
+        assert!(t.answered(id));
+        assert!(!t.answered(id), "answered once");
         tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .unwrap()
             .unwrap();
         assert!(t.is_empty());
+        assert_eq!((t.total(), t.answered_total()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn every_path_holding_a_copy_must_let_go() {
+        // The review's case: one write left copies on two hung paths; one path coming back must not
+        // release the range while the other may still execute its copy.
+        let t = Arc::new(InDoubtTable::new());
+        t.insert(copy(0, 4096, 0, 3)).await;
+        let (p1, _) = t.insert(copy(0, 4096, 1, 5)).await;
+        assert!(t.answered(p1));
+        assert!(t.holds(0, 4096), "p0's copy still holds the range");
+        assert_eq!(t.fenced(1, u64::MAX).len(), 0, "nothing of p1 is left");
+        assert_eq!(
+            t.fenced(0, 2).len(),
+            0,
+            "a fence before generation 3 does not cover it"
+        );
+        assert_eq!(t.fenced(0, 3).len(), 1);
+        assert!(!t.holds(0, 4096));
+        assert_eq!(t.fenced_total(), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn quarantine_expires_if_the_path_never_returns() {
+    async fn a_hold_lapses_at_its_bound_and_never_without_one() {
         let t = InDoubtTable::new();
-        t.quarantine(0, 4096, 0, Instant::now() + Duration::from_secs(30));
+        t.insert(copy(0, 4096, 0, 1)).await;
+        assert_eq!(
+            t.next_expiry().map(|at| at - Instant::now()),
+            Some(Duration::from_secs(60))
+        );
         let started = Instant::now();
-        t.wait_clear(0, 4096, true).await;
-        assert!(started.elapsed() >= Duration::from_secs(30));
-        assert!(t.is_empty());
+        t.wait_clear(0, 4096).await;
+        assert!(started.elapsed() >= Duration::from_secs(60));
+        assert_eq!(t.expire(Instant::now()).len(), 1);
+        assert_eq!(t.expired_total(), 1);
+
+        t.insert(NewCopy {
+            hold_max: None,
+            ..copy(0, 4096, 0, 1)
+        })
+        .await;
+        assert_eq!(t.next_expiry(), None);
+        let held = tokio::time::timeout(Duration::from_secs(3600), t.wait_clear(0, 4096)).await;
+        assert!(held.is_err(), "`never` holds until evidence");
+        assert!(t.expire(Instant::now()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_table_makes_the_next_copy_wait_for_room() {
+        let t = Arc::new(InDoubtTable::new());
+        for i in 0..IN_DOUBT_COPIES_MAX as u64 {
+            assert!(t.try_insert(copy(i * 4096, 4096, 0, 1)).is_some());
+        }
+        assert!(t.try_insert(copy(0, 1, 1, 1)).is_none());
+        let waiting = {
+            let t = Arc::clone(&t);
+            tokio::spawn(async move { t.insert(copy(0, 1, 1, 1)).await })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        assert_eq!(t.fenced(0, 1).len(), IN_DOUBT_COPIES_MAX);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
     fn ranges_overlap_by_half_open_intervals() {
-        let r = InDoubtRange {
+        let r = StaleCopy {
             id: 0,
             offset: 100,
             length: 10,
-            hold: Hold::Redrive,
+            path: 0,
+            generation: 0,
+            since_unix_ms: 0,
+            expires: None,
+            expires_unix_ms: None,
         };
         assert!(r.overlaps(109, 1));
         assert!(!r.overlaps(110, 5));

@@ -34,6 +34,14 @@ pub struct LunSettings {
     pub failback: Failback,
     /// Bound on bytes queued while no path is left.
     pub no_path_queue_bytes_max: u64,
+    /// How long writes to a range wait for an in-doubt copy of an earlier write (one that a failed,
+    /// hung or slow path may still execute) to be answered or fenced (`crate::in_doubt`). `None`
+    /// (`"never"`): until then, however long. When it passes, the guarantee lapses, visibly.
+    pub in_doubt_timeout: Option<Duration>,
+    /// Bound on one run of a path's `fence` program.
+    pub fence_timeout: Duration,
+    /// The LUN's `fence` (program and arguments), for paths that do not set their own.
+    pub fence: Option<Vec<String>>,
 }
 
 /// The adaptive timeout never goes below this: a path is not suspected for latency within normal
@@ -50,9 +58,18 @@ impl Default for LunSettings {
             no_path_retry: NoPathRetry::For(Duration::from_secs(30)),
             failback: Failback::Immediate,
             no_path_queue_bytes_max: 256 << 20,
+            in_doubt_timeout: Some(IN_DOUBT_TIMEOUT_DEFAULT),
+            fence_timeout: FENCE_TIMEOUT_DEFAULT,
+            fence: None,
         }
     }
 }
+
+/// Default `in_doubt_timeout`: long enough for a stopped or partitioned target to come back in the
+/// common cases, short enough that writes to a few blocks do not wait for minutes without a fence.
+pub const IN_DOUBT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default `fence_timeout`.
+pub const FENCE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
 /// One path of a LUN, as configured.
 #[derive(Debug, Clone)]
@@ -70,6 +87,11 @@ pub struct PathSpec {
     pub interconnect: Option<HwProviderType>,
     /// The initiator HBA port of a local path (WWNN, WWPN), where known.
     pub hba_wwns: Option<(Wwn, Wwn)>,
+    /// The program and arguments that fence this path (`fence`, PRODUCT.md §7.3), when it has its
+    /// own (else the LUN's): run without a shell when the path fails while writes sent on it are in
+    /// doubt. Exit status 0 means its target will never execute anything it received on this path
+    /// before.
+    pub fence: Option<Vec<String>>,
 }
 
 /// One LUN, as configured.

@@ -39,6 +39,7 @@ fn path_spec(i: usize, uri: String) -> PathSpec {
         bind: None,
         interconnect: None,
         hba_wwns: None,
+        fence: None,
     }
 }
 

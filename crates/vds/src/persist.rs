@@ -215,36 +215,45 @@ fn io_error(what: &str, path: &Path, error: std::io::Error) -> VdsError {
 
 /// Writes `state` to `path` atomically (temp file, fsync, rename, fsync of the directory).
 pub fn save(path: &Path, state: &LunState) -> Result<(), VdsError> {
+    write_atomic(path, state.to_json().as_bytes())
+        .map_err(|e| io_error("cannot write state file", path, e))
+}
+
+/// Writes `bytes` to `path` so that a reader (or a crash) sees the old content or the new, never a
+/// mix: a temporary file in the same directory, write, fsync, rename over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| VdsError::invalid_arg(format!("{} is not a file path", path.display())))?;
+    let file_name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} is not a file path", path.display()),
+        )
+    })?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         file_name.to_string_lossy(),
         std::process::id()
     ));
-    let text = state.to_json();
     let written = (|| -> std::io::Result<()> {
         let mut file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(text.as_bytes())?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&tmp, path)?;
         // The rename is durable only once the directory entry is.
         File::open(dir)?.sync_all()
     })();
-    written.map_err(|e| {
+    if written.is_err() {
         let _ = fs::remove_file(&tmp);
-        io_error("cannot write state file", path, e)
-    })
+    }
+    written
 }
 
 /// Renames `path` to `path.<suffix>` (or `path.<suffix>-N` if that exists) and returns the new name.
@@ -263,24 +272,42 @@ fn set_aside(path: &Path, suffix: &str) -> Result<PathBuf, VdsError> {
 /// Loads the state at `path`: `Ok(None)` when there is none. A corrupt or newer file is set aside
 /// (module docs) and reported as an error that names both the problem and the new file name.
 pub fn load(path: &Path) -> Result<Option<LunState>, VdsError> {
+    load_with(
+        path,
+        "state file",
+        STATE_FILE_BYTES_MAX,
+        STATE_VERSION,
+        LunState::parse,
+    )
+}
+
+/// Reads a versioned JSON file of at most `bytes_max` bytes and parses it; a corrupt or newer one is
+/// set aside and reported.
+fn load_with<T>(
+    path: &Path,
+    what: &str,
+    bytes_max: u64,
+    version_max: u32,
+    parse: impl FnOnce(&str) -> Result<T, StateProblem>,
+) -> Result<Option<T>, VdsError> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_error("cannot open state file", path, e)),
+        Err(e) => return Err(io_error(&format!("cannot open {what}"), path, e)),
     };
     let mut bytes = Vec::new();
     Read::by_ref(&mut file)
-        .take(STATE_FILE_BYTES_MAX + 1)
+        .take(bytes_max + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| io_error("cannot read state file", path, e))?;
+        .map_err(|e| io_error(&format!("cannot read {what}"), path, e))?;
     drop(file);
-    let parsed = if bytes.len() as u64 > STATE_FILE_BYTES_MAX {
+    let parsed = if bytes.len() as u64 > bytes_max {
         Err(StateProblem::Corrupt(format!(
-            "larger than {STATE_FILE_BYTES_MAX} bytes"
+            "larger than {bytes_max} bytes"
         )))
     } else {
         match std::str::from_utf8(&bytes) {
-            Ok(text) => LunState::parse(text),
+            Ok(text) => parse(text),
             Err(e) => Err(StateProblem::Corrupt(format!("not UTF-8: {e}"))),
         }
     };
@@ -293,7 +320,7 @@ pub fn load(path: &Path) -> Result<Option<LunState>, VdsError> {
                 .unwrap_or(0);
             let aside = set_aside(path, &format!("corrupt-{unix_time}"))?;
             Err(VdsError::provider_cache_corrupt(format!(
-                "state file {} is corrupt ({why}); set aside as {}",
+                "{what} {} is corrupt ({why}); set aside as {}",
                 path.display(),
                 aside.display()
             )))
@@ -301,12 +328,130 @@ pub fn load(path: &Path) -> Result<Option<LunState>, VdsError> {
         Err(StateProblem::Newer(version)) => {
             let aside = set_aside(path, &format!("newer-v{version}"))?;
             Err(VdsError::not_supported(format!(
-                "state file {} has format version {version}, this lunmpio reads up to {STATE_VERSION}; set aside as {}",
+                "{what} {} has format version {version}, this lunmpio reads up to {version_max}; set aside as {}",
                 path.display(),
                 aside.display()
             )))
         }
     }
+}
+
+// ---- the in-doubt journal ----
+
+/// The `format` field of a LUN's in-doubt journal.
+pub const IN_DOUBT_FORMAT: &str = "lunmpio-in-doubt";
+/// The in-doubt journal format version this crate writes and the newest it reads.
+pub const IN_DOUBT_VERSION: u32 = 1;
+/// A journal larger than this is corrupt (the engine holds at most 16 Ki copies, ~200 bytes each).
+pub const IN_DOUBT_FILE_BYTES_MAX: u64 = 8 << 20;
+
+/// The copies of writes a LUN holds in doubt (PRODUCT.md §7.3), kept in `state_dir` so a restart does
+/// not forget them: each names a range that a path may still overwrite with an old copy.
+///
+/// ```json
+/// {"format": "lunmpio-in-doubt", "version": 1, "lun": "lun0",
+///  "copies": [{"offset": 8192, "length": 4096, "pathId": "0x0000000000000001", "pathName": "p0",
+///              "sinceUnixMs": 1764597600000, "expiresUnixMs": 1764597630000}]}
+/// ```
+///
+/// `expiresUnixMs` is absent when the hold has no bound (`in_doubt_timeout = "never"`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InDoubtJournal {
+    pub format: String,
+    pub version: u32,
+    pub lun: String,
+    pub copies: Vec<InDoubtRecord>,
+}
+
+/// One copy in doubt.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InDoubtRecord {
+    pub offset: u64,
+    pub length: u64,
+    #[serde(with = "id64")]
+    pub path_id: u64,
+    /// For people reading the file; not used when loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_name: Option<String>,
+    pub since_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+}
+
+impl InDoubtJournal {
+    pub fn new(lun: &str, copies: Vec<InDoubtRecord>) -> InDoubtJournal {
+        InDoubtJournal {
+            format: IN_DOUBT_FORMAT.to_string(),
+            version: IN_DOUBT_VERSION,
+            lun: lun.to_string(),
+            copies,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the journal always serializes")
+    }
+
+    /// Parses and checks a journal's text (format, version, ranges).
+    ///
+    /// ```
+    /// # use lunmpio_vds::persist::*;
+    /// let j = InDoubtJournal::new("lun0", vec![InDoubtRecord { offset: 0, length: 4096,
+    ///     path_id: 1, path_name: None, since_unix_ms: 5, expires_unix_ms: None }]);
+    /// assert_eq!(InDoubtJournal::parse(&j.to_json()).unwrap(), j);
+    /// assert!(InDoubtJournal::parse("{}").is_err());
+    /// ```
+    pub fn parse(text: &str) -> Result<InDoubtJournal, StateProblem> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| StateProblem::Corrupt(format!("not JSON: {e}")))?;
+        if value.get("format").and_then(|f| f.as_str()) != Some(IN_DOUBT_FORMAT) {
+            return Err(StateProblem::Corrupt(format!(
+                "not an in-doubt journal (format is not {IN_DOUBT_FORMAT:?})"
+            )));
+        }
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version > u64::from(IN_DOUBT_VERSION) {
+            return Err(StateProblem::Newer(version));
+        }
+        let journal: InDoubtJournal = serde_json::from_value(value)
+            .map_err(|e| StateProblem::Corrupt(format!("bad field: {e}")))?;
+        if let Some(bad) = journal
+            .copies
+            .iter()
+            .find(|c| c.length == 0 || c.offset.checked_add(c.length).is_none())
+        {
+            return Err(StateProblem::Corrupt(format!(
+                "bad range {}+{}",
+                bad.offset, bad.length
+            )));
+        }
+        Ok(journal)
+    }
+}
+
+/// Where LUN `lun_name`'s in-doubt journal lives under `state_dir`: beside its state file.
+pub fn in_doubt_file_path(state_dir: &Path, lun_name: &str) -> PathBuf {
+    let state = state_file_path(state_dir, lun_name);
+    state.with_extension("in-doubt.json")
+}
+
+/// Writes the journal atomically.
+pub fn save_in_doubt(path: &Path, journal: &InDoubtJournal) -> Result<(), VdsError> {
+    write_atomic(path, journal.to_json().as_bytes())
+        .map_err(|e| io_error("cannot write in-doubt journal", path, e))
+}
+
+/// Loads a journal: `Ok(None)` when there is none; a corrupt or newer one is set aside and reported.
+pub fn load_in_doubt(path: &Path) -> Result<Option<InDoubtJournal>, VdsError> {
+    load_with(
+        path,
+        "in-doubt journal",
+        IN_DOUBT_FILE_BYTES_MAX,
+        IN_DOUBT_VERSION,
+        InDoubtJournal::parse,
+    )
 }
 
 /// What [`apply_state`] did.

@@ -131,8 +131,15 @@ fn scratch_dir() -> anyhow::Result<ScratchDir> {
     Ok(ScratchDir(dir))
 }
 
-/// The configuration the demo's daemon runs with: one LUN, one path per controller port.
-fn generate_config(dir: &std::path::Path, uris: &[String], plan: &Plan) -> String {
+/// The configuration the demo's daemon runs with: one LUN, one path per controller port, each fenced
+/// through the array's fencing API (`lunmpio target fence`, this very program) when `fence_program`
+/// is known.
+fn generate_config(
+    dir: &std::path::Path,
+    uris: &[String],
+    plan: &Plan,
+    fence_program: Option<&std::path::Path>,
+) -> String {
     let mut text = format!(
         "[daemon]\n\
          nbd_listen = \"127.0.0.1:0\"\n\
@@ -158,9 +165,19 @@ fn generate_config(dir: &std::path::Path, uris: &[String], plan: &Plan) -> Strin
         text.push_str(&format!(
             "\n[[lun.path]]\nuri = \"{uri}\"\nname = \"port{i}\"\n"
         ));
+        if let Some(program) = fence_program {
+            text.push_str(&format!(
+                "fence = [{:?}, \"target\", \"fence\", \"--control\", {:?}, \"--port\", \"{i}\"]\n",
+                program.display().to_string(),
+                dir.join(ARRAY_CONTROL).display().to_string(),
+            ));
+        }
     }
     text
 }
+
+/// The array's control socket in the scratch directory (the fences use it).
+const ARRAY_CONTROL: &str = "array.sock";
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let plan = Plan::new(&args);
@@ -172,14 +189,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let scratch = scratch_dir()?;
 
-    let array = Array::start(ArrayConfig {
-        backing: Backing::Memory { size: LUN_SIZE },
-        name: Some(LUN_NAME.into()),
-        ports: plan.paths as u16,
-        listen: "127.0.0.1:0".into(),
-    })
-    .await?;
-    let config_text = generate_config(&scratch.0, &array.uris(), &plan);
+    let array = std::sync::Arc::new(
+        Array::start(ArrayConfig {
+            backing: Backing::Memory { size: LUN_SIZE },
+            name: Some(LUN_NAME.into()),
+            ports: plan.paths as u16,
+            listen: "127.0.0.1:0".into(),
+        })
+        .await?,
+    );
+    // The array's fencing API, for the paths' `fence`: a hung or crashed port's in-doubt writes are
+    // released as soon as the port is fenced, instead of holding their blocks for in_doubt_timeout.
+    let control = crate::target::control::ControlServer::start(
+        &scratch.0.join(ARRAY_CONTROL),
+        std::sync::Arc::clone(&array),
+    )?;
+    let fence_program = std::env::current_exe().ok();
+    let config_text = generate_config(&scratch.0, &array.uris(), &plan, fence_program.as_deref());
     let config = Config::parse(&config_text, "<demo>").map_err(|e| anyhow::anyhow!("{e}"))?;
     let daemon = match Daemon::start(config).await {
         Ok(d) => d,
@@ -190,6 +216,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let result = scenario(&args, &plan, &array, &daemon, &output).await;
     daemon.stop().await;
+    control.stop();
     array.shutdown(Duration::from_secs(2)).await;
     drop(scratch);
     let report = result?;
@@ -377,10 +404,9 @@ impl Runner<'_> {
         self.begin("port0 and port1 up");
         self.live.marker("port0+1 up", false);
         self.fault(0, Fault::Up, "up")?;
-        // The hung port resumes with the requests it held: writes lunmpio fenced and re-drove
-        // elsewhere now land late. lunmpio's quarantine of in-doubt ranges (engine `in_doubt`) keeps
-        // newer writes to those blocks waiting until the port is back, so the stale copies land first
-        // and are overwritten, never the other way round.
+        // The hung port was fenced when lunmpio failed it (the array's fencing API discarded what it
+        // held), so it resumes with nothing stale to land. Without a fence, lunmpio would keep newer
+        // writes to those blocks waiting until the port answered its old copies (engine `in_doubt`).
         self.fault(1, Fault::Up, "up")?;
         let wait = self.wait_online(&all).await;
         tokio::time::sleep(plan.part(0.10).saturating_sub(wait)).await;

@@ -287,6 +287,11 @@ pub fn stats_json(s: &LunStats) -> Value {
         "queuedBytes": s.queued_bytes,
         "inDoubtWrites": s.in_doubt_writes,
         "inDoubtWritesTotal": s.in_doubt_writes_total,
+        "inDoubtAnsweredTotal": s.in_doubt_answered_total,
+        "inDoubtFencedTotal": s.in_doubt_fenced_total,
+        "inDoubtExpiredTotal": s.in_doubt_expired_total,
+        "fencesOkTotal": s.fences_ok_total,
+        "fencesFailedTotal": s.fences_failed_total,
     })
 }
 

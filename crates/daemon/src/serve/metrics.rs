@@ -240,15 +240,58 @@ pub fn render(m: &Management) -> String {
         &mut out,
         "lunmpio_lun_in_doubt_writes",
         "gauge",
-        "Writes in doubt (re-driven after their path was fenced) right now.",
+        "Old copies of writes that a failed, hung or slow path may still execute, right now; each holds its range for new writes.",
         per_lun(&|s, _| s.in_doubt_writes.to_string()),
     );
     section(
         &mut out,
         "lunmpio_lun_in_doubt_writes_total",
         "counter",
-        "Writes ever in doubt.",
+        "Copies of writes ever put in doubt.",
         per_lun(&|s, _| s.in_doubt_writes_total.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_in_doubt_answered_total",
+        "counter",
+        "In-doubt copies released because their target answered them on the old connection.",
+        per_lun(&|s, _| s.in_doubt_answered_total.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_in_doubt_fenced_total",
+        "counter",
+        "In-doubt copies released because their path's fence succeeded.",
+        per_lun(&|s, _| s.in_doubt_fenced_total.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_in_doubt_expired_total",
+        "counter",
+        "In-doubt copies whose in_doubt_timeout passed unresolved: a late copy could overwrite newer data.",
+        per_lun(&|s, _| s.in_doubt_expired_total.to_string()),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_fences_total",
+        "counter",
+        "Fence runs by result.",
+        luns.iter()
+            .flat_map(|(lun, stats, _)| {
+                [
+                    (
+                        format!("lun=\"{}\",result=\"ok\"", esc(lun)),
+                        String::new(),
+                        stats.fences_ok_total.to_string(),
+                    ),
+                    (
+                        format!("lun=\"{}\",result=\"failed\"", esc(lun)),
+                        String::new(),
+                        stats.fences_failed_total.to_string(),
+                    ),
+                ]
+            })
+            .collect(),
     );
     section(
         &mut out,

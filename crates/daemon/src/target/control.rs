@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! {"port":0,"fault":"down"}      -> {"ok":true,"port":0,"fault":"down","state":{...}}
+//! {"port":0,"fence":true}        -> {"ok":true,"port":0,"connectionsReset":1,"requestsDiscarded":3}
 //! {"status":true}                -> {"ok":true,"export":{...},"ports":[...]}
 //! anything else                  -> {"ok":false,"error":"..."}   (the connection stays usable)
 //! ```
@@ -115,6 +116,13 @@ async fn serve_client(stream: UnixStream, array: Arc<Array>) {
         let too_long = line.last() != Some(&b'\n') && n as u64 == MAX_LINE;
         let response = if too_long {
             json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
+        } else if let Ok(Request::Fence { port }) = parse_request(&line) {
+            // The one request that waits: for the fenced connections to be gone.
+            match array.fence(port).await {
+                Ok(r) => json!({"ok": true, "port": port, "fenced": true,
+                    "connectionsReset": r.connections_reset, "requestsDiscarded": r.requests_discarded}),
+                Err(e) => json!({"ok": false, "error": e}),
+            }
         } else {
             handle_request(&line, &array)
         };
@@ -138,6 +146,9 @@ pub fn handle_request(line: &[u8], array: &Array) -> Value {
             Ok(()) => json!({"ok": true, "port": port, "fault": fault.to_string()}),
             Err(e) => json!({"ok": false, "error": e}),
         },
+        Ok(Request::Fence { .. }) => {
+            json!({"ok": false, "error": "fence is answered by the connection loop"})
+        }
         Err(e) => json!({"ok": false, "error": e}),
     }
 }
@@ -146,9 +157,10 @@ pub fn handle_request(line: &[u8], array: &Array) -> Value {
 pub enum Request {
     Status,
     Fault { port: usize, fault: Fault },
+    Fence { port: usize },
 }
 
-const REQUEST_HELP: &str = r#"expected {"port":N,"fault":"down|up|hang|delay=200ms|error-rate=5%|rate=50MiB|clear"} or {"status":true}"#;
+const REQUEST_HELP: &str = r#"expected {"port":N,"fault":"down|up|hang|delay=200ms|error-rate=5%|rate=50MiB|clear"}, {"port":N,"fence":true} or {"status":true}"#;
 
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     let value: Value =
@@ -158,18 +170,30 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     };
     if let Some(unknown) = map
         .keys()
-        .find(|k| !matches!(k.as_str(), "port" | "fault" | "status"))
+        .find(|k| !matches!(k.as_str(), "port" | "fault" | "status" | "fence"))
     {
         return Err(format!("unknown field `{unknown}`; {REQUEST_HELP}"));
+    }
+    let port_of = |port: &Value| {
+        port.as_u64()
+            .and_then(|p| usize::try_from(p).ok())
+            .ok_or_else(|| format!("`port` must be a non-negative integer, got {port}"))
+    };
+    if let Some(fence) = map.get("fence") {
+        return match (fence, map.get("port"), map.len()) {
+            (Value::Bool(true), Some(port), 2) => Ok(Request::Fence {
+                port: port_of(port)?,
+            }),
+            (Value::Bool(true), None, _) => Err(format!("missing `port`; {REQUEST_HELP}")),
+            (Value::Bool(true), _, _) => Err(format!("`fence` takes only `port`; {REQUEST_HELP}")),
+            _ => Err(format!("`fence` must be true; {REQUEST_HELP}")),
+        };
     }
     match (map.get("status"), map.get("port"), map.get("fault")) {
         (Some(Value::Bool(true)), None, None) => Ok(Request::Status),
         (Some(_), None, None) => Err(format!("`status` must be true; {REQUEST_HELP}")),
         (None, Some(port), Some(fault)) => {
-            let port = port
-                .as_u64()
-                .and_then(|p| usize::try_from(p).ok())
-                .ok_or_else(|| format!("`port` must be a non-negative integer, got {port}"))?;
+            let port = port_of(port)?;
             let fault = fault
                 .as_str()
                 .ok_or_else(|| format!("`fault` must be a string, got {fault}"))?;
@@ -193,8 +217,9 @@ pub fn call(socket: &Path, request: &Value) -> anyhow::Result<Value> {
             socket.display()
         )
     })?;
-    // A hung array must not hang the CLI; the array answers control requests even while its ports hang.
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // A hung array must not hang the CLI; the array answers control requests even while its ports hang
+    // (a fence waits up to 10 s for the connections it reset).
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut line = request.to_string();
     line.push('\n');
@@ -227,6 +252,10 @@ mod tests {
     fn parses_requests() {
         assert_eq!(parse_request(br#"{"status":true}"#), Ok(Request::Status));
         assert_eq!(
+            parse_request(br#"{"port":3,"fence":true}"#),
+            Ok(Request::Fence { port: 3 })
+        );
+        assert_eq!(
             parse_request(br#"{"port":2,"fault":"error-rate=5%"}"#),
             Ok(Request::Fault {
                 port: 2,
@@ -249,6 +278,13 @@ mod tests {
             (br#"{"status":false}"#, "must be true"),
             (br#"{"status":true,"port":1}"#, "expected"),
             (br#"{"port":0,"fault":"down","x":1}"#, "unknown field `x`"),
+            (br#"{"fence":true}"#, "missing `port`"),
+            (br#"{"port":0,"fence":false}"#, "must be true"),
+            (
+                br#"{"port":0,"fence":true,"fault":"down"}"#,
+                "takes only `port`",
+            ),
+            (br#"{"port":"x","fence":true}"#, "non-negative integer"),
             (b"", "invalid JSON"),
         ] {
             let err = parse_request(line).unwrap_err();

@@ -44,6 +44,9 @@ pub struct ArrayConfig {
     pub listen: String,
 }
 
+/// How long a fence waits for the connections it reset to end.
+const FENCE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A running simulated array.
 pub struct Array {
     name: String,
@@ -158,6 +161,17 @@ impl Array {
         };
         p.apply(fault);
         Ok(())
+    }
+
+    /// The array's fencing API for one port (see [`Port::fence`]).
+    pub async fn fence(&self, port: usize) -> Result<port::FenceReport, String> {
+        let Some(p) = self.ports.get(port) else {
+            return Err(format!(
+                "no port {port}: this array has ports 0..={}",
+                self.ports.len() - 1
+            ));
+        };
+        p.fence(FENCE_DRAIN_TIMEOUT).await
     }
 
     pub fn status_json(&self) -> serde_json::Value {

@@ -43,6 +43,11 @@ pub struct Counters {
     pub connections_reset: AtomicU64,
     /// New connections reset at once because the port was down.
     pub connections_refused: AtomicU64,
+    /// Fences of this port, the connections they reset, and the requests they discarded (held behind
+    /// `delay` or `rate` when the fence came, never executed).
+    pub fences: AtomicU64,
+    pub connections_fenced: AtomicU64,
+    pub requests_discarded: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -78,7 +83,18 @@ pub struct Port {
     bucket: Mutex<TokenBucket>,
     conns: Mutex<HashMap<u64, Arc<ConnShared>>>,
     next_conn: AtomicU64,
+    /// Woken whenever a connection ends (a fence waits for the ones it reset).
+    unregistered: tokio::sync::Notify,
+    /// Bumped by every fence: a request admitted under an earlier epoch is discarded, not executed.
+    fence_epoch: watch::Sender<u64>,
     pub counters: Counters,
+}
+
+/// What one fence did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceReport {
+    pub connections_reset: usize,
+    pub requests_discarded: u64,
 }
 
 impl Port {
@@ -95,6 +111,8 @@ impl Port {
             bucket: Mutex::new(TokenBucket::new(None)),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            unregistered: tokio::sync::Notify::new(),
+            fence_epoch: watch::Sender::new(0),
             counters: Counters::default(),
         }
     }
@@ -170,6 +188,62 @@ impl Port {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
+        self.unregistered.notify_waiters();
+    }
+
+    /// Fences the port (the array's fencing API, PRODUCT.md §7.3): every request it holds — received
+    /// and not yet executed, including those held behind `hang`, `delay` or `rate` — is discarded and
+    /// never executed, and its connections are reset. Returns once no connection from before the fence
+    /// is left, so nothing they carried can run afterwards. The fault state is unchanged.
+    pub async fn fence(&self, timeout: Duration) -> Result<FenceReport, String> {
+        let discarded_before = self.counters.requests_discarded.load(Ordering::Acquire);
+        // Requests waiting in `admit` see the new epoch and give up; those admitted later belong to
+        // connections about to be reset, and the epoch check discards them too.
+        self.fence_epoch.send_modify(|e| *e += 1);
+        let fenced: Vec<u64> = {
+            let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            for conn in conns.values() {
+                // A killed stream fails every poll: bytes still in the socket (a hung port's held
+                // requests) are never read, and the close is an RST.
+                conn.killed.store(true, Ordering::Release);
+                conn.wake();
+            }
+            conns.keys().copied().collect()
+        };
+        bump(&self.counters.fences, 1);
+        bump(&self.counters.connections_fenced, fenced.len() as u64);
+        let gone = tokio::time::timeout(timeout, async {
+            loop {
+                let unregistered = self.unregistered.notified();
+                tokio::pin!(unregistered);
+                unregistered.as_mut().enable();
+                let left = {
+                    let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    fenced.iter().filter(|id| conns.contains_key(id)).count()
+                };
+                if left == 0 {
+                    return;
+                }
+                unregistered.await;
+            }
+        })
+        .await;
+        if gone.is_err() {
+            return Err(format!(
+                "port {}: connections from before the fence did not end within {} ms",
+                self.index,
+                timeout.as_millis()
+            ));
+        }
+        tracing::info!(port = self.index, connections = fenced.len(), "port fenced");
+        Ok(FenceReport {
+            connections_reset: fenced.len(),
+            requests_discarded: self
+                .counters
+                .requests_discarded
+                .load(Ordering::Acquire)
+                .saturating_sub(discarded_before),
+        })
     }
 
     pub fn open_connections(&self) -> usize {
@@ -186,12 +260,15 @@ impl Port {
         }
     }
 
-    /// Per-request fault gate: counts the request, then applies bandwidth cap, delay and error rate.
+    /// Per-request fault gate: counts the request, then applies bandwidth cap, delay and error rate. A
+    /// request held here when the port is fenced is discarded.
     async fn admit(&self, payload: u64) -> Result<(), NbdErrno> {
         bump(&self.counters.requests, 1);
         if !self.request_faults.load(Ordering::Acquire) {
             return Ok(());
         }
+        let mut epoch = self.fence_epoch.subscribe();
+        epoch.mark_unchanged();
         let state = self.fault_state();
         let mut wait = state.delay;
         if state.rate.is_some() && payload > 0 {
@@ -207,6 +284,12 @@ impl Port {
                 _ = tokio::time::sleep(wait) => {}
                 // `down` resets the connection; do not keep its requests sleeping meanwhile.
                 _ = rx.wait_for(|s| s.down) => return Err(NbdErrno::Io),
+                _ = epoch.changed() => {}
+            }
+            if epoch.has_changed().unwrap_or(true) {
+                // Fenced while held: never executed.
+                bump(&self.counters.requests_discarded, 1);
+                return Err(NbdErrno::Io);
             }
         }
         if state.error_rate > 0.0 && rand::random::<f64>() < state.error_rate {
@@ -243,6 +326,9 @@ impl Port {
             "bytesWritten": get(&c.bytes_written),
             "errorsInjected": get(&c.errors_injected),
             "ioErrors": get(&c.io_errors),
+            "fences": get(&c.fences),
+            "connectionsFenced": get(&c.connections_fenced),
+            "requestsDiscarded": get(&c.requests_discarded),
         })
     }
 }

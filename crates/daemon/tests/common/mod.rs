@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod relay;
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -491,6 +493,15 @@ impl Target {
         );
     }
 
+    /// A `fence = [...]` line for lunmpio's config that fences controller port `port` of this array
+    /// through its fencing API (`lunmpio target fence`).
+    pub fn fence_toml(&self, port: usize) -> String {
+        format!(
+            "fence = [\"{LUNMPIO}\", \"target\", \"fence\", \"--control\", \"{}\", \"--port\", \"{port}\"]",
+            self.control.display()
+        )
+    }
+
     pub fn fault_command(&self, port: usize, cmd: &str) -> Command {
         let mut c = Command::new(LUNMPIO);
         c.args(["target", "fault", "--control"])
@@ -863,6 +874,27 @@ impl Daemon {
             "daemon did not stop for a restart"
         );
         drop(process);
+        Daemon::start(dir, config, socket)
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: nothing is flushed or saved on the way out), lets
+    /// `edit` change its config file, and starts it again with the same state directory.
+    pub fn crash_and_restart(self, edit: impl FnOnce(String) -> String) -> Daemon {
+        let Daemon {
+            mut process,
+            socket,
+            config,
+            dir,
+            ..
+        } = self;
+        process.signal(Signal::SIGKILL);
+        assert!(
+            process.wait_timeout(Duration::from_secs(15)).is_some(),
+            "daemon did not die of SIGKILL"
+        );
+        drop(process);
+        let text = std::fs::read_to_string(&config).expect("read the config");
+        std::fs::write(&config, edit(text)).expect("write the config");
         Daemon::start(dir, config, socket)
     }
 

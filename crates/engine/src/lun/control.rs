@@ -18,7 +18,7 @@ use lunmpio_vds::{
 };
 use tokio::sync::mpsc;
 
-use super::{Admission, Control, Installed, Manage, Shared, humanize, identity};
+use super::{Admission, Control, Installed, Manage, Shared, fence, humanize, identity};
 use crate::events::EventLog;
 use crate::settings::Failback;
 use crate::transport::{PathConnection, TransportInfo};
@@ -31,8 +31,9 @@ pub(crate) const HOLD_DOWN_BASE: Duration = Duration::from_secs(8);
 pub(crate) const HOLD_DOWN_MAX: Duration = Duration::from_secs(300);
 /// A path without a failure for this long is forgiven its past hold-downs.
 pub(crate) const HOLD_DOWN_DECAY: Duration = Duration::from_secs(600);
-/// After a hung path is back, how long its quarantined ranges stay held (see `crate::in_doubt`).
-const QUARANTINE_GRACE: Duration = Duration::from_secs(1);
+/// Connections of one path kept open after they left service because they still owe replies to
+/// writes in doubt. Past this, the oldest is closed (its copies then wait for a fence or their bound).
+const LINGERING_PER_PATH_MAX: usize = 4;
 /// How long a path whose identity does not match waits before it is tried again.
 const IDENTITY_RETRY: Duration = Duration::from_secs(5);
 
@@ -54,6 +55,23 @@ pub(super) struct ControlTask {
     mpio: LunMpio,
     state_file: Option<PathBuf>,
     health: Vec<PathHealth>,
+    fencing: Vec<Fencing>,
+}
+
+/// Per path: connections taken out of service, and the fence.
+#[derive(Default)]
+struct Fencing {
+    /// Highest connection generation taken out of service; copies in doubt up to it are what a fence
+    /// of the path must cover. (0 covers copies restored from an earlier run.)
+    retired_through: u64,
+    /// Retired connections still open because they owe replies to writes in doubt.
+    lingering: Vec<Arc<Installed>>,
+    /// The generation a running fence covers.
+    running: Option<u64>,
+    /// Copies of later connections arrived while a fence ran: fence again when it ends.
+    again: bool,
+    /// The last `retired_through` for which "held without a fence" was said (said once per failure).
+    noted: Option<u64>,
 }
 
 /// Restores what earlier Set calls persisted. A corrupt or newer file is reported and set aside by
@@ -109,11 +127,15 @@ impl ControlTask {
         let health = (0..shared.slots.len())
             .map(|_| PathHealth::default())
             .collect();
+        let fencing = (0..shared.slots.len())
+            .map(|_| Fencing::default())
+            .collect();
         ControlTask {
             shared,
             mpio,
             state_file,
             health,
+            fencing,
         }
     }
 
@@ -138,16 +160,30 @@ impl ControlTask {
         }
         self.update_multi_path_safety();
         self.publish();
+        // Copies restored from an earlier run: their paths' fences run now.
+        for index in 0..self.shared.slots.len() {
+            self.maybe_fence(index);
+        }
     }
 
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Control>) {
         loop {
+            let expiry = self.shared.in_doubt.next_expiry();
             let message = tokio::select! {
                 _ = self.shared.stop.cancelled() => break,
                 message = rx.recv() => message,
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
+                    self.expire_in_doubt();
+                    continue;
+                }
             };
             let Some(message) = message else { break };
             self.handle(message);
+        }
+        for fencing in &mut self.fencing {
+            for installed in fencing.lingering.drain(..) {
+                installed.connection.close();
+            }
         }
         // Shutting down: answer what is still waiting, so no caller hangs.
         rx.close();
@@ -188,8 +224,19 @@ impl ControlTask {
                 let slot = &self.shared.slots[index];
                 if self.is_current(index, generation) && self.mpio.paths()[index].is_usable() {
                     slot.load.mark_usable();
+                    self.shared.paths_changed.notify_waiters();
                 }
             }
+            Control::InDoubt { index, generation } => {
+                if generation <= self.fencing[index].retired_through {
+                    self.maybe_fence(index);
+                }
+            }
+            Control::FenceDone {
+                index,
+                through_generation,
+                outcome,
+            } => self.on_fence_done(index, through_generation, outcome),
             Control::Connected {
                 index,
                 connection,
@@ -241,9 +288,10 @@ impl ControlTask {
         let slot = &self.shared.slots[index];
         slot.load.mark_unusable();
         if let Some(installed) = slot.installed.swap(None) {
-            // Fence: whatever is still in flight there comes back Closed and is re-driven.
-            installed.connection.close();
+            // Whatever still waits on it is re-driven now; it closes once it owes no write a reply.
+            self.retire(index, installed);
         }
+        let slot = &self.shared.slots[index];
         slot.changed.notify_waiters();
         let was_online = matches!(self.mpio.paths()[index].oper_status(), OperStatus::Online);
         if was_online {
@@ -252,6 +300,197 @@ impl ControlTask {
         let reason = self.record_failure(index, &cause);
         self.set_oper(index, OperStatus::Failed { reason });
         self.publish();
+        self.maybe_fence(index);
+    }
+
+    /// Takes a connection out of service. Requests waiting on it are re-driven at once; writes
+    /// acknowledged on it but not flushed are counted for the next FLUSH; it stays open (lingering)
+    /// while it owes replies to writes in doubt, so the target can still prove it finished them.
+    fn retire(&mut self, index: usize, installed: Arc<Installed>) {
+        let fencing = &mut self.fencing[index];
+        fencing.retired_through = fencing.retired_through.max(installed.generation);
+        let lingers = installed.abandon();
+        let slot = &self.shared.slots[index];
+        super::dispatch::unflushed_on_retired(
+            &self.shared,
+            slot,
+            &installed,
+            installed.unflushed(),
+        );
+        fencing.lingering.retain(|c| c.connection.is_open());
+        if lingers {
+            fencing.lingering.push(installed);
+            if fencing.lingering.len() > LINGERING_PER_PATH_MAX {
+                let oldest = fencing.lingering.remove(0);
+                oldest.connection.close();
+            }
+        }
+    }
+
+    /// Runs the path's fence if copies sent on its retired connections are in doubt (and says, once
+    /// per failure, that they are held when there is no fence).
+    fn maybe_fence(&mut self, index: usize) {
+        let through = self.fencing[index].retired_through;
+        let held = self.shared.in_doubt.count_for(index, through);
+        if held == 0 {
+            return;
+        }
+        let fencing = &mut self.fencing[index];
+        if let Some(running) = fencing.running {
+            fencing.again |= through > running;
+            return;
+        }
+        let slot = &self.shared.slots[index];
+        let Some(command) = slot.fence.clone() else {
+            if fencing.noted != Some(through) {
+                fencing.noted = Some(through);
+                let until = match self.shared.settings.in_doubt_timeout {
+                    Some(d) => format!("in_doubt_timeout ({}) passes", humanize(d)),
+                    None => "forever (in_doubt_timeout = \"never\")".to_string(),
+                };
+                let text = format!(
+                    "{held} writes sent on {} before it failed are in doubt (its target may still \
+                     execute them): new writes to their blocks wait until it answers them or {until}; \
+                     no `fence` is configured to end the doubt at once",
+                    slot.name
+                );
+                self.path_event(index, text);
+            }
+            return;
+        };
+        fencing.running = Some(through);
+        fencing.again = false;
+        self.path_event(
+            index,
+            format!(
+                "fencing {}: {held} writes in doubt; running `{}`",
+                slot.name,
+                fence::describe(&command)
+            ),
+        );
+        let shared = Arc::clone(&self.shared);
+        let timeout = shared.settings.fence_timeout;
+        tokio::spawn(async move {
+            let slot = &shared.slots[index];
+            let subject = fence::Subject {
+                lun: &shared.name,
+                path: &slot.name,
+                path_id: slot.id.path_id,
+                uri: &slot.uri,
+            };
+            let outcome = tokio::select! {
+                outcome = fence::run(&command, subject, timeout) => outcome,
+                _ = shared.stop.cancelled() => return,
+            };
+            shared.send(Control::FenceDone {
+                index,
+                through_generation: through,
+                outcome,
+            });
+        });
+    }
+
+    fn on_fence_done(&mut self, index: usize, through: u64, outcome: fence::Outcome) {
+        let name = self.shared.slots[index].name.clone();
+        match outcome {
+            fence::Outcome::Succeeded { took } => {
+                self.shared.fences_ok.fetch_add(1, Ordering::Relaxed);
+                let released = self.shared.in_doubt.fenced(index, through);
+                // The fenced target will never answer what it held: those connections are dead.
+                let fencing = &mut self.fencing[index];
+                fencing.lingering.retain(|c| {
+                    let covered = c.generation <= through;
+                    if covered {
+                        c.connection.close();
+                    }
+                    !covered
+                });
+                self.path_event(
+                    index,
+                    format!(
+                        "fence of {name} succeeded in {} ms: released {} in-doubt writes",
+                        took.as_millis(),
+                        released.len()
+                    ),
+                );
+            }
+            fence::Outcome::Failed { reason, took } => {
+                self.shared.fences_failed.fetch_add(1, Ordering::Relaxed);
+                let held = self.shared.in_doubt.count_for(index, through);
+                tracing::warn!(lun = %self.shared.name, path = %name, %reason, "fence failed");
+                self.path_event(
+                    index,
+                    format!(
+                        "fence of {name} failed after {} ms ({reason}): {held} writes stay in doubt \
+                         until answered or in_doubt_timeout",
+                        took.as_millis()
+                    ),
+                );
+            }
+        }
+        let fencing = &mut self.fencing[index];
+        fencing.running = None;
+        if std::mem::take(&mut fencing.again) {
+            self.maybe_fence(index);
+        }
+    }
+
+    /// The bound: copies whose `in_doubt_timeout` passed stop holding their ranges. From now on an old
+    /// copy from that path *can* overwrite newer data — said loudly.
+    fn expire_in_doubt(&mut self) {
+        let expired = self.shared.in_doubt.expire(tokio::time::Instant::now());
+        if expired.is_empty() {
+            return;
+        }
+        let mut paths: Vec<usize> = expired.iter().map(|c| c.path).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        for index in paths {
+            let count = expired.iter().filter(|c| c.path == index).count();
+            let name = self.shared.slots.get(index).map_or_else(
+                || "a path no longer configured".to_string(),
+                |s| s.name.clone(),
+            );
+            let timeout = self
+                .shared
+                .settings
+                .in_doubt_timeout
+                .map_or_else(|| "?".to_string(), humanize);
+            let text = format!(
+                "in_doubt_timeout ({timeout}) passed for {count} writes in doubt on {name}, which \
+                 neither answered them nor was fenced: their blocks take new writes again, and a late \
+                 copy from {name} could now overwrite newer data"
+            );
+            tracing::warn!(lun = %self.shared.name, path = %name, writes = count, "{text}");
+            if index < self.shared.slots.len() {
+                self.path_event(index, text);
+                // Nothing waits for those connections' answers any more.
+                let table = &self.shared.in_doubt;
+                self.fencing[index].lingering.retain(|c| {
+                    let waited_for = table.has_connection(index, c.generation);
+                    if !waited_for {
+                        c.connection.close();
+                    }
+                    waited_for
+                });
+            } else {
+                self.shared
+                    .events
+                    .push(&self.shared.name, None, None, None, text);
+            }
+        }
+    }
+
+    /// An event about one path that is not a status change.
+    fn path_event(&self, index: usize, text: String) {
+        let slot = &self.shared.slots[index];
+        self.shared.events.push(
+            &self.shared.name,
+            Some((slot.id, &slot.name)),
+            None,
+            None,
+            text,
+        );
     }
 
     /// Counts a failure; a path failing too often is held out with an exponential hold-down.
@@ -311,10 +550,6 @@ impl ControlTask {
                 self.shared.path_wanted_until_ns.load(Ordering::Acquire) > self.shared.now_ns();
             if others_usable && !wanted {
                 connection.close();
-                // Held out, but it reconnected and answered a probe: the target is working again,
-                // so what it held from before the fence has been worked off — lift the quarantine
-                // of writes fenced off it (else they would wait out the whole hold-down).
-                self.release_quarantine_later(index);
                 return Admission::RetryAfter(
                     (until - now).min(self.shared.settings.check_interval),
                 );
@@ -356,15 +591,6 @@ impl ControlTask {
             return Admission::RetryAfter(IDENTITY_RETRY);
         }
         let generation = self.install(index, connection);
-        // Writes fenced off this path while it hung are quarantined until it is back; give a resumed
-        // target a moment to work off what it still held before lifting the quarantine.
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = shared.stop.cancelled() => {}
-                _ = tokio::time::sleep(QUARANTINE_GRACE) => shared.in_doubt.release_path(index),
-            }
-        });
         let h = &mut self.health[index];
         h.info = Some(info);
         let failback = if h.ever_online && !admitted_in_hold {
@@ -412,27 +638,14 @@ impl ControlTask {
         Admission::Installed
     }
 
-    /// Lifts the quarantine of writes fenced off a path after [`QUARANTINE_GRACE`].
-    fn release_quarantine_later(&self, index: usize) {
-        let shared = Arc::clone(&self.shared);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = shared.stop.cancelled() => {}
-                _ = tokio::time::sleep(QUARANTINE_GRACE) => shared.in_doubt.release_path(index),
-            }
-        });
-    }
-
     fn install(&mut self, index: usize, connection: PathConnection) -> u64 {
         let slot = &self.shared.slots[index];
         let generation = slot.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        if let Some(old) = slot.installed.swap(Some(Arc::new(Installed {
-            connection,
-            generation,
-        }))) {
-            old.connection.close();
+        let fresh = Arc::new(Installed::new(connection, generation));
+        if let Some(old) = slot.installed.swap(Some(fresh)) {
+            self.retire(index, old);
         }
-        slot.changed.notify_waiters();
+        self.shared.slots[index].changed.notify_waiters();
         generation
     }
 
@@ -590,6 +803,7 @@ impl ControlTask {
         let snapshot = self.mpio.selector_snapshot();
         let usable = !snapshot.is_empty();
         self.shared.snapshot.store(Arc::new(snapshot));
+        self.shared.paths_changed.notify_waiters();
         self.publish_state_only();
         let no_path = &self.shared.no_path;
         match (usable, no_path.down_since().is_some()) {

@@ -1,23 +1,28 @@
 //! The data path of one request (PRODUCT.md §7).
 //!
 //! ```text
-//! submit ─▶ wait while an in-doubt write overlaps ─▶ pick a path (snapshot + atomics) ─▶ send
-//!   ▲                                                                                    │
-//!   └── re-drive with that path excluded ◀── path fault / EIO / slow read ◀──────────────┘
+//! submit ─▶ a write waits while an in-doubt copy overlaps ─▶ pick a path (snapshot + atomics) ─▶ send
+//!   ▲                                                                                              │
+//!   └────────── re-drive with that path excluded ◀── path fault / EIO / no reply in time ◀─────────┘
 //! ```
 //!
 //! - A reply that belongs to the request (EINVAL, ENOSPC, EPERM, …) goes back to the client at once.
 //! - EIO from one path: the request is retried on another path, the path is probed; the client sees
 //!   EIO only when every usable path failed this request.
 //! - A broken connection: the path is marked unusable at once (one atomic store, before the control
-//!   task has even heard of it), the request is re-driven. A write that was in flight there is *in
-//!   doubt*: its range is registered so later overlapping I/O is ordered after its re-drive.
-//! - No reply within the path's adaptive timeout: if another path can take the request, the path is
-//!   suspected (out of rotation until a probe answers) and a read is re-driven at once; a write keeps
-//!   waiting, because re-sending it before the old path is fenced could let the old copy land later.
-//!   At `io_timeout` the connection is closed (fenced) and the write is re-driven.
+//!   task has even heard of it) and the request is re-driven.
+//! - No reply within the path's adaptive timeout, and another path can take it: the path is suspected
+//!   (out of rotation until a probe answers) and the request is re-driven now. At `io_timeout`, or when
+//!   the control task takes the path out of service, every request still waiting on it is re-driven.
+//! - Whenever a data-changing request is given up on a path after it may have reached the target, that
+//!   copy is *in doubt* (`crate::in_doubt`): it is recorded before the re-drive, and new writes to its
+//!   range wait until the target answers it, a fence succeeds, or `in_doubt_timeout` passes — so an old
+//!   copy can never land over newer data. Where it can still be answered, a watcher keeps waiting for
+//!   the reply on the old connection.
 //! - No usable path: `no_path_retry` decides (queue, bounded in time and bytes, or fail).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -25,8 +30,8 @@ use std::time::{Duration, Instant};
 use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
 
-use super::{Control, Installed, Lun, PathSlot, Shared, humanize};
-use crate::in_doubt::{InDoubtGuard, InDoubtTable};
+use super::{Control, Installed, Lun, OutstandingWrite, PathSlot, Shared, humanize};
+use crate::in_doubt::NewCopy;
 use crate::no_path::NoPathError;
 use crate::settings::ADAPTIVE_TIMEOUT_FLOOR;
 use crate::transport::{Failed, PathError, PathErrorKind};
@@ -48,20 +53,21 @@ impl IoError {
     }
 }
 
-/// How one attempt on one path ended, when it did not succeed.
+/// How one attempt on one path ended, when it did not succeed. The attempt has already done what the
+/// failure means for the path (suspect, report, put a copy in doubt); the loop only decides where next.
 enum Attempt {
     /// The error belongs to the request: answer the client with it.
     Request(PathError),
     /// The path answered EIO (or another error that a different path may not give).
     ErrorReply(PathError),
-    /// The path is broken, fenced or hung.
+    /// The path is broken, hung or out of service.
     Fault(PathError),
-    /// A read got no reply within the adaptive timeout and another path can take it.
+    /// No reply within the adaptive timeout, and another path can take the request.
     Slow(PathError),
 }
 
-/// How often a request with every candidate out of rotation (but the LUN not path-less) looks again.
-const NOT_DOWN_RECHECK: Duration = Duration::from_millis(2);
+/// The in-flight future of one attempt, owned so that an abandoned write can be handed to a watcher.
+type Sent = Pin<Box<dyn Future<Output = Result<Reply, Failed>> + Send>>;
 
 /// How long a request that got an error reply from every usable path waits for another path to
 /// come back before the error is returned: two health checks (a held-down marginal path checks back
@@ -104,6 +110,17 @@ fn changes_data(request: &Request) -> bool {
     )
 }
 
+/// Where one request stands across its attempts.
+struct Progress {
+    excluded_slots: u64,
+    error_replies: u32,
+    last_error: Option<PathError>,
+    attempts: usize,
+    error_grace: Option<Instant>,
+    /// The in-doubt table version that must be on disk before the request may be acknowledged.
+    in_doubt_version: Option<u64>,
+}
+
 impl Lun {
     /// Runs one request on the LUN. Errors are what the client should see.
     pub async fn submit(&self, request: Request) -> Result<Reply, IoError> {
@@ -122,90 +139,73 @@ impl Lun {
             }
             _ => {}
         }
-        let (offset, length) = range(&request);
-        s.in_doubt
-            .wait_clear(offset, length, changes_data(&request))
-            .await;
+        if changes_data(&request) {
+            // Ordered after every old copy of an earlier write to this range that may still land.
+            let (offset, length) = range(&request);
+            s.in_doubt.wait_clear(offset, length).await;
+        }
         self.dispatch(request).await
     }
 
     async fn dispatch(&self, request: Request) -> Result<Reply, IoError> {
         let s = &*self.shared;
         let bytes = payload_bytes(&request);
-        let (offset, length) = range(&request);
-        let mut excluded_slots = 0u64;
-        let mut error_replies = 0u32;
-        let mut last_error: Option<PathError> = None;
-        let mut in_doubt: Option<InDoubt<'_>> = None;
-        let mut attempts = 0usize;
-        let mut error_grace: Option<Instant> = None;
+        let mut p = Progress {
+            excluded_slots: 0,
+            error_replies: 0,
+            last_error: None,
+            attempts: 0,
+            error_grace: None,
+            in_doubt_version: None,
+        };
         loop {
-            let snapshot = s.snapshot.load();
-            let exclude = candidate_mask(&snapshot, excluded_slots);
-            let picked = if attempts >= attempts_max(s.slots.len()) {
+            let snapshot = s.snapshot.load_full();
+            let exclude = candidate_mask(&snapshot, p.excluded_slots);
+            let picked = if p.attempts >= attempts_max(s.slots.len()) {
                 None
             } else {
                 s.selector.pick(&snapshot, bytes, s.now_ns(), exclude)
             };
             let Some(candidate) = picked else {
-                if error_replies > 0 && attempts < attempts_max(s.slots.len()) {
-                    // Every usable path failed this request. If another path may come back soon
-                    // (failed, reconnecting, or a healthy path held down as marginal that is
-                    // admitted when nothing else is usable), give it a short grace before the
-                    // error is the request's.
-                    let grace = *error_grace.get_or_insert_with(|| {
-                        let grace = error_reply_grace(s);
-                        s.path_wanted_until_ns
-                            .fetch_max(s.now_ns() + grace.as_nanos() as u64, Ordering::AcqRel);
-                        Instant::now() + grace
-                    });
-                    let others = snapshot.candidates().len() < s.slots.len();
-                    if others && Instant::now() < grace && !s.stopping.load(Ordering::Acquire) {
-                        tokio::time::sleep(NOT_DOWN_RECHECK).await;
-                        continue;
-                    }
-                }
-                if error_replies > 0 {
-                    // Every usable path failed this request: it is the request's error now.
-                    let e = last_error.take().unwrap_or_else(|| {
-                        PathError::new(PathErrorKind::Reply(NbdErrno::Io), "I/O error")
-                    });
-                    return Err(IoError::new(
-                        e.errno(),
-                        format!("every usable path failed: {}", e.message),
-                    ));
-                }
-                self.wait_for_path(bytes).await?;
-                excluded_slots = 0;
-                attempts = 0;
+                self.no_candidate(&mut p, &snapshot, bytes).await?;
                 continue;
             };
-            attempts += 1;
+            p.attempts += 1;
             let index = snapshot.candidates()[candidate].index;
             let slot = &s.slots[index];
             let Some(installed) = slot.installed.load_full() else {
                 // The control task has not published the failure yet; the slot has no connection.
                 slot.load.mark_unusable();
-                excluded_slots |= 1 << index;
+                p.excluded_slots |= 1 << index;
                 continue;
             };
             let alternatives = snapshot.candidates().len() > 1;
-            // Each attempt sends a clone (a `Bytes` handle, not the data): a read abandoned at its
-            // adaptive timeout leaves its copy behind on the old path, and we still hold ours.
+            // Each attempt sends a clone (a `Bytes` handle, not the data): an abandoned copy stays with
+            // its old path, and we still hold ours for the re-drive.
             slot.load.on_dispatch(bytes);
             let started = Instant::now();
-            match self
-                .attempt(slot, index, &installed, request.clone(), alternatives)
-                .await
-            {
+            let outcome = self
+                .attempt(
+                    slot,
+                    index,
+                    &installed,
+                    request.clone(),
+                    alternatives,
+                    &mut p,
+                )
+                .await;
+            match outcome {
                 Ok(reply) => {
                     let latency = started.elapsed();
                     slot.load
                         .on_complete(bytes, latency.as_nanos() as u64, s.now_ns());
                     slot.latency.record(latency);
                     slot.histogram.record(latency);
-                    count_success(slot, &request);
-                    drop(in_doubt);
+                    count_success(s, slot, &installed, &request);
+                    if let Some(version) = p.in_doubt_version {
+                        // The copies this request left in doubt survive a restart before it is acked.
+                        s.journal.wait_written(version, &s.stop).await;
+                    }
                     return Ok(reply);
                 }
                 Err(Attempt::Request(e)) => {
@@ -218,55 +218,80 @@ impl Lun {
                     slot.load
                         .on_complete(bytes, started.elapsed().as_nanos() as u64, s.now_ns());
                     slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    self.suspect(
-                        slot,
-                        index,
-                        installed.generation,
-                        format!("{} on a request", e.kind),
-                    );
-                    error_replies += 1;
-                    excluded_slots |= 1 << index;
-                    last_error = Some(e);
+                    p.error_replies += 1;
+                    p.excluded_slots |= 1 << index;
+                    p.last_error = Some(e);
                 }
                 Err(Attempt::Slow(e)) => {
                     slot.load.on_abandon(bytes);
-                    excluded_slots |= 1 << index;
-                    last_error = Some(e);
+                    p.excluded_slots |= 1 << index;
+                    p.last_error = Some(e);
                 }
                 Err(Attempt::Fault(e)) => {
                     slot.load.on_abandon(bytes);
                     slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    slot.load.mark_unusable();
-                    s.send(Control::Fault {
-                        index,
-                        generation: installed.generation,
-                        cause: e.message.clone(),
-                    });
-                    excluded_slots |= 1 << index;
-                    if changes_data(&request) {
-                        // It may have reached the storage, or may still: order later overlapping I/O
-                        // after its re-drive; if the path hung (fenced, not reset), also quarantine
-                        // the range for writes until that path is back.
-                        let hung = matches!(e.kind, PathErrorKind::Timeout | PathErrorKind::Closed);
-                        let hold = in_doubt.get_or_insert_with(|| InDoubt {
-                            guard: s.in_doubt.register(offset, length),
-                            table: &s.in_doubt,
-                            offset,
-                            length,
-                            hung_path: None,
-                            quarantine: quarantine_bound(s.settings.io_timeout),
-                        });
-                        if hung {
-                            hold.hung_path = Some(index);
-                        }
-                    }
-                    last_error = Some(e);
+                    p.excluded_slots |= 1 << index;
+                    p.last_error = Some(e);
                 }
             }
         }
     }
 
-    /// One attempt on one path, with the adaptive and the hard deadline.
+    /// No path can take the request now: give the error replies a short grace, then either return the
+    /// request's error or wait for a path (the no-path policy).
+    async fn no_candidate(
+        &self,
+        p: &mut Progress,
+        snapshot: &lunmpio_vds::SelectorSnapshot,
+        bytes: u32,
+    ) -> Result<(), IoError> {
+        let s = &*self.shared;
+        let within_attempts = p.attempts < attempts_max(s.slots.len());
+        if p.error_replies > 0 && within_attempts {
+            // Every usable path failed this request. If another path may come back soon (failed,
+            // reconnecting, or a healthy path held down as marginal that is admitted when nothing
+            // else is usable), give it a short grace before the error is the request's.
+            let grace = *p.error_grace.get_or_insert_with(|| {
+                let grace = error_reply_grace(s);
+                s.path_wanted_until_ns
+                    .fetch_max(s.now_ns() + grace.as_nanos() as u64, Ordering::AcqRel);
+                Instant::now() + grace
+            });
+            let others = snapshot.candidates().len() < s.slots.len();
+            if others && Instant::now() < grace && !s.stopping.load(Ordering::Acquire) {
+                self.paths_changed_or(grace.into()).await;
+                return Ok(());
+            }
+        }
+        if p.error_replies > 0 {
+            // Every usable path failed this request: it is the request's error now.
+            let e = p
+                .last_error
+                .take()
+                .unwrap_or_else(|| PathError::new(PathErrorKind::Reply(NbdErrno::Io), "I/O error"));
+            return Err(IoError::new(
+                e.errno(),
+                format!("every usable path failed: {}", e.message),
+            ));
+        }
+        self.wait_for_path(bytes).await?;
+        p.excluded_slots = 0;
+        p.attempts = 0;
+        Ok(())
+    }
+
+    /// Waits until a path may have become usable, or `deadline`.
+    async fn paths_changed_or(&self, deadline: tokio::time::Instant) {
+        let s = &*self.shared;
+        tokio::select! {
+            _ = s.paths_changed.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = s.stop.cancelled() => {}
+        }
+    }
+
+    /// One attempt on one path, with the adaptive and the hard deadline. Does everything the outcome
+    /// means for the path: suspects it, reports a fault, puts an abandoned write's copy in doubt.
     async fn attempt(
         &self,
         slot: &PathSlot,
@@ -274,6 +299,7 @@ impl Lun {
         installed: &Arc<Installed>,
         request: Request,
         alternatives: bool,
+        progress: &mut Progress,
     ) -> Result<Reply, Attempt> {
         let s = &*self.shared;
         let hard = s.settings.io_timeout;
@@ -283,48 +309,143 @@ impl Lun {
             hard
         };
         let writes = changes_data(&request);
-        let future = installed.connection.submit(request);
-        tokio::pin!(future);
-        match tokio::time::timeout(soft, &mut future).await {
-            Ok(result) => return classify(result),
-            Err(_) if soft >= hard => return Err(self.fence(slot, index, installed, hard)),
-            Err(_) => {}
+        let (offset, length) = range(&request);
+        let outstanding = writes.then(|| OutstandingWrite::new(installed));
+        let connection = installed.connection.clone();
+        let mut sent: Sent = Box::pin(async move { connection.submit(request).await });
+        let timed_out = tokio::select! {
+            biased;
+            result = &mut sent => {
+                return self
+                    .settle(slot, index, installed, result, (offset, length), progress)
+                    .await;
+            }
+            _ = installed.abandoned.cancelled() => false,
+            _ = tokio::time::sleep(soft) => true,
+        };
+        let error = if !timed_out {
+            // The control task took the path out of service while this waited.
+            PathError::new(
+                PathErrorKind::Closed,
+                "the path was taken out of service while the request waited",
+            )
+        } else if soft < hard {
+            let cause = format!("no reply after {} (adaptive timeout)", humanize(soft));
+            self.suspect(slot, index, installed.generation, cause.clone());
+            PathError::new(PathErrorKind::Timeout, cause)
+        } else {
+            let cause = format!(
+                "no reply after {} (io_timeout); path failed",
+                humanize(hard)
+            );
+            self.report_fault(slot, index, installed, &cause);
+            PathError::new(PathErrorKind::Timeout, cause)
+        };
+        if let Some(outstanding) = outstanding {
+            // The target may still execute this copy; keep listening for its answer.
+            let watch = (sent, outstanding);
+            self.put_in_doubt(index, installed, (offset, length), Some(watch), progress)
+                .await;
         }
-        // Slow: take the path out of rotation until a probe answers.
-        let cause = format!("no reply after {} (adaptive timeout)", humanize(soft));
-        self.suspect(slot, index, installed.generation, cause.clone());
-        if !writes {
-            return Err(Attempt::Slow(PathError::new(PathErrorKind::Timeout, cause)));
-        }
-        // A write: wait for its reply, until `io_timeout` or until the probe declares the path dead and
-        // the control task fences it (then `future` ends with Closed).
-        match tokio::time::timeout(hard.saturating_sub(soft), &mut future).await {
-            Ok(result) => classify(result),
-            Err(_) => Err(self.fence(slot, index, installed, hard)),
-        }
+        Err(if timed_out && soft < hard {
+            Attempt::Slow(error)
+        } else {
+            Attempt::Fault(error)
+        })
     }
 
-    /// Closes a hung path's connection (every request on it comes back `Closed` and is re-driven)
-    /// and reports it.
-    fn fence(
+    /// What a completed attempt means.
+    async fn settle(
         &self,
         slot: &PathSlot,
         index: usize,
-        installed: &Installed,
-        after: Duration,
-    ) -> Attempt {
-        let cause = format!(
-            "timed out after {} (io_timeout); connection fenced",
-            humanize(after)
-        );
+        installed: &Arc<Installed>,
+        result: Result<Reply, Failed>,
+        (offset, length): (u64, u64),
+        progress: &mut Progress,
+    ) -> Result<Reply, Attempt> {
+        let failed = match result {
+            Ok(reply) => return Ok(reply),
+            Err(failed) => failed,
+        };
+        let Failed {
+            request,
+            error,
+            sent,
+        } = failed;
+        if error.belongs_to_request() {
+            return Err(Attempt::Request(error));
+        }
+        if !error.is_path_fault() {
+            self.suspect(
+                slot,
+                index,
+                installed.generation,
+                format!("{} on a request", error.kind),
+            );
+            return Err(Attempt::ErrorReply(error));
+        }
+        self.report_fault(slot, index, installed, &error.message);
+        if sent && changes_data(&request) {
+            // It may have reached the target, which may still execute it: nothing will answer it
+            // now, so only a fence or in_doubt_timeout ends the doubt.
+            self.put_in_doubt(index, installed, (offset, length), None, progress)
+                .await;
+        }
+        Err(Attempt::Fault(error))
+    }
+
+    /// Records an old copy of a write that path `index` may still execute, and, while its connection
+    /// can still answer, a watcher that ends the doubt when it does.
+    async fn put_in_doubt(
+        &self,
+        index: usize,
+        installed: &Arc<Installed>,
+        (offset, length): (u64, u64),
+        watch: Option<(Sent, OutstandingWrite)>,
+        progress: &mut Progress,
+    ) {
+        let s = &self.shared;
+        let (id, version) = s
+            .in_doubt
+            .insert(NewCopy {
+                offset,
+                length,
+                path: index,
+                generation: installed.generation,
+                hold_max: s.settings.in_doubt_timeout,
+            })
+            .await;
+        progress.in_doubt_version = Some(progress.in_doubt_version.unwrap_or(0).max(version));
+        s.send(Control::InDoubt {
+            index,
+            generation: installed.generation,
+        });
+        if let Some((sent, outstanding)) = watch {
+            let shared = Arc::clone(s);
+            tokio::spawn(async move {
+                // Any answer — data, EIO, ENOSPC — means the target is done with this copy. A broken
+                // connection answers nothing: the copy stays in doubt.
+                let answered = match sent.await {
+                    Ok(_) => true,
+                    Err(failed) => !failed.error.is_path_fault(),
+                };
+                if answered {
+                    shared.in_doubt.answered(id);
+                }
+                drop(outstanding);
+            });
+        }
+    }
+
+    /// Takes the path out of rotation at once and tells the control task, which fails it.
+    fn report_fault(&self, slot: &PathSlot, index: usize, installed: &Installed, cause: &str) {
         slot.load.mark_unusable();
-        installed.connection.close();
         self.shared.send(Control::Fault {
             index,
             generation: installed.generation,
-            cause: cause.clone(),
+            cause: cause.to_string(),
         });
-        Attempt::Fault(PathError::new(PathErrorKind::Timeout, cause))
     }
 
     fn suspect(&self, slot: &PathSlot, index: usize, generation: u64, cause: String) {
@@ -344,12 +465,13 @@ impl Lun {
             Err(NoPathError::NotDown) => {
                 // Every candidate is out of rotation for the moment (suspected, probing) but the
                 // control task still counts a usable path: it resolves that within a probe timeout
-                // (the path fails, or its probe answers). Look again shortly; this is not "no path",
-                // so neither `no_path_retry = "fail"` nor its clock applies.
+                // (the path fails, or its probe answers). Wait for that; this is not "no path", so
+                // neither `no_path_retry = "fail"` nor its clock applies.
                 if s.stopping.load(Ordering::Acquire) {
                     return Err(IoError::new(NbdErrno::Shutdown, "the LUN is shutting down"));
                 }
-                tokio::time::sleep(NOT_DOWN_RECHECK).await;
+                let deadline = tokio::time::Instant::now() + s.settings.check_interval;
+                self.paths_changed_or(deadline).await;
                 Ok(())
             }
             Err(NoPathError::NotQueueing) => Err(IoError::new(
@@ -370,123 +492,177 @@ impl Lun {
         }
     }
 
-    /// FLUSH (PRODUCT.md §3): complete only after every path that acknowledged a write since its
-    /// last flush has been flushed; one flush covers all when every such path is multi-conn.
+    /// FLUSH (PRODUCT.md §3): succeeds only when every write acknowledged before it is durable.
+    ///
+    /// - Writes acknowledged on a connection that was lost before a flush covered them, on a path
+    ///   that shares no cache with the others (no CAN_MULTI_CONN, no `shared_backing`): nothing can
+    ///   make them durable any more, so this FLUSH fails with EIO and an event says why.
+    /// - Every connection holding unflushed writes is flushed — on *that* connection, since a flush
+    ///   on another one does not cover a private cache.
+    /// - Where the dirty connections are coherent (all CAN_MULTI_CONN, or `shared_backing`), one
+    ///   flush on any path covers everything.
     async fn flush(&self, request: Request) -> Result<Reply, IoError> {
         let s = &*self.shared;
-        s.in_doubt.wait_clear(0, 0, false).await; // a flush is ordered after every running re-drive
-        let dirty: Vec<(usize, u64)> = s
+        if let Some(lost) = self.take_lost_writes() {
+            return Err(lost);
+        }
+        let orphaned: Vec<u64> = s
+            .slots
+            .iter()
+            .map(|slot| slot.unflushed_orphaned.swap(0, Ordering::AcqRel))
+            .collect();
+        let dirty: Vec<(usize, Arc<Installed>, u64)> = s
             .slots
             .iter()
             .enumerate()
             .filter_map(|(i, slot)| {
-                let acked = slot.writes_acked.load(Ordering::Acquire);
-                (acked > slot.writes_flushed.load(Ordering::Acquire)).then_some((i, acked))
+                let installed = slot.installed.load_full()?;
+                let acked = installed.writes_acked.load(Ordering::SeqCst);
+                (acked > installed.writes_flushed.load(Ordering::SeqCst))
+                    .then_some((i, installed, acked))
             })
             .collect();
-        let multi_conn = dirty.iter().all(|&(i, _)| {
-            s.slots[i]
-                .installed
-                .load()
-                .as_ref()
-                .is_some_and(|inst| inst.connection.info().can_multi_conn())
-        });
-        if dirty.len() <= 1 || multi_conn || s.shared_backing {
+        let coherent = s.shared_backing
+            || dirty
+                .iter()
+                .all(|(_, inst, _)| inst.connection.info().can_multi_conn());
+        let result = if coherent {
             // One flush, on whichever path the policy picks, reaches the shared store.
-            let reply = self.dispatch(request).await?;
-            mark_flushed(s, &dirty);
-            return Ok(reply);
+            self.dispatch(request).await.map(|_| ())
+        } else {
+            self.flush_each(&dirty, orphaned.iter().any(|&n| n > 0))
+                .await
+        };
+        match result {
+            Ok(()) => {
+                for (_, installed, acked) in &dirty {
+                    installed.writes_flushed.fetch_max(*acked, Ordering::SeqCst);
+                }
+                Ok(Reply::Done)
+            }
+            Err(e) => {
+                // Not covered after all: the next flush must try again.
+                for (slot, n) in s.slots.iter().zip(orphaned) {
+                    slot.unflushed_orphaned.fetch_add(n, Ordering::AcqRel);
+                }
+                Err(e)
+            }
         }
-        // Paths with private caches: flush each one that holds acknowledged writes.
-        let flushes = dirty.iter().map(|&(i, _)| self.flush_path(i));
+    }
+
+    /// Flushes every dirty connection on itself (and, if coherent paths left writes behind on lost
+    /// connections, one path more).
+    async fn flush_each(
+        &self,
+        dirty: &[(usize, Arc<Installed>, u64)],
+        orphans: bool,
+    ) -> Result<(), IoError> {
+        let flushes = dirty
+            .iter()
+            .map(|(i, installed, acked)| self.flush_on(*i, installed, *acked));
         let results = super::futures_join(flushes).await;
         if let Some(err) = results.into_iter().find_map(Result::err) {
             return Err(err);
         }
-        mark_flushed(s, &dirty);
-        Ok(Reply::Done)
+        if orphans {
+            self.dispatch(Request::Flush {
+                flags: CommandFlags::empty(),
+            })
+            .await?;
+        }
+        Ok(())
     }
 
-    /// Flushes one path; if it is gone, a flush through any path is the best that can be done.
-    async fn flush_path(&self, index: usize) -> Result<Reply, IoError> {
+    /// Flushes exactly this connection. If it cannot, the writes cached there are lost for durability.
+    async fn flush_on(
+        &self,
+        index: usize,
+        installed: &Arc<Installed>,
+        acked: u64,
+    ) -> Result<(), IoError> {
         let s = &*self.shared;
         let slot = &s.slots[index];
         let request = Request::Flush {
             flags: CommandFlags::empty(),
         };
-        if let Some(installed) = slot.installed.load_full()
-            && !slot.load.is_unusable()
-        {
-            slot.load.on_dispatch(0);
-            let started = Instant::now();
-            let result = self
-                .attempt(slot, index, &installed, request.clone(), false)
-                .await;
-            match result {
-                Ok(reply) => {
-                    slot.load
-                        .on_complete(0, started.elapsed().as_nanos() as u64, s.now_ns());
-                    slot.counters.ios.fetch_add(1, Ordering::Relaxed);
-                    return Ok(reply);
-                }
-                Err(Attempt::Request(e)) => {
-                    slot.load
-                        .on_complete(0, started.elapsed().as_nanos() as u64, s.now_ns());
-                    return Err(IoError::new(e.errno(), e.message));
-                }
-                Err(Attempt::Fault(e)) => {
-                    slot.load.on_abandon(0);
-                    slot.load.mark_unusable();
-                    s.send(Control::Fault {
-                        index,
-                        generation: installed.generation,
-                        cause: e.message,
-                    });
-                }
-                Err(Attempt::ErrorReply(_)) | Err(Attempt::Slow(_)) => {
-                    slot.load.on_abandon(0);
-                }
+        slot.load.on_dispatch(0);
+        let started = Instant::now();
+        let mut progress = Progress {
+            excluded_slots: 0,
+            error_replies: 0,
+            last_error: None,
+            attempts: 0,
+            error_grace: None,
+            in_doubt_version: None,
+        };
+        let result = self
+            .attempt(slot, index, installed, request, false, &mut progress)
+            .await;
+        let elapsed = started.elapsed().as_nanos() as u64;
+        match result {
+            Ok(_) => {
+                slot.load.on_complete(0, elapsed, s.now_ns());
+                slot.counters.ios.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(attempt) => {
+                slot.load.on_abandon(0);
+                let why = match attempt {
+                    Attempt::Request(e)
+                    | Attempt::ErrorReply(e)
+                    | Attempt::Fault(e)
+                    | Attempt::Slow(e) => e.message,
+                };
+                let unflushed = installed.unflushed();
+                // Reported now, by this FLUSH: when the connection is retired they are not counted as
+                // lost a second time (a durability error is reported once, as fsync reports it).
+                installed.writes_flushed.fetch_max(acked, Ordering::SeqCst);
+                let text = format!(
+                    "FLUSH failed: {unflushed} writes acknowledged on path {} are cached on a \
+                     connection that could not be flushed ({why}); without CAN_MULTI_CONN or \
+                     shared_backing no other path can make them durable",
+                    slot.name
+                );
+                self.flush_failure_event(index, &text);
+                Err(IoError::new(NbdErrno::Io, text))
             }
         }
-        self.dispatch(request).await
     }
-}
 
-/// How long a hung path's in-doubt ranges stay quarantined if the path never returns.
-fn quarantine_bound(io_timeout: Duration) -> Duration {
-    (io_timeout * 6).clamp(Duration::from_secs(5), Duration::from_secs(60))
-}
-
-/// One request's in-doubt hold while it is re-driven (see `crate::in_doubt`). When it ends — the
-/// re-drive completed or finally failed — a write that came from a hung path leaves a quarantine
-/// behind for that path, inserted before the re-drive hold is released so there is no gap.
-struct InDoubt<'a> {
-    guard: InDoubtGuard<'a>,
-    table: &'a InDoubtTable,
-    offset: u64,
-    length: u64,
-    hung_path: Option<usize>,
-    quarantine: Duration,
-}
-
-impl Drop for InDoubt<'_> {
-    fn drop(&mut self) {
-        if let Some(path) = self.hung_path {
-            let until = tokio::time::Instant::now() + self.quarantine;
-            self.table.quarantine(self.offset, self.length, path, until);
+    /// Writes whose connection was lost before a flush covered them, on paths without a shared
+    /// cache: reported once, by the FLUSH that cannot cover them.
+    fn take_lost_writes(&self) -> Option<IoError> {
+        let s = &*self.shared;
+        let mut text = None;
+        for (index, slot) in s.slots.iter().enumerate() {
+            let lost = slot.unflushed_lost.swap(0, Ordering::AcqRel);
+            if lost == 0 {
+                continue;
+            }
+            let message = format!(
+                "FLUSH failed: {lost} writes acknowledged on path {} were cached on a connection that \
+                 was lost before a flush covered them; the path advertises no CAN_MULTI_CONN and \
+                 shared_backing is off, so their durability cannot be established",
+                slot.name
+            );
+            self.flush_failure_event(index, &message);
+            text.get_or_insert(message);
         }
-        // `guard` is dropped after this body: the re-drive hold ends once the quarantine is in place.
-        let _ = &self.guard;
+        text.map(|t| IoError::new(NbdErrno::Io, t))
+    }
+
+    fn flush_failure_event(&self, index: usize, text: &str) {
+        let s = &*self.shared;
+        let slot = &s.slots[index];
+        tracing::error!(lun = %s.name, path = %slot.name, "{text}");
+        s.events
+            .push(&s.name, Some((slot.id, &slot.name)), None, None, text);
     }
 }
 
-fn mark_flushed(s: &Shared, dirty: &[(usize, u64)]) {
-    for &(i, acked) in dirty {
-        s.slots[i].writes_flushed.fetch_max(acked, Ordering::AcqRel);
-    }
-}
-
-fn count_success(slot: &PathSlot, request: &Request) {
+/// Counts a completed request. A write acknowledged on a connection that has been taken out of
+/// service meanwhile is counted where the control task counts that connection's unflushed writes.
+fn count_success(s: &Shared, slot: &PathSlot, installed: &Installed, request: &Request) {
     let c = &slot.counters;
     c.ios.fetch_add(1, Ordering::Relaxed);
     match request {
@@ -503,7 +679,24 @@ fn count_success(slot: &PathSlot, request: &Request) {
         _ => {}
     }
     if changes_data(request) {
-        slot.writes_acked.fetch_add(1, Ordering::AcqRel);
+        // SeqCst with `Installed::abandon` and the control task's retirement count: one of the two
+        // sees this write (both may; counting twice only makes one flush more careful).
+        installed.writes_acked.fetch_add(1, Ordering::SeqCst);
+        if installed.is_abandoned() {
+            unflushed_on_retired(s, slot, installed, 1);
+        }
+    }
+}
+
+/// Accounts `n` writes left unflushed on a connection taken out of service.
+pub(super) fn unflushed_on_retired(s: &Shared, slot: &PathSlot, installed: &Installed, n: u64) {
+    if n == 0 {
+        return;
+    }
+    if s.shared_backing || installed.connection.info().can_multi_conn() {
+        slot.unflushed_orphaned.fetch_add(n, Ordering::AcqRel);
+    } else {
+        slot.unflushed_lost.fetch_add(n, Ordering::AcqRel);
     }
 }
 
@@ -518,13 +711,4 @@ fn candidate_mask(snapshot: &lunmpio_vds::SelectorSnapshot, excluded_slots: u64)
         .enumerate()
         .filter(|(_, c)| excluded_slots & (1 << c.index) != 0)
         .fold(0, |mask, (i, _)| mask | 1 << i)
-}
-
-fn classify(result: Result<Reply, Failed>) -> Result<Reply, Attempt> {
-    match result {
-        Ok(reply) => Ok(reply),
-        Err(Failed { error, .. }) if error.belongs_to_request() => Err(Attempt::Request(error)),
-        Err(Failed { error, .. }) if error.is_path_fault() => Err(Attempt::Fault(error)),
-        Err(Failed { error, .. }) => Err(Attempt::ErrorReply(error)),
-    }
 }

@@ -17,12 +17,14 @@
 
 mod control;
 mod dispatch;
+mod fence;
 mod health;
 mod identity;
+mod journal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -76,6 +78,79 @@ pub struct PathCounters {
 pub(crate) struct Installed {
     pub(crate) connection: PathConnection,
     pub(crate) generation: u64,
+    /// Cancelled when the control task takes the connection out of service (the path failed or was
+    /// reconnected): every request still waiting on it is re-driven at once.
+    pub(crate) abandoned: tokio_util::sync::CancellationToken,
+    /// The same fact as an atomic, ordered with `writes_outstanding` (see [`Installed::abandon`]).
+    abandoned_flag: AtomicBool,
+    /// Data-changing requests sent on this connection and not answered yet, including copies whose
+    /// requests were re-driven elsewhere (in doubt). An abandoned connection stays open while this is
+    /// above zero, so the target's late replies can still prove those copies finished.
+    writes_outstanding: AtomicUsize,
+    /// Writes acknowledged on this connection, and how many of them a completed flush covers: FLUSH
+    /// goes to every connection with `writes_acked > writes_flushed` (PRODUCT.md §3).
+    pub(crate) writes_acked: AtomicU64,
+    pub(crate) writes_flushed: AtomicU64,
+}
+
+impl Installed {
+    pub(crate) fn new(connection: PathConnection, generation: u64) -> Installed {
+        Installed {
+            connection,
+            generation,
+            abandoned: tokio_util::sync::CancellationToken::new(),
+            abandoned_flag: AtomicBool::new(false),
+            writes_outstanding: AtomicUsize::new(0),
+            writes_acked: AtomicU64::new(0),
+            writes_flushed: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes the connection out of service. It is closed now if it owes no write a reply, else when
+    /// the last one is answered (or by a fence, an expiry or shutdown). Returns whether it stays open.
+    pub(crate) fn abandon(&self) -> bool {
+        self.abandoned_flag.store(true, Ordering::SeqCst);
+        self.abandoned.cancel();
+        // SeqCst with `OutstandingWrite::drop`: either this load sees the last write still out, or
+        // that drop sees the flag — never neither, so the connection is always closed in the end.
+        if self.writes_outstanding.load(Ordering::SeqCst) == 0 {
+            self.connection.close();
+            return false;
+        }
+        self.connection.is_open()
+    }
+
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned_flag.load(Ordering::SeqCst)
+    }
+
+    /// Writes acknowledged here and not yet covered by a flush.
+    pub(crate) fn unflushed(&self) -> u64 {
+        self.writes_acked
+            .load(Ordering::SeqCst)
+            .saturating_sub(self.writes_flushed.load(Ordering::SeqCst))
+    }
+}
+
+/// One data-changing request out on a connection, until it is answered or the connection is gone.
+pub(crate) struct OutstandingWrite(Arc<Installed>);
+
+impl OutstandingWrite {
+    pub(crate) fn new(installed: &Arc<Installed>) -> OutstandingWrite {
+        installed.writes_outstanding.fetch_add(1, Ordering::SeqCst);
+        OutstandingWrite(Arc::clone(installed))
+    }
+}
+
+impl Drop for OutstandingWrite {
+    fn drop(&mut self) {
+        let installed = &self.0;
+        if installed.writes_outstanding.fetch_sub(1, Ordering::SeqCst) == 1
+            && installed.abandoned_flag.load(Ordering::SeqCst)
+        {
+            installed.connection.close();
+        }
+    }
 }
 
 /// One path's runtime state, shared by the data path, the control task and the health task. Slots
@@ -88,10 +163,15 @@ pub(crate) struct PathSlot {
     pub(crate) load: Arc<PathLoad>,
     pub(crate) installed: ArcSwapOption<Installed>,
     pub(crate) generation: AtomicU64,
-    /// Writes acknowledged on this path, and how many of them a completed flush covers: FLUSH fans
-    /// out to every path with `writes_acked > writes_flushed` (PRODUCT.md §3).
-    pub(crate) writes_acked: AtomicU64,
-    pub(crate) writes_flushed: AtomicU64,
+    /// Writes acknowledged on connections of this path that were abandoned before a flush covered
+    /// them, when nothing else can make them durable (no CAN_MULTI_CONN, no `shared_backing`): the
+    /// next FLUSH fails with EIO and says so.
+    pub(crate) unflushed_lost: AtomicU64,
+    /// The same for coherent paths (multi-conn or shared backing): a flush on any path covers them.
+    pub(crate) unflushed_orphaned: AtomicU64,
+    /// `fence`: the program and arguments that fence this path.
+    pub(crate) fence: Option<Vec<String>>,
+    pub(crate) uri: String,
     pub(crate) latency: LatencyEstimator,
     pub(crate) histogram: LatencyHistogram,
     pub(crate) counters: PathCounters,
@@ -114,6 +194,18 @@ pub(crate) enum Control {
         index: usize,
         generation: u64,
         cause: String,
+    },
+    /// A copy of a write sent on connection `generation` of the path is now in doubt: if that
+    /// connection is out of service, fence the path.
+    InDoubt {
+        index: usize,
+        generation: u64,
+    },
+    /// A fence run ended; it covers every connection of the path up to `through_generation`.
+    FenceDone {
+        index: usize,
+        through_generation: u64,
+        outcome: fence::Outcome,
     },
     /// The health task's probe answered on the connection of `generation`.
     ProbeOk {
@@ -188,6 +280,13 @@ pub(crate) struct Shared {
     /// Until when (`now_ns`) a request is waiting for a path because every usable one failed it:
     /// a healthy path held down as marginal is admitted meanwhile (better marginal than an error).
     pub(crate) path_wanted_until_ns: AtomicU64,
+    /// Woken whenever a path may have become usable (a new snapshot, a probe answered): requests
+    /// waiting for a candidate look again.
+    pub(crate) paths_changed: Notify,
+    /// Where the in-doubt copies are kept across restarts (`state_dir`), and how far they are written.
+    pub(crate) journal: journal::Journal,
+    pub(crate) fences_ok: AtomicU64,
+    pub(crate) fences_failed: AtomicU64,
 }
 
 impl Shared {
@@ -245,8 +344,17 @@ pub struct LunStats {
     pub paths: Vec<PathStats>,
     pub queued_ios: u64,
     pub queued_bytes: u64,
+    /// Copies of writes in doubt now (each holds its range for new writes).
     pub in_doubt_writes: u64,
+    /// Copies ever put in doubt, and how their holds ended: answered by the target, released by a
+    /// fence, or lapsed at `in_doubt_timeout` (the guarantee did not hold for those).
     pub in_doubt_writes_total: u64,
+    pub in_doubt_answered_total: u64,
+    pub in_doubt_fenced_total: u64,
+    pub in_doubt_expired_total: u64,
+    /// Fence runs that succeeded and that failed (or timed out).
+    pub fences_ok_total: u64,
+    pub fences_failed_total: u64,
 }
 
 impl Lun {
@@ -273,6 +381,7 @@ impl Lun {
             paths: paths.iter().map(vds_path_config).collect(),
         };
         let mut mpio = LunMpio::new(mpio_config)?;
+        let settings_fence = spec.settings.fence.clone();
         let slots: Box<[PathSlot]> = mpio
             .paths()
             .iter()
@@ -286,8 +395,10 @@ impl Lun {
                     load: Arc::clone(p.load()),
                     installed: ArcSwapOption::empty(),
                     generation: AtomicU64::new(0),
-                    writes_acked: AtomicU64::new(0),
-                    writes_flushed: AtomicU64::new(0),
+                    unflushed_lost: AtomicU64::new(0),
+                    unflushed_orphaned: AtomicU64::new(0),
+                    fence: spec.fence.clone().or_else(|| settings_fence.clone()),
+                    uri: spec.uri.clone(),
                     latency: LatencyEstimator::default(),
                     histogram: LatencyHistogram::default(),
                     counters: PathCounters::default(),
@@ -304,6 +415,11 @@ impl Lun {
         if let Some(file) = &state_file {
             control::restore_state(&mut mpio, file, &events);
         }
+        let journal = journal::Journal::new(options.state_dir.as_deref(), &spec.name);
+        let in_doubt = InDoubtTable::new();
+        journal
+            .restore(&spec.name, &slots, &in_doubt, &events)
+            .await;
 
         // First connections, all at once, bounded.
         let startup_timeout = options.startup_timeout.unwrap_or(Duration::from_secs(5));
@@ -342,17 +458,22 @@ impl Lun {
                 spec.settings.no_path_retry,
                 spec.settings.no_path_queue_bytes_max,
             ),
-            in_doubt: InDoubtTable::new(),
+            in_doubt,
             events,
             set_in_progress: AtomicBool::new(false),
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             stop: tokio_util::sync::CancellationToken::new(),
             path_wanted_until_ns: AtomicU64::new(0),
+            paths_changed: Notify::new(),
+            journal,
+            fences_ok: AtomicU64::new(0),
+            fences_failed: AtomicU64::new(0),
         });
         let mut control = control::ControlTask::new(Arc::clone(&shared), mpio, state_file);
         control.admit_initial(results);
         tokio::spawn(control.run(control_rx));
+        tokio::spawn(journal::persist_task(Arc::clone(&shared)));
         for index in 0..shared.slots.len() {
             tokio::spawn(health::run(Arc::clone(&shared), index));
         }
@@ -504,6 +625,11 @@ impl Lun {
             queued_bytes: self.shared.no_path.queued_bytes(),
             in_doubt_writes: self.shared.in_doubt.len() as u64,
             in_doubt_writes_total: self.shared.in_doubt.total(),
+            in_doubt_answered_total: self.shared.in_doubt.answered_total(),
+            in_doubt_fenced_total: self.shared.in_doubt.fenced_total(),
+            in_doubt_expired_total: self.shared.in_doubt.expired_total(),
+            fences_ok_total: self.shared.fences_ok.load(Ordering::Relaxed),
+            fences_failed_total: self.shared.fences_failed.load(Ordering::Relaxed),
         }
     }
 

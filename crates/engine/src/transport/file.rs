@@ -172,10 +172,15 @@ impl FileConnection {
             return Err(Failed {
                 request,
                 error: PathError::new(PathErrorKind::Closed, "path closed"),
+                sent: false,
             });
         }
         if let Err(error) = self.inner.check(&request) {
-            return Err(Failed { request, error });
+            return Err(Failed {
+                request,
+                error,
+                sent: false,
+            });
         }
         let inner = Arc::clone(&self.inner);
         // Keep a handle to hand back on failure (cloning a request clones a `Bytes`, not the data).
@@ -186,9 +191,11 @@ impl FileConnection {
             Ok(Err(error)) => Err(Failed {
                 request: handed_back,
                 error,
+                sent: true,
             }),
             Err(join_error) => Err(Failed {
                 request: handed_back,
+                sent: true,
                 error: PathError::new(
                     PathErrorKind::Broken,
                     format!("I/O task failed: {join_error}"),

@@ -141,6 +141,10 @@ impl PathError {
 pub struct Failed {
     pub request: Request,
     pub error: PathError,
+    /// Whether any of it may have reached the storage. `false`: refused before it was handed to the
+    /// connection, so the target can never execute it. A write that failed with `sent` set is *in
+    /// doubt*: the target may still execute it, later (see `crate::in_doubt`).
+    pub sent: bool,
 }
 
 /// Connection settings shared by every transport.

@@ -51,6 +51,7 @@ impl NbdConnection {
         self.client.submit(request).await.map_err(|e| Failed {
             request: e.request,
             error: path_error(e.error),
+            sent: e.sent,
         })
     }
 

@@ -233,7 +233,14 @@ impl Shared {
 
     /// Validates, splits and runs one logical request.
     pub(crate) async fn execute(&self, req: &Request) -> Result<Reply, ClientError> {
-        self.validate(req)?;
+        self.execute_tracked(req).await.map_err(|f| f.error)
+    }
+
+    /// Like [`Shared::execute`], and on failure also says whether any part of the request may have
+    /// reached the server (see [`Failure::sent`]). A data-changing request that was split returns only
+    /// once every piece is settled, so "answered" means every piece was answered.
+    pub(crate) async fn execute_tracked(&self, req: &Request) -> Result<Reply, Failure> {
+        self.validate(req).map_err(Failure::unsent)?;
         let max = self.max_chunk;
         match req {
             Request::Read { offset, length } => {
@@ -266,18 +273,19 @@ impl Shared {
                         .one(Command::Write, *flags, *offset, length, Some(data.clone()))
                         .await;
                 }
-                futures::future::try_join_all(pieces(*offset, length, max).map(|(o, l)| {
-                    let rel = (o - offset) as usize;
-                    self.one(
-                        Command::Write,
-                        *flags,
-                        o,
-                        l,
-                        Some(data.slice(rel..rel + l as usize)),
-                    )
-                }))
-                .await?;
-                Ok(Reply::Done)
+                settle_all(
+                    futures::future::join_all(pieces(*offset, length, max).map(|(o, l)| {
+                        let rel = (o - offset) as usize;
+                        self.one(
+                            Command::Write,
+                            *flags,
+                            o,
+                            l,
+                            Some(data.slice(rel..rel + l as usize)),
+                        )
+                    }))
+                    .await,
+                )
             }
             Request::Trim {
                 offset,
@@ -293,11 +301,13 @@ impl Shared {
                 if *length <= max {
                     return self.one(cmd, *flags, *offset, *length, None).await;
                 }
-                futures::future::try_join_all(
-                    pieces(*offset, *length, max).map(|(o, l)| self.one(cmd, *flags, o, l, None)),
+                settle_all(
+                    futures::future::join_all(
+                        pieces(*offset, *length, max)
+                            .map(|(o, l)| self.one(cmd, *flags, o, l, None)),
+                    )
+                    .await,
                 )
-                .await?;
-                Ok(Reply::Done)
             }
             Request::Flush { flags } => self.one(Command::Flush, *flags, 0, 0, None).await,
             Request::BlockStatus {
@@ -412,7 +422,7 @@ impl Shared {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
-    ) -> Result<Reply, ClientError> {
+    ) -> Result<Reply, Failure> {
         match self.request_timeout {
             None => {
                 self.one_inner(command, flags, offset, length, payload)
@@ -426,7 +436,7 @@ impl Shared {
             {
                 Ok(r) => r,
                 // The pending entry stays: the late reply is read and discarded.
-                Err(_) => Err(ClientError::Timeout),
+                Err(_) => Err(Failure::sent(ClientError::Timeout)),
             },
         }
     }
@@ -438,10 +448,10 @@ impl Shared {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
-    ) -> Result<Reply, ClientError> {
+    ) -> Result<Reply, Failure> {
         let permit = match Arc::clone(&self.slots).acquire_owned().await {
             Ok(p) => p,
-            Err(_) => return Err(self.dead_error()),
+            Err(_) => return Err(Failure::unsent(self.dead_error())),
         };
         let (rtx, rrx) = oneshot::channel();
         let kind = match command {
@@ -456,7 +466,7 @@ impl Shared {
         let cookie = {
             let mut st = self.lock();
             if let Some(e) = &st.dead {
-                return Err(e.clone());
+                return Err(Failure::unsent(e.clone()));
             }
             let cookie = st.next_cookie;
             st.next_cookie = st.next_cookie.wrapping_add(1);
@@ -488,14 +498,69 @@ impl Shared {
             })
             .is_err()
         {
-            // Writer gone: the connection is dead (fail_all has run or will run).
-            self.lock().pending.remove(&cookie);
-            return Err(self.dead_error());
+            // Writer gone: the connection is dead (fail_all has run or will run). If fail_all already
+            // took the entry, it may have been queued to a writer that died mid-write: count it sent.
+            let never_queued = self.lock().pending.remove(&cookie).is_some();
+            let error = self.dead_error();
+            return Err(if never_queued {
+                Failure::unsent(error)
+            } else {
+                Failure::sent(error)
+            });
         }
         match rrx.await {
-            Ok(r) => r,
-            Err(_) => Err(self.dead_error()),
+            Ok(r) => r.map_err(Failure::sent),
+            Err(_) => Err(Failure::sent(self.dead_error())),
         }
+    }
+}
+
+/// A request that failed, and whether any of it may have reached the server.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) error: ClientError,
+    /// False only when nothing of the request was handed to the connection's writer: it cannot
+    /// execute on the server, ever. True otherwise, even if it probably never left our buffers.
+    pub(crate) sent: bool,
+}
+
+impl Failure {
+    fn unsent(error: ClientError) -> Failure {
+        Failure { error, sent: false }
+    }
+
+    fn sent(error: ClientError) -> Failure {
+        Failure { error, sent: true }
+    }
+}
+
+impl From<ClientError> for Failure {
+    /// Local refusals (`?` on validation) reach nothing.
+    fn from(error: ClientError) -> Failure {
+        Failure::unsent(error)
+    }
+}
+
+/// Combines the pieces of a split data-changing request, every one settled: done when all are done;
+/// otherwise a path fault wins over an error reply (the caller must treat the connection as broken),
+/// and the request counts as sent if any piece was.
+fn settle_all(results: Vec<Result<Reply, Failure>>) -> Result<Reply, Failure> {
+    let sent = results.iter().any(|r| matches!(r, Err(f) if f.sent));
+    let mut first: Option<ClientError> = None;
+    for r in results {
+        if let Err(f) = r {
+            let replace = match &first {
+                None => true,
+                Some(e) => !e.is_path_fault() && f.error.is_path_fault(),
+            };
+            if replace {
+                first = Some(f.error);
+            }
+        }
+    }
+    match first {
+        None => Ok(Reply::Done),
+        Some(error) => Err(Failure { error, sent }),
     }
 }
 

@@ -265,6 +265,10 @@ impl ClientError {
 pub struct RequestError {
     pub request: Request,
     pub error: ClientError,
+    /// Whether any part of it may have reached the server. `false` means it was refused before it was
+    /// handed to the connection (closed, invalid): the server can never execute it. A write that
+    /// failed with `sent` may still be executed by the server later, even after the connection broke.
+    pub sent: bool,
 }
 
 /// A cheap, cloneable handle to one connection. Dropping the last handle closes it.
@@ -351,9 +355,13 @@ impl Client {
 
     /// Runs one request (split above the maximum payload). On failure the request comes back.
     pub async fn submit(&self, request: Request) -> Result<Reply, RequestError> {
-        match self.handle.shared.execute(&request).await {
+        match self.handle.shared.execute_tracked(&request).await {
             Ok(r) => Ok(r),
-            Err(error) => Err(RequestError { request, error }),
+            Err(failure) => Err(RequestError {
+                request,
+                error: failure.error,
+                sent: failure.sent,
+            }),
         }
     }
 

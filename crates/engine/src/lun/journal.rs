@@ -1,0 +1,247 @@
+//! The in-doubt copies, kept in `state_dir` across restarts (PRODUCT.md §7.3, issue 10 B5).
+//!
+//! A daemon that restarts — crash, upgrade, reboot — must not forget that a path may still execute an
+//! old copy of a write: the target does not know lunmpio restarted. So every change of the LUN's
+//! [`InDoubtTable`] is written to `lun-<name>.in-doubt.json` (format in `lunmpio_vds::persist`) by one
+//! task, on the blocking pool, atomically; a write whose re-drive put a copy in doubt is acknowledged
+//! only once the journal holding that copy is on disk. At start the journal is read back: the copies
+//! hold their ranges again (they came from an earlier connection, generation 0) until the path's fence
+//! succeeds or their original `in_doubt_timeout` passes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lunmpio_vds::persist::{self, InDoubtJournal, InDoubtRecord};
+use tokio::sync::Notify;
+
+use super::{PathSlot, Shared};
+use crate::events::EventLog;
+use crate::in_doubt::{InDoubtTable, StaleCopy, unix_ms_now};
+
+/// Path index of a restored copy whose path is no longer configured: nothing can fence it, so only its
+/// bound releases it.
+pub(crate) const PATH_GONE: usize = usize::MAX;
+
+pub(crate) struct Journal {
+    /// `None` without a `state_dir`: in memory only.
+    file: Option<PathBuf>,
+    /// The table version last written to disk.
+    written: AtomicU64,
+    written_changed: Notify,
+    /// The last write problem reported, so a failing disk gives one event per new problem.
+    problem: Mutex<Option<String>>,
+}
+
+impl Journal {
+    pub(crate) fn new(state_dir: Option<&Path>, lun: &str) -> Journal {
+        Journal {
+            file: state_dir.map(|dir| persist::in_doubt_file_path(dir, lun)),
+            written: AtomicU64::new(0),
+            written_changed: Notify::new(),
+            problem: Mutex::new(None),
+        }
+    }
+
+    /// Reads back what an earlier run left in doubt.
+    pub(crate) async fn restore(
+        &self,
+        lun: &str,
+        slots: &[PathSlot],
+        table: &InDoubtTable,
+        events: &EventLog,
+    ) {
+        let Some(file) = self.file.clone() else {
+            return;
+        };
+        let loaded = tokio::task::spawn_blocking(move || persist::load_in_doubt(&file)).await;
+        let journal = match loaded {
+            Ok(Ok(Some(journal))) => journal,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                events.push(
+                    lun,
+                    None,
+                    None,
+                    None,
+                    format!(
+                        "in-doubt journal problem: {}; in-doubt writes of the last run are not known",
+                        e.message
+                    ),
+                );
+                return;
+            }
+            Err(e) => {
+                events.push(
+                    lun,
+                    None,
+                    None,
+                    None,
+                    format!("in-doubt journal not read: {e}"),
+                );
+                return;
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let now_ms = unix_ms_now();
+        let copies: Vec<StaleCopy> = journal
+            .copies
+            .iter()
+            .map(|r| StaleCopy {
+                id: 0,
+                offset: r.offset,
+                length: r.length,
+                path: slots
+                    .iter()
+                    .position(|s| s.id.path_id == r.path_id)
+                    .unwrap_or(PATH_GONE),
+                generation: 0,
+                since_unix_ms: r.since_unix_ms,
+                expires: r
+                    .expires_unix_ms
+                    .map(|at| now + Duration::from_millis(at.saturating_sub(now_ms))),
+                expires_unix_ms: r.expires_unix_ms,
+            })
+            .collect();
+        let gone = copies.iter().filter(|c| c.path == PATH_GONE).count();
+        let restored = table.restore(copies);
+        if restored > 0 {
+            let mut text = format!(
+                "restored {restored} in-doubt writes from the last run: new writes to their blocks \
+                 wait until the path's fence succeeds or their in_doubt_timeout passes"
+            );
+            if gone > 0 {
+                text += &format!(
+                    " ({gone} of them from paths no longer configured: only their timeout ends them)"
+                );
+            }
+            events.push(lun, None, None, None, text);
+        }
+    }
+
+    /// Waits until the table version `version` (or a later one) is on disk; at once without a
+    /// `state_dir`, or when the LUN stops.
+    pub(crate) async fn wait_written(
+        &self,
+        version: u64,
+        stop: &tokio_util::sync::CancellationToken,
+    ) {
+        if self.file.is_none() {
+            return;
+        }
+        loop {
+            let changed = self.written_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.written.load(Ordering::Acquire) >= version {
+                return;
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    fn mark_written(&self, version: u64) {
+        self.written.fetch_max(version, Ordering::AcqRel);
+        self.written_changed.notify_waiters();
+    }
+}
+
+/// Writes the table to the journal whenever it changes, until the LUN stops.
+pub(crate) async fn persist_task(shared: Arc<Shared>) {
+    let Some(file) = shared.journal.file.clone() else {
+        return;
+    };
+    let mut last: Option<u64> = None;
+    loop {
+        let changed = shared.in_doubt.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (copies, version) = shared.in_doubt.snapshot();
+        if last != Some(version) {
+            let journal = InDoubtJournal::new(
+                &shared.name,
+                copies.iter().map(|c| record(&shared, c)).collect(),
+            );
+            let target = file.clone();
+            let result = tokio::task::spawn_blocking(move || write(&target, &journal)).await;
+            let problem = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(message)) => Some(message),
+                Err(e) => Some(format!("the write task failed: {e}")),
+            };
+            report(&shared, problem);
+            last = Some(version);
+            // Marked written even when it failed: a broken disk must not stop writes from completing;
+            // the event says the restart guarantee is at risk.
+            shared.journal.mark_written(version);
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
+}
+
+fn record(shared: &Shared, copy: &StaleCopy) -> InDoubtRecord {
+    let slot = shared.slots.get(copy.path);
+    InDoubtRecord {
+        offset: copy.offset,
+        length: copy.length,
+        path_id: slot.map(|s| s.id.path_id).unwrap_or(0),
+        path_name: slot.map(|s| s.name.clone()),
+        since_unix_ms: copy.since_unix_ms,
+        expires_unix_ms: copy.expires_unix_ms,
+    }
+}
+
+/// Writes the journal, or removes it when nothing is in doubt.
+fn write(file: &Path, journal: &InDoubtJournal) -> Result<(), String> {
+    if journal.copies.is_empty() {
+        return match std::fs::remove_file(file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", file.display())),
+        };
+    }
+    persist::save_in_doubt(file, journal).map_err(|e| e.message)
+}
+
+fn report(shared: &Shared, problem: Option<String>) {
+    let mut last = shared
+        .journal
+        .problem
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if *last == problem {
+        return;
+    }
+    match &problem {
+        Some(message) => {
+            tracing::error!(lun = %shared.name, error = %message, "in-doubt journal not written");
+            shared.events.push(
+                &shared.name,
+                None,
+                None,
+                None,
+                format!(
+                    "in-doubt writes not persisted ({message}): a restart now would forget them"
+                ),
+            );
+        }
+        None => {
+            shared.events.push(
+                &shared.name,
+                None,
+                None,
+                None,
+                "in-doubt journal written again",
+            );
+        }
+    }
+    *last = problem;
+}
