@@ -251,6 +251,35 @@ pub struct TargetServeArgs {
     /// Unix socket taking fault and status commands (created with mode 0600).
     #[arg(long, value_name = "SOCKET", env = "LUNMPIO_TARGET_CONTROL")]
     pub control: Option<PathBuf>,
+
+    /// Block-size constraints every port advertises, MIN:PREFERRED:MAX in bytes (suffixes allowed:
+    /// 4KiB:64MiB:32MiB), for testing how clients cope with odd but legal values. MAX may be
+    /// 0xffffffff ("no limit"); requests above 32 MiB are still refused [default: 1:4KiB:32MiB].
+    #[arg(long, value_name = "MIN:PREF:MAX", value_parser = parse_block_size_arg)]
+    pub block_size: Option<lunmpio_nbd::BlockSize>,
+}
+
+/// `MIN:PREFERRED:MAX`, each a size; checked against the protocol's rules.
+fn parse_block_size_arg(text: &str) -> Result<lunmpio_nbd::BlockSize, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let [min, preferred, max] = parts.as_slice() else {
+        return Err(format!("expected MIN:PREFERRED:MAX, got {text:?}"));
+    };
+    let size = |v: &str| -> Result<u32, String> {
+        let bytes = if let Some(hex) = v.strip_prefix("0x") {
+            u64::from_str_radix(hex, 16).map_err(|e| format!("{v:?}: {e}"))?
+        } else {
+            crate::units::parse_size(v)?
+        };
+        u32::try_from(bytes).map_err(|_| format!("{v:?} is above 4 GiB - 1"))
+    };
+    let block_size = lunmpio_nbd::BlockSize {
+        min: size(min)?,
+        preferred: size(preferred)?,
+        max_payload: size(max)?,
+    };
+    block_size.validate()?;
+    Ok(block_size)
 }
 
 #[derive(Debug, Subcommand)]

@@ -122,6 +122,66 @@ impl LatencyEstimator {
     }
 }
 
+/// How fast a path drains what is queued on it, in bytes per second, from completions: a request's
+/// latency covers the bytes that were in flight ahead of it plus its own (a path serves its queue
+/// roughly in order), so `(ahead + own) / latency` samples the path's throughput. Only samples that
+/// moved enough bytes to be dominated by transfer, not by per-request latency, are taken.
+///
+/// Used for deadlines that grow with the data a request must wait for and move (a 32 MiB write on a
+/// 64 MiB/s path is not hung after 250 ms), and for the bound on bytes in flight per path.
+#[derive(Default)]
+pub struct ThroughputEstimator {
+    bytes_per_sec: AtomicU64,
+}
+
+/// Samples moving fewer bytes than this say little about bandwidth.
+pub const THROUGHPUT_SAMPLE_BYTES_MIN: u64 = 256 << 10;
+/// Deadlines allow this many times the expected transfer time: bandwidth varies (other tenants, TCP
+/// slow start after idle), and a false suspicion costs a re-drive.
+const TRANSFER_SAFETY_FACTOR: u64 = 3;
+
+impl ThroughputEstimator {
+    pub fn record(&self, bytes_moved: u64, latency: Duration) {
+        if bytes_moved < THROUGHPUT_SAMPLE_BYTES_MIN {
+            return;
+        }
+        let ns = latency.as_nanos().clamp(1, u128::from(u64::MAX)) as u64;
+        let sample = (u128::from(bytes_moved) * 1_000_000_000 / u128::from(ns))
+            .clamp(1, u128::from(u64::MAX >> 4)) as u64;
+        let old = self.bytes_per_sec.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 4 + sample / 4
+        };
+        self.bytes_per_sec.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Bytes per second, once measured.
+    pub fn rate(&self) -> Option<u64> {
+        match self.bytes_per_sec.load(Ordering::Relaxed) {
+            0 => None,
+            r => Some(r),
+        }
+    }
+
+    /// Time to allow for moving `bytes` at the measured rate (with a safety factor); `None` while the
+    /// rate is unknown.
+    pub fn allowance(&self, bytes: u64) -> Option<Duration> {
+        let rate = self.rate()?;
+        let ns = u128::from(bytes) * 1_000_000_000 * u128::from(TRANSFER_SAFETY_FACTOR)
+            / u128::from(rate);
+        Some(Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64))
+    }
+
+    /// Time `bytes` take at the measured rate, without margin.
+    pub fn expected(&self, bytes: u64) -> Option<Duration> {
+        let rate = self.rate()?;
+        let ns = u128::from(bytes) * 1_000_000_000 / u128::from(rate);
+        Some(Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +209,24 @@ mod tests {
         h.record(Duration::from_secs(3600));
         assert_eq!(h.counts()[BUCKETS - 1], 1);
         assert!(h.quantile_us(0.5) >= 10_000_000);
+    }
+
+    #[test]
+    fn throughput_is_learned_from_large_transfers_only() {
+        let t = ThroughputEstimator::default();
+        assert_eq!(t.rate(), None);
+        assert_eq!(t.allowance(1 << 20), None);
+        t.record(4096, Duration::from_micros(50));
+        assert_eq!(
+            t.rate(),
+            None,
+            "a small request says nothing about bandwidth"
+        );
+        // 32 MiB in 0.5 s: 64 MiB/s.
+        t.record(32 << 20, Duration::from_millis(500));
+        assert_eq!(t.rate(), Some(64 << 20));
+        assert_eq!(t.expected(32 << 20), Some(Duration::from_millis(500)));
+        assert_eq!(t.allowance(32 << 20), Some(Duration::from_millis(1500)));
     }
 
     #[test]

@@ -190,6 +190,40 @@ impl BlockSize {
     }
 }
 
+impl BlockSize {
+    /// What a client may rely on from a server's advertised constraints, whatever their values: the
+    /// minimum must be legal (a power of two up to 64 KiB) or the export is refused; the maximum
+    /// payload is capped at [`crate::MAX_PAYLOAD_BYTES`] (what we allocate) and made a multiple of the
+    /// minimum; the preferred size is made a power of two between the minimum and the maximum. Odd but
+    /// legal values (a preferred size above 32 MiB, "no limit" maxima) come out usable; nothing the
+    /// server says can produce a `min > preferred > max_payload` triple downstream.
+    pub fn sanitize(mut self) -> Result<BlockSize, String> {
+        if !self.min.is_power_of_two() || self.min > MIN_BLOCK_BYTES_MAX {
+            return Err(format!("minimum block size {} is invalid", self.min));
+        }
+        let max = self.max_payload.min(crate::MAX_PAYLOAD_BYTES);
+        self.max_payload = max - max % self.min;
+        if self.max_payload == 0 {
+            return Err(format!(
+                "maximum payload {max} is below the minimum block size {}",
+                self.min
+            ));
+        }
+        let preferred = if self.preferred == 0 {
+            4096
+        } else {
+            self.preferred
+        };
+        // Largest power of two <= preferred, then into [min, largest power of two <= max_payload].
+        let floor_pow2 = |v: u32| 1u32 << (31 - v.max(1).leading_zeros());
+        self.preferred = floor_pow2(preferred)
+            .min(floor_pow2(self.max_payload))
+            .max(self.min);
+        debug_assert!(self.min <= self.preferred && self.preferred <= self.max_payload);
+        Ok(self)
+    }
+}
+
 /// One extent of a BLOCK_STATUS reply (32-bit form).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Extent {

@@ -146,6 +146,34 @@ impl PathLoad {
             .fetch_add(u64::from(bytes), Ordering::AcqRel);
     }
 
+    /// Like [`PathLoad::on_dispatch`], but only within bounds: at most `requests_max` requests and
+    /// `bytes_max` bytes in flight (one request of any size is admitted on an idle path, so a large I/O
+    /// is never starved). Returns whether it was counted in; the caller waits for room otherwise.
+    ///
+    /// ```
+    /// # use lunmpio_vds::PathLoad;
+    /// let load = PathLoad::new();
+    /// assert!(load.try_dispatch(64 << 20, 8, 1 << 20), "idle: admitted whatever its size");
+    /// assert!(!load.try_dispatch(4096, 8, 1 << 20), "over the byte bound");
+    /// load.on_complete(64 << 20, 1_000, 2_000);
+    /// assert!(load.try_dispatch(4096, 8, 1 << 20));
+    /// ```
+    pub fn try_dispatch(&self, bytes: u32, requests_max: u64, bytes_max: u64) -> bool {
+        let bytes = u64::from(bytes);
+        let admitted = self
+            .bytes_in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_flight| {
+                let fits = in_flight == 0 || in_flight.saturating_add(bytes) <= bytes_max;
+                (fits && self.requests_in_flight.load(Ordering::Acquire) < requests_max)
+                    .then_some(in_flight + bytes)
+            })
+            .is_ok();
+        if admitted {
+            self.requests_in_flight.fetch_add(1, Ordering::AcqRel);
+        }
+        admitted
+    }
+
     /// An I/O of `bytes` dispatched earlier completed after `latency_ns`, at monotonic time `now_ns`.
     pub fn on_complete(&self, bytes: u32, latency_ns: u64, now_ns: u64) {
         saturating_decrement(&self.requests_in_flight, 1, "requests in flight");

@@ -195,6 +195,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             name: Some(LUN_NAME.into()),
             ports: plan.paths as u16,
             listen: "127.0.0.1:0".into(),
+            block_size: None,
         })
         .await?,
     );

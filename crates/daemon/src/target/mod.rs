@@ -42,6 +42,8 @@ pub struct ArrayConfig {
     pub ports: u16,
     /// `HOST:PORT` of port 0.
     pub listen: String,
+    /// Advertised block-size constraints (`None`: 1, 4 KiB, 32 MiB).
+    pub block_size: Option<BlockSize>,
 }
 
 /// How long a fence waits for the connections it reset to end.
@@ -97,11 +99,11 @@ impl Array {
                         )),
                         size: store.size(),
                         flags: export_flags(),
-                        block_size: BlockSize {
+                        block_size: config.block_size.unwrap_or(BlockSize {
                             min: 1,
                             preferred: 4096,
                             max_payload: 32 << 20,
-                        },
+                        }),
                     },
                     Arc::new(PortBackend::new(port.clone(), store.clone())),
                 )
@@ -382,6 +384,7 @@ pub async fn run(args: TargetServeArgs) -> anyhow::Result<()> {
         name: args.name,
         ports: args.ports,
         listen: args.listen,
+        block_size: args.block_size,
     };
     // Install signal handlers before anything is printed, so a supervisor that reacts to the URIs by
     // sending SIGTERM never hits the default (fatal) disposition.

@@ -347,6 +347,8 @@ pub struct TargetSpec {
     pub name: Option<String>,
     pub ports: u16,
     pub listen: String,
+    /// More arguments for `lunmpio target` (e.g. `--block-size`).
+    pub extra: Vec<String>,
 }
 
 impl TargetSpec {
@@ -358,6 +360,7 @@ impl TargetSpec {
             name: None,
             ports,
             listen: "127.0.0.1:0".into(),
+            extra: Vec::new(),
         }
     }
 
@@ -369,6 +372,7 @@ impl TargetSpec {
             name: None,
             ports,
             listen: "127.0.0.1:0".into(),
+            extra: Vec::new(),
         }
     }
 
@@ -419,6 +423,7 @@ impl Target {
         if let Some(n) = &spec.name {
             cmd.args(["--name", n]);
         }
+        cmd.args(&spec.extra);
         cmd.args(["--ports", &spec.ports.to_string(), "--listen", &spec.listen])
             .arg("--control")
             .arg(&control)

@@ -650,8 +650,7 @@ impl ControlTask {
     }
 
     fn identity_mismatch(&self, info: &TransportInfo) -> Option<String> {
-        let g = self.shared.geometry.load();
-        identity::mismatch(info, g.size_bytes, g.read_only, g.identity.as_deref())
+        identity::refusal(info, &self.shared.geometry.load())
     }
 
     /// The paths are safe to use together when they share a store or every path known so far

@@ -32,8 +32,10 @@ use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
 
 use super::{Control, Installed, Lun, OutstandingWrite, PathSlot, Shared, humanize};
 use crate::in_doubt::NewCopy;
+use crate::latency::THROUGHPUT_SAMPLE_BYTES_MIN;
 use crate::no_path::NoPathError;
 use crate::settings::ADAPTIVE_TIMEOUT_FLOOR;
+use crate::transport::ConnectLimits;
 use crate::transport::{Failed, PathError, PathErrorKind};
 
 /// A request that failed for the client: the NBD errno to answer with, and why.
@@ -74,6 +76,55 @@ type Sent = Pin<Box<dyn Future<Output = Result<Reply, Failed>> + Send>>;
 /// once per `check_interval`), at most `io_timeout`.
 fn error_reply_grace(s: &Shared) -> Duration {
     (s.settings.check_interval * 2).min(s.settings.io_timeout)
+}
+
+/// Bytes in flight on a path whose bandwidth is not measured yet (one request of any size is always
+/// admitted on an idle path).
+const PATH_BYTES_UNMEASURED_MAX: u64 = 16 << 20;
+/// Bounds on bytes in flight per path once its bandwidth is known: about a quarter of `io_timeout`'s
+/// worth of data, so what waits on the path ahead of a request never eats its deadline.
+const PATH_BYTES_MIN: u64 = 4 << 20;
+const PATH_BYTES_MAX: u64 = 256 << 20;
+/// Without a measured bandwidth, a transfer this large (with what is ahead of it) is not judged by
+/// the adaptive timeout: only `io_timeout` applies.
+const TRANSFER_UNMEASURED_MAX: u64 = 1 << 20;
+
+/// Bound on bytes in flight on one path (PRODUCT.md §7.3): enough to keep a fast path busy, little
+/// enough that a slow one drains it well within `io_timeout`.
+pub(super) fn path_bytes_max(s: &Shared, slot: &PathSlot) -> u64 {
+    match slot.throughput.rate() {
+        None => PATH_BYTES_UNMEASURED_MAX,
+        Some(rate) => ((rate as f64 * s.settings.io_timeout.as_secs_f64() / 4.0) as u64)
+            .clamp(PATH_BYTES_MIN, PATH_BYTES_MAX),
+    }
+}
+
+/// The adaptive (`soft`) and the hard deadline of a request that must wait for `transfer` bytes to
+/// move (those in flight ahead of it and its own). Both count time on the path only, and both allow
+/// for the transfer at the path's measured bandwidth: a 32 MiB write on a 64 MiB/s path behind two
+/// more is slow, not hung. `io_timeout` stretches only for a transfer the measured bandwidth cannot
+/// move within it.
+pub(super) fn deadlines(
+    s: &Shared,
+    slot: &PathSlot,
+    transfer: u64,
+    hedge: bool,
+) -> (Duration, Duration) {
+    let io = s.settings.io_timeout;
+    let allowance = match slot.throughput.allowance(transfer) {
+        Some(a) => Some(a),
+        None if transfer >= TRANSFER_UNMEASURED_MAX => None,
+        None => Some(Duration::ZERO),
+    };
+    let hard = io.max(allowance.unwrap_or(Duration::ZERO));
+    let soft = match allowance {
+        Some(a) if hedge && s.settings.adaptive_timeout => {
+            let base = slot.latency.timeout(ADAPTIVE_TIMEOUT_FLOOR.min(io), io);
+            (base + a).min(hard)
+        }
+        _ => hard,
+    };
+    (soft, hard)
 }
 
 /// Upper bound on attempts for one request between two waits for a path: every path twice. Past it
@@ -180,17 +231,23 @@ impl Lun {
                 continue;
             };
             let alternatives = snapshot.candidates().len() > 1;
+            // Room on the path first (requests and bytes in flight are bounded): time spent waiting
+            // here is time inside lunmpio, and the deadlines start only after it.
+            let Some(bytes_ahead) = self.reserve(slot, &installed, bytes).await else {
+                p.excluded_slots |= 1 << index;
+                continue;
+            };
             // Each attempt sends a clone (a `Bytes` handle, not the data): an abandoned copy stays with
             // its old path, and we still hold ours for the re-drive.
-            slot.load.on_dispatch(bytes);
             let started = Instant::now();
+            let transfer = bytes_ahead + u64::from(bytes);
             let outcome = self
                 .attempt(
                     slot,
                     index,
                     &installed,
                     request.clone(),
-                    alternatives,
+                    (transfer, alternatives),
                     &mut p,
                 )
                 .await;
@@ -199,8 +256,8 @@ impl Lun {
                     let latency = started.elapsed();
                     slot.load
                         .on_complete(bytes, latency.as_nanos() as u64, s.now_ns());
-                    slot.latency.record(latency);
-                    slot.histogram.record(latency);
+                    learn(s, slot, transfer, latency);
+                    room_released(slot);
                     count_success(s, slot, &installed, &request);
                     if let Some(version) = p.in_doubt_version {
                         // The copies this request left in doubt survive a restart before it is acked.
@@ -211,12 +268,14 @@ impl Lun {
                 Err(Attempt::Request(e)) => {
                     slot.load
                         .on_complete(bytes, started.elapsed().as_nanos() as u64, s.now_ns());
+                    room_released(slot);
                     slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                     return Err(IoError::new(e.errno(), e.message));
                 }
                 Err(Attempt::ErrorReply(e)) => {
                     slot.load
                         .on_complete(bytes, started.elapsed().as_nanos() as u64, s.now_ns());
+                    room_released(slot);
                     slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                     p.error_replies += 1;
                     p.excluded_slots |= 1 << index;
@@ -224,11 +283,13 @@ impl Lun {
                 }
                 Err(Attempt::Slow(e)) => {
                     slot.load.on_abandon(bytes);
+                    room_released(slot);
                     p.excluded_slots |= 1 << index;
                     p.last_error = Some(e);
                 }
                 Err(Attempt::Fault(e)) => {
                     slot.load.on_abandon(bytes);
+                    room_released(slot);
                     slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                     p.excluded_slots |= 1 << index;
                     p.last_error = Some(e);
@@ -290,24 +351,62 @@ impl Lun {
         }
     }
 
+    /// Counts a request of `bytes` in on the path once there is room for it; returns the bytes that
+    /// were in flight ahead of it. `None`: the path went out of service while the request waited.
+    async fn reserve(&self, slot: &PathSlot, installed: &Installed, bytes: u32) -> Option<u64> {
+        let s = &*self.shared;
+        let requests_max = ConnectLimits::default().in_flight_max as u64;
+        loop {
+            let ahead = slot.load.bytes_in_flight();
+            if slot
+                .load
+                .try_dispatch(bytes, requests_max, path_bytes_max(s, slot))
+            {
+                return Some(ahead);
+            }
+            slot.room_waiters.fetch_add(1, Ordering::AcqRel);
+            let room = slot.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let retry = slot.load.bytes_in_flight() != ahead
+                || slot.load.requests_in_flight() < requests_max && ahead == 0;
+            if !retry {
+                tokio::select! {
+                    _ = &mut room => {}
+                    _ = installed.abandoned.cancelled() => {}
+                    _ = s.stop.cancelled() => {}
+                    // A safety net against a lost wake-up, not the mechanism.
+                    _ = tokio::time::sleep(s.settings.check_interval) => {}
+                }
+            }
+            slot.room_waiters.fetch_sub(1, Ordering::AcqRel);
+            if slot.load.is_unusable() || installed.is_abandoned() || s.stop.is_cancelled() {
+                return None;
+            }
+        }
+    }
+
     /// One attempt on one path, with the adaptive and the hard deadline. Does everything the outcome
     /// means for the path: suspects it, reports a fault, puts an abandoned write's copy in doubt.
+    /// `transfer` is the bytes it waits for and moves; `hedge`: another path could take it.
     async fn attempt(
         &self,
         slot: &PathSlot,
         index: usize,
         installed: &Arc<Installed>,
         request: Request,
-        alternatives: bool,
+        (transfer, hedge): (u64, bool),
         progress: &mut Progress,
     ) -> Result<Reply, Attempt> {
         let s = &*self.shared;
-        let hard = s.settings.io_timeout;
-        let soft = if s.settings.adaptive_timeout && alternatives {
-            slot.latency.timeout(ADAPTIVE_TIMEOUT_FLOOR.min(hard), hard)
-        } else {
-            hard
-        };
+        if installed.is_abandoned() {
+            // Out of service since it was picked: nothing was sent, nothing is in doubt.
+            return Err(Attempt::Fault(PathError::new(
+                PathErrorKind::Closed,
+                "the path was taken out of service",
+            )));
+        }
+        let (soft, hard) = deadlines(s, slot, transfer, hedge);
         let writes = changes_data(&request);
         let (offset, length) = range(&request);
         let outstanding = writes.then(|| OutstandingWrite::new(installed));
@@ -595,18 +694,28 @@ impl Lun {
             error_grace: None,
             in_doubt_version: None,
         };
+        let transfer = slot.load.bytes_in_flight();
         let result = self
-            .attempt(slot, index, installed, request, false, &mut progress)
+            .attempt(
+                slot,
+                index,
+                installed,
+                request,
+                (transfer, false),
+                &mut progress,
+            )
             .await;
         let elapsed = started.elapsed().as_nanos() as u64;
         match result {
             Ok(_) => {
                 slot.load.on_complete(0, elapsed, s.now_ns());
+                room_released(slot);
                 slot.counters.ios.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             Err(attempt) => {
                 slot.load.on_abandon(0);
+                room_released(slot);
                 let why = match attempt {
                     Attempt::Request(e)
                     | Attempt::ErrorReply(e)
@@ -657,6 +766,27 @@ impl Lun {
         tracing::error!(lun = %s.name, path = %slot.name, "{text}");
         s.events
             .push(&s.name, Some((slot.id, &slot.name)), None, None, text);
+    }
+}
+
+/// What a completed request teaches about its path: throughput from the bytes it waited for and moved,
+/// and latency net of that transfer (so the adaptive timeout reflects the path's responsiveness, not
+/// the size of recent requests).
+fn learn(s: &Shared, slot: &PathSlot, transfer: u64, latency: Duration) {
+    slot.throughput.record(transfer, latency);
+    slot.histogram.record(latency);
+    match slot.throughput.expected(transfer) {
+        Some(moving) => slot.latency.record(latency.saturating_sub(moving)),
+        None if transfer < THROUGHPUT_SAMPLE_BYTES_MIN => slot.latency.record(latency),
+        None => {}
+    }
+    slot.success_last_ns.fetch_max(s.now_ns(), Ordering::AcqRel);
+}
+
+/// A request left the path's in-flight counts: wake requests waiting for room, if any.
+fn room_released(slot: &PathSlot) {
+    if slot.room_waiters.load(Ordering::Acquire) > 0 {
+        slot.room.notify_waiters();
     }
 }
 

@@ -7,13 +7,13 @@
 //! before it may carry I/O.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lunmpio_nbd::client::Request;
 use tokio::sync::oneshot;
 
 use super::{Admission, Control, Installed, Shared, humanize};
-use crate::settings::ADAPTIVE_TIMEOUT_FLOOR;
 use crate::transport::{ConnectLimits, PathConnection};
 
 /// First reconnect delay after a failure; doubles up to the check interval.
@@ -54,7 +54,7 @@ async fn watch(shared: &Arc<Shared>, index: usize, installed: &Arc<Installed>) -
         if !still_installed {
             return true;
         }
-        tokio::select! {
+        let suspected = tokio::select! {
             _ = shared.stop.cancelled() => return false,
             _ = installed.connection.closed() => {
                 shared.send(Control::Fault { index, generation, cause: "connection closed (reset or end of stream)".into() });
@@ -62,8 +62,13 @@ async fn watch(shared: &Arc<Shared>, index: usize, installed: &Arc<Installed>) -
                 wait_replaced(shared, index, generation).await;
                 return !shared.stop.is_cancelled();
             }
-            _ = tokio::time::sleep(shared.settings.check_interval) => {}
-            _ = slot.probe_now.notified() => {}
+            _ = tokio::time::sleep(shared.settings.check_interval) => false,
+            _ = slot.probe_now.notified() => true,
+        };
+        if !suspected && !slot.load.is_unusable() && answered_lately(shared, index) {
+            // Requests completed within the last check interval: the path is alive, and a probe
+            // would only queue behind them.
+            continue;
         }
         match probe(shared, index, &installed.connection).await {
             Ok(()) => shared.send(Control::ProbeOk { index, generation }),
@@ -143,14 +148,7 @@ async fn reconnect(shared: &Arc<Shared>, index: usize, backoff: &mut Duration) -
     // Identity first: a path that now leads to another volume must not even be read from.
     let geometry = shared.geometry.load();
     let info = connection.info();
-    if super::identity::mismatch(
-        info,
-        geometry.size_bytes,
-        geometry.read_only,
-        geometry.identity.as_deref(),
-    )
-    .is_some()
-    {
+    if super::identity::refusal(info, &geometry).is_some() {
         // The control task records the reason (and decides when to try again) without a probe.
         let (reply, admission) = oneshot::channel();
         shared.send(Control::Connected {
@@ -188,17 +186,21 @@ async fn reconnect(shared: &Arc<Shared>, index: usize, backoff: &mut Duration) -
     true
 }
 
-/// A small read at the start of the volume, bounded by the path's adaptive timeout.
+/// Whether the path completed a request successfully within the last check interval.
+fn answered_lately(shared: &Shared, index: usize) -> bool {
+    let last = shared.slots[index].success_last_ns.load(Ordering::Acquire);
+    last != 0
+        && shared.now_ns().saturating_sub(last) < shared.settings.check_interval.as_nanos() as u64
+}
+
+/// A small read at the start of the volume, bounded by the path's adaptive timeout plus the time the
+/// bytes already in flight on the path need to move (the probe waits behind them on the wire).
 async fn probe(
     shared: &Arc<Shared>,
     index: usize,
     connection: &PathConnection,
 ) -> Result<(), String> {
     let slot = &shared.slots[index];
-    let io_timeout = shared.settings.io_timeout;
-    let timeout = slot
-        .latency
-        .timeout(ADAPTIVE_TIMEOUT_FLOOR.min(io_timeout), io_timeout);
     let info = connection.info();
     let length = info
         .block_size
@@ -208,6 +210,8 @@ async fn probe(
     if length == 0 {
         return Ok(()); // an empty volume has nothing to read; the connection itself answered
     }
+    let transfer = slot.load.bytes_in_flight() + u64::from(length);
+    let (timeout, _) = super::dispatch::deadlines(shared, slot, transfer, true);
     let request = Request::Read { offset: 0, length };
     match tokio::time::timeout(timeout, connection.submit(request)).await {
         Ok(Ok(_)) => Ok(()),

@@ -65,8 +65,10 @@ pub(super) fn settle(
     ))
 }
 
-/// The export's geometry from the paths that match the identity.
-pub(super) fn geometry_of(
+/// The export's geometry from the paths that match the identity. Total over any values the paths
+/// report (the transports sanitize them, but this never relies on it): the result always has
+/// `1 <= min <= preferred <= max_payload <= MAX_PAYLOAD_BYTES`, min a power of two.
+pub fn geometry_of(
     size_bytes: u64,
     read_only: bool,
     identity: Option<String>,
@@ -92,35 +94,46 @@ pub(super) fn geometry_of(
         | TransmissionFlags::CAN_MULTI_CONN
         | caps
         | read_only_flag(read_only);
-    let min = paths
-        .iter()
-        .map(|i| i.block_size.min)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let preferred = paths
-        .iter()
-        .map(|i| i.block_size.preferred)
-        .max()
-        .unwrap_or(4096)
-        .max(min);
-    let max_payload = paths
-        .iter()
-        .map(|i| i.block_size.max_payload)
-        .min()
-        .unwrap_or(lunmpio_nbd::MAX_PAYLOAD_BYTES)
-        .clamp(preferred, lunmpio_nbd::MAX_PAYLOAD_BYTES);
+    let block_size = joint_block_size(paths);
     Geometry {
         size_bytes,
         read_only,
         flags,
-        block_size: BlockSize {
-            min,
-            preferred,
-            max_payload,
-        },
+        block_size,
         base_allocation: paths.iter().all(|i| i.base_allocation),
         identity: identity.or_else(|| paths.iter().find_map(|i| i.identity.clone())),
+    }
+}
+
+/// The strictest constraints of all paths: the largest minimum, the smallest maximum, the largest
+/// preferred size that fits. Each path's own constraints are sanitized first, so a path advertising odd
+/// values (a preferred size above 32 MiB, say) cannot produce an impossible triple.
+fn joint_block_size(paths: &[&TransportInfo]) -> BlockSize {
+    let sane: Vec<BlockSize> = paths
+        .iter()
+        .map(|i| i.block_size.sanitize().unwrap_or_default())
+        .collect();
+    let min = sane.iter().map(|b| b.min).max().unwrap_or(1).max(1);
+    let max_payload = sane
+        .iter()
+        .map(|b| b.max_payload)
+        .min()
+        .unwrap_or(lunmpio_nbd::MAX_PAYLOAD_BYTES)
+        .min(lunmpio_nbd::MAX_PAYLOAD_BYTES);
+    // `min` is a power of two up to 64 KiB and every sanitized max is a multiple of its own min, but
+    // not necessarily of the largest min: round down, and never below min.
+    let max_payload = (max_payload - max_payload % min).max(min);
+    let preferred = sane
+        .iter()
+        .map(|b| b.preferred)
+        .max()
+        .unwrap_or(4096)
+        .clamp(min, max_payload);
+    let preferred = (1u32 << (31 - preferred.leading_zeros())).max(min);
+    BlockSize {
+        min,
+        preferred,
+        max_payload,
     }
 }
 
@@ -132,8 +145,30 @@ fn read_only_flag(read_only: bool) -> TransmissionFlags {
     }
 }
 
+/// Why a path cannot serve this LUN as exported: a different volume (see [`mismatch`]), or stricter
+/// alignment than the export promised its clients — a path needing 4096-byte alignment cannot take the
+/// 512-byte writes of a LUN settled at 1-byte alignment, so it is refused rather than made to fail them.
+pub fn refusal(info: &TransportInfo, lun: &Geometry) -> Option<String> {
+    if let Some(reason) = mismatch(info, lun.size_bytes, lun.read_only, lun.identity.as_deref()) {
+        return Some(reason);
+    }
+    let path_min = info
+        .block_size
+        .sanitize()
+        .map(|b| b.min)
+        .unwrap_or(u32::MAX);
+    if path_min > lun.block_size.min {
+        return Some(format!(
+            "identity mismatch: the path needs {path_min}-byte alignment, the LUN serves I/O aligned \
+             to {} bytes",
+            lun.block_size.min
+        ));
+    }
+    None
+}
+
 /// Why a path's answer does not match the LUN, if it does not.
-pub(crate) fn mismatch(
+pub fn mismatch(
     info: &TransportInfo,
     size_bytes: u64,
     read_only: bool,
@@ -251,6 +286,49 @@ mod tests {
                 max_payload: 1 << 20
             }
         );
+    }
+
+    #[test]
+    fn odd_but_legal_block_sizes_never_produce_an_impossible_triple() {
+        let mut odd = info(100, TransmissionFlags::empty());
+        odd.block_size = BlockSize {
+            min: 1,
+            preferred: 64 << 20,
+            max_payload: u32::MAX,
+        };
+        let g = geometry_of(100, false, None, &[&odd]);
+        let b = g.block_size;
+        assert!(
+            b.min <= b.preferred && b.preferred <= b.max_payload,
+            "{b:?}"
+        );
+        assert_eq!(b.max_payload, lunmpio_nbd::MAX_PAYLOAD_BYTES);
+        // Mixed minimums: the max payload is rounded to the strictest minimum.
+        let mut a = info(100, TransmissionFlags::empty());
+        a.block_size = BlockSize {
+            min: 512,
+            preferred: 512,
+            max_payload: 1536,
+        };
+        let mut c = info(100, TransmissionFlags::empty());
+        c.block_size = BlockSize {
+            min: 1024,
+            preferred: 1024,
+            max_payload: 4096,
+        };
+        let b = geometry_of(100, false, None, &[&a, &c]).block_size;
+        assert_eq!((b.min, b.preferred, b.max_payload), (1024, 1024, 1024));
+    }
+
+    #[test]
+    fn a_path_stricter_than_the_export_is_refused() {
+        let lun = geometry_of(100, false, None, &[&info(100, TransmissionFlags::empty())]);
+        assert_eq!(lun.block_size.min, 1);
+        let mut strict = info(100, TransmissionFlags::empty());
+        strict.block_size.min = 4096;
+        let reason = refusal(&strict, &lun).expect("refused");
+        assert!(reason.contains("4096-byte alignment"), "{reason}");
+        assert!(refusal(&info(100, TransmissionFlags::empty()), &lun).is_none());
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod control;
 mod dispatch;
 mod fence;
 mod health;
-mod identity;
+pub mod identity;
 mod journal;
 
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::events::EventLog;
 use crate::in_doubt::InDoubtTable;
-use crate::latency::{LatencyEstimator, LatencyHistogram};
+use crate::latency::{LatencyEstimator, LatencyHistogram, ThroughputEstimator};
 use crate::no_path::NoPathQueue;
 use crate::settings::{LunSettings, LunSpec, PathSpec};
 use crate::transport::{ConnectLimits, PathConnection, PathTarget};
@@ -173,8 +173,16 @@ pub(crate) struct PathSlot {
     pub(crate) fence: Option<Vec<String>>,
     pub(crate) uri: String,
     pub(crate) latency: LatencyEstimator,
+    pub(crate) throughput: ThroughputEstimator,
     pub(crate) histogram: LatencyHistogram,
     pub(crate) counters: PathCounters,
+    /// Requests waiting for room on this path (bytes or requests in flight at their bound), and their
+    /// wake-up: completions notify only when someone waits.
+    pub(crate) room_waiters: AtomicUsize,
+    pub(crate) room: Notify,
+    /// `now_ns` of the last request this path completed successfully: proof of life, so the periodic
+    /// probe is skipped while I/O flows.
+    pub(crate) success_last_ns: AtomicU64,
     /// Wakes the health task for a probe now (a request on the path timed out or failed).
     pub(crate) probe_now: Notify,
     /// Signalled whenever the control task installs or removes the connection.
@@ -400,8 +408,12 @@ impl Lun {
                     fence: spec.fence.clone().or_else(|| settings_fence.clone()),
                     uri: spec.uri.clone(),
                     latency: LatencyEstimator::default(),
+                    throughput: ThroughputEstimator::default(),
                     histogram: LatencyHistogram::default(),
                     counters: PathCounters::default(),
+                    room_waiters: AtomicUsize::new(0),
+                    room: Notify::new(),
+                    success_last_ns: AtomicU64::new(0),
                     probe_now: Notify::new(),
                     changed: Notify::new(),
                 }

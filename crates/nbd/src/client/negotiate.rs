@@ -4,7 +4,7 @@
 use super::{Client, ClientError, ConnectOptions, Endpoint, ExportInfo, Negotiation};
 use crate::io_util::fill;
 use crate::proto::*;
-use crate::{BlockSize, MAX_PAYLOAD_BYTES, TransmissionFlags};
+use crate::{BlockSize, TransmissionFlags};
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -282,27 +282,10 @@ where
     Ok((info, c.buf))
 }
 
-/// Checks the server's constraints and caps the maximum payload to what we allocate.
+/// Checks the server's constraints and makes them safe to use (see [`BlockSize::sanitize`]).
 fn sanitize_block_size(b: Option<BlockSize>) -> Result<BlockSize, ClientError> {
-    let Some(mut b) = b else {
-        return Ok(BlockSize::default());
-    };
-    if !b.min.is_power_of_two() || b.min > crate::types::MIN_BLOCK_BYTES_MAX {
-        return Err(hs(format!(
-            "server's minimum block size {} is invalid",
-            b.min
-        )));
+    match b {
+        None => Ok(BlockSize::default()),
+        Some(b) => b.sanitize().map_err(|e| hs(format!("server's {e}"))),
     }
-    let max = b.max_payload.min(MAX_PAYLOAD_BYTES);
-    b.max_payload = max - max % b.min;
-    if b.max_payload == 0 {
-        return Err(hs(format!(
-            "server's maximum payload {} is below its minimum block",
-            max
-        )));
-    }
-    if b.preferred == 0 {
-        b.preferred = b.min.max(4096);
-    }
-    Ok(b)
 }

@@ -193,9 +193,13 @@ impl<B: Backend> Server<B> {
             return Err(invalid("description longer than 4096 bytes".into()));
         }
         config.block_size.validate().map_err(invalid)?;
-        if config.block_size.max_payload > MAX_PAYLOAD_BYTES {
+        // 0xffffffff advertises "no limit" (legal, if unusual); requests are still held to
+        // MAX_PAYLOAD_BYTES, what this server allocates.
+        if config.block_size.max_payload > MAX_PAYLOAD_BYTES
+            && config.block_size.max_payload != u32::MAX
+        {
             return Err(invalid(format!(
-                "maximum payload above {MAX_PAYLOAD_BYTES} bytes"
+                "maximum payload above {MAX_PAYLOAD_BYTES} bytes (use 0xffffffff for no limit)"
             )));
         }
         if !config.size.is_multiple_of(config.block_size.min as u64) {

@@ -104,7 +104,7 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
     if !h.offset.is_multiple_of(min) || !(h.length as u64).is_multiple_of(min) {
         return Err(NbdErrno::Inval);
     }
-    if payload_cmd && h.length > c.block_size.max_payload {
+    if payload_cmd && h.length > c.block_size.max_payload.min(crate::MAX_PAYLOAD_BYTES) {
         return Err(NbdErrno::Inval);
     }
     Ok(())
