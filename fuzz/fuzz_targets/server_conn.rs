@@ -52,6 +52,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, Arc<Server<Zero>>) {
         let mut s = Server::new(ServerOptions {
             max_in_flight_per_connection: 16,
             handshake_timeout: Duration::from_secs(5),
+            ..ServerOptions::default()
         });
         s.add_export(ExportConfig::new("", SIZE), Arc::new(Zero))
             .unwrap();

@@ -45,7 +45,14 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub state_dir: PathBuf,
     pub shutdown_timeout: Duration,
+    /// Export connections served at once (NBD clients); at the bound an idle one makes room, else a
+    /// new one is refused.
+    pub max_connections: usize,
 }
+
+/// Default and bound of `max_connections`.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
+pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 16;
 
 #[derive(Debug, Clone)]
 pub struct LunConfig {
@@ -173,6 +180,7 @@ struct RawDaemon {
     metrics_listen: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -319,6 +327,7 @@ impl Context<'_> {
             metrics_listen: None,
             state_dir: None,
             shutdown_timeout: None,
+            max_connections: None,
         });
         let nbd_listen = match &raw.nbd_listen {
             None => ListenAddr::Tcp("127.0.0.1:10809".parse().expect("constant")),
@@ -343,6 +352,19 @@ impl Context<'_> {
             None => Duration::from_secs(10),
             Some(v) => self.duration(v, "daemon.shutdown_timeout")?,
         };
+        let max_connections = match &raw.max_connections {
+            None => MAX_CONNECTIONS_DEFAULT,
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_CONNECTIONS_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    self.error(
+                        v.span(),
+                        "daemon.max_connections".into(),
+                        format!("{} is not in 1..={MAX_CONNECTIONS_LIMIT}", v.get_ref()),
+                    )
+                })?,
+        };
         let path = |v: &Option<Spanned<String>>,
                     default: &str,
                     key: &str|
@@ -365,6 +387,7 @@ impl Context<'_> {
             metrics_listen,
             state_dir: path(&raw.state_dir, "/var/lib/lunmpio", "daemon.state_dir")?,
             shutdown_timeout,
+            max_connections,
         })
     }
 

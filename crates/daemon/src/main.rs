@@ -8,6 +8,18 @@ use clap::Parser;
 use lunmpio::cli::{Cli, Command, LogFormat, TargetAction};
 use lunmpio::{demo, manage, serve, target, target_cli};
 
+/// Runs a long-lived command, then stops the runtime without waiting for blocking threads that are
+/// stuck (a hung local device holds its system call forever): the command has already drained what
+/// could complete within its own `shutdown_timeout`.
+fn run_to_end<T>(
+    rt: tokio::runtime::Runtime,
+    command: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let result = rt.block_on(command);
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo talks to people on stdout and shows every event in its own view; its log would only
@@ -24,12 +36,12 @@ fn main() -> ExitCode {
             Some(TargetAction::Status(args)) => target_cli::status(args),
             Some(TargetAction::Fence(args)) => target_cli::fence(args),
             None => runtime()
-                .and_then(|rt| rt.block_on(target::run(target.serve)))
+                .and_then(|rt| run_to_end(rt, target::run(target.serve)))
                 .map(|()| ExitCode::SUCCESS),
         },
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(demo::run(args))),
         Command::Serve(args) => runtime()
-            .and_then(|rt| rt.block_on(serve::run(args)))
+            .and_then(|rt| run_to_end(rt, serve::run(args)))
             .map(|()| ExitCode::SUCCESS),
         Command::Luns(o) => manage::luns(&o),
         Command::Topology(o) => manage::topology(&o),

@@ -35,7 +35,7 @@ pub enum Release {
 pub enum NoPathError {
     /// `no_path_retry = "fail"`.
     NotQueueing,
-    /// The queue's byte bound is reached.
+    /// The queue's byte or request bound is reached.
     Full,
     /// The deadline after the last path failed has passed.
     Expired,
@@ -45,6 +45,10 @@ pub enum NoPathError {
     /// whose probe is running): try again shortly instead of queueing.
     NotDown,
 }
+
+/// Bound on requests queued at once, whatever their size: FLUSH, TRIM and WRITE_ZEROES carry no
+/// payload, yet each waiting request costs memory; the byte bound alone would not stop them.
+pub const QUEUED_IOS_MAX: u64 = 16 * 1024;
 
 pub struct NoPathQueue {
     retry: NoPathRetry,
@@ -125,7 +129,9 @@ impl NoPathQueue {
                 }
             };
             let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if queued.saturating_add(bytes) > self.bytes_max {
+            if queued.saturating_add(bytes) > self.bytes_max
+                || self.queued_ios.load(Ordering::Relaxed) >= QUEUED_IOS_MAX
+            {
                 return Err(NoPathError::Full);
             }
             let (sender, receiver) = oneshot::channel();
@@ -198,6 +204,25 @@ impl Drop for Accounting<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn requests_without_payload_are_bounded_by_count() {
+        let q = std::sync::Arc::new(NoPathQueue::new(NoPathRetry::Queue, 1 << 20));
+        q.all_paths_down();
+        let mut waiting = Vec::new();
+        for _ in 0..QUEUED_IOS_MAX {
+            let q = std::sync::Arc::clone(&q);
+            waiting.push(tokio::spawn(async move { q.wait_while_down(0).await }));
+        }
+        while q.queued_ios() < QUEUED_IOS_MAX {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(q.wait_while_down(0).await, Err(NoPathError::Full));
+        q.path_available();
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), Ok(()));
+        }
+    }
+
     use super::*;
     use std::sync::Arc;
 

@@ -289,10 +289,9 @@ fn image(dir: &Path) -> std::path::PathBuf {
 #[tokio::test]
 async fn file_buffered() {
     let dir = tempfile::tempdir().unwrap();
-    let target = PathTarget::File(FileTarget {
-        path: image(dir.path()),
-        direct: false,
-    });
+    let mut file = FileTarget::new(image(dir.path()));
+    file.direct = false;
+    let target = PathTarget::File(file);
     let conn = connect_with_deadline(&target).await;
     assert_eq!(conn.info().block_size.min, 1);
     conformance(conn).await;

@@ -994,3 +994,82 @@ async fn many_connections_and_exports() {
     drop(clients);
     within(ts.server.wait_idle()).await;
 }
+
+/// A scripted server answering one READ of 4096 bytes with two OFFSET_DATA chunks that overlap
+/// (0..2048 and 1024..3072): their lengths add up to the request, but 3072..4096 was never sent. The
+/// client must refuse the reply (a protocol violation), never hand back zeroes as data.
+#[tokio::test]
+async fn overlapping_read_chunks_that_leave_a_hole_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let fake = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut raw = Raw::new(s);
+        let mut out = bytes::BytesMut::new();
+        Greeting {
+            flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
+        }
+        .encode(&mut out);
+        raw.send(&out).await;
+        while raw.buf.len() < 4 {
+            assert!(raw.more().await);
+        }
+        bytes::Buf::advance(&mut raw.buf, 4);
+        loop {
+            let opt = loop {
+                if let Some(o) = RawOption::decode(&mut raw.buf).unwrap() {
+                    break o;
+                }
+                assert!(raw.more().await);
+            };
+            let mut out = bytes::BytesMut::new();
+            match opt.option {
+                NBD_OPT_STRUCTURED_REPLY => OptionReply::Ack.encode(opt.option, &mut out),
+                NBD_OPT_GO => {
+                    OptionReply::Info(Info::Export {
+                        size: 1 << 20,
+                        flags: TransmissionFlags::HAS_FLAGS,
+                    })
+                    .encode(opt.option, &mut out);
+                    OptionReply::Ack.encode(opt.option, &mut out);
+                    raw.send(&out).await;
+                    break;
+                }
+                _ => OptionReply::Error {
+                    error: OptionError::Unsup,
+                    message: String::new(),
+                }
+                .encode(opt.option, &mut out),
+            }
+            raw.send(&out).await;
+        }
+        let read = loop {
+            if let Some((h, _)) = decode_request(&mut raw.buf).unwrap() {
+                break h;
+            }
+            assert!(raw.more().await);
+        };
+        let mut out = bytes::BytesMut::new();
+        for (offset, len) in [(0u64, 2048usize), (1024, 2048)] {
+            ChunkPayload::OffsetData {
+                offset,
+                data: Bytes::from(vec![7u8; len]),
+            }
+            .encode(read.cookie, 0, &mut out);
+        }
+        ChunkPayload::None.encode(read.cookie, NBD_REPLY_FLAG_DONE, &mut out);
+        raw.send(&out).await;
+        raw.at_eof().await;
+    });
+    let c = within(Client::connect(opts(&Endpoint::Unix { path }, "x")))
+        .await
+        .unwrap();
+    let err = within(c.read(0, 4096)).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Protocol(ref m) if m.contains("overlap")),
+        "{err:?}"
+    );
+    within(c.closed()).await;
+    within(fake).await.unwrap();
+}

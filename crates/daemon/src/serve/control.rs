@@ -25,17 +25,36 @@ const CONNECTIONS_MAX: usize = 64;
 pub struct Management {
     pub luns: Vec<Lun>,
     pub events: Arc<EventLog>,
+    /// The export server (connection counts for the metrics).
+    pub server: Arc<lunmpio_nbd::Server<super::export::LunBackend>>,
+    pub accept_errors: Arc<super::fds::AcceptErrors>,
 }
 
 /// Binds the control socket with mode 0600 (only root — or the daemon's user — may manage paths).
+/// A socket left behind by a daemon that died is replaced; one a live daemon answers on is not (two
+/// daemons managing the same paths would fight), and neither is a file that is not a socket.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; refusing to replace it",
+            ));
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another lunmpio daemon is serving on it (stop it first, or give this one another \
+                 control_socket)",
+            ));
+        }
+        Ok(_) => std::fs::remove_file(path)?,
     }
     // Bind with a restrictive umask so the socket is never reachable by others, not even briefly.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
@@ -52,20 +71,43 @@ pub async fn serve(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    // Given up to accept a management connection when the process is out of descriptors.
+    let spare = Arc::new(super::fds::Spare::new());
+    let mut backoff = super::fds::Backoff::new("control");
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.reset();
+                // Take a spare again if one is free (not while the freed one is wanted for this accept).
+                spare.restore();
+                stream
+            }
+            Err(e) if super::fds::out_of_descriptors(&e) && spare.release() => {
+                tracing::warn!(
+                    "out of file descriptors: using the spare one to accept a management connection"
+                );
+                continue;
+            }
+            Err(e) => {
+                backoff.failed(&e, &management.accept_errors.control).await;
+                continue;
+            }
+        };
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
         let management = Arc::clone(&management);
+        let spare = Arc::clone(&spare);
         tokio::spawn(async move {
             if let Err(e) = connection(stream, &management).await {
                 tracing::debug!(error = %e, "control connection ended");
             }
+            // Its descriptor was just closed: take it as the spare before an export client does.
+            spare.restore();
             drop(permit);
         });
     }

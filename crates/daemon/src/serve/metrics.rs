@@ -18,21 +18,47 @@ use super::control::Management;
 const REQUEST_BYTES_MAX: usize = 8192;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Takes the spare descriptor back when a scrape's connection (declared after it) has closed.
+struct RestoreOnDrop(Arc<super::fds::Spare>);
+
+impl Drop for RestoreOnDrop {
+    fn drop(&mut self) {
+        self.0.restore();
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     management: Arc<Management>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut backoff = super::fds::Backoff::new("metrics");
+    // Given up to answer a scrape when the process is out of descriptors: that is when it matters.
+    let spare = Arc::new(super::fds::Spare::new());
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((mut stream, _)) = accepted else {
-            continue;
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.reset();
+                // Take a spare again if one is free (not while the freed one is wanted for this accept).
+                spare.restore();
+                stream
+            }
+            Err(e) if super::fds::out_of_descriptors(&e) && spare.release() => continue,
+            Err(e) => {
+                backoff.failed(&e, &management.accept_errors.metrics).await;
+                continue;
+            }
         };
         let management = Arc::clone(&management);
+        let spare = Arc::clone(&spare);
         tokio::spawn(async move {
+            let _guard = RestoreOnDrop(spare);
+            // Declared after the guard, so it is closed before the guard takes the spare back.
+            let mut stream = stream;
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
                 let mut request = vec![0u8; REQUEST_BYTES_MAX];
                 let mut used = 0;
@@ -292,6 +318,65 @@ pub fn render(m: &Management) -> String {
                 ]
             })
             .collect(),
+    );
+    let server = &m.server;
+    let errors = &m.accept_errors;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    section(
+        &mut out,
+        "lunmpio_nbd_connections",
+        "gauge",
+        "Export (NBD client) connections being served.",
+        vec![(
+            String::new(),
+            String::new(),
+            server.connections().to_string(),
+        )],
+    );
+    section(
+        &mut out,
+        "lunmpio_nbd_connections_evicted_total",
+        "counter",
+        "Idle export connections closed to make room at max_connections.",
+        vec![(
+            String::new(),
+            String::new(),
+            server.connections_evicted().to_string(),
+        )],
+    );
+    section(
+        &mut out,
+        "lunmpio_nbd_connections_refused_total",
+        "counter",
+        "Export connections refused at max_connections (none idle to make room).",
+        vec![(
+            String::new(),
+            String::new(),
+            server.connections_refused().to_string(),
+        )],
+    );
+    section(
+        &mut out,
+        "lunmpio_accept_errors_total",
+        "counter",
+        "Failed accepts by listener (EMFILE: out of file descriptors).",
+        vec![
+            (
+                "listener=\"nbd\"".into(),
+                String::new(),
+                (server.accept_errors() + load(&errors.nbd)).to_string(),
+            ),
+            (
+                "listener=\"control\"".into(),
+                String::new(),
+                load(&errors.control).to_string(),
+            ),
+            (
+                "listener=\"metrics\"".into(),
+                String::new(),
+                load(&errors.metrics).to_string(),
+            ),
+        ],
     );
     section(
         &mut out,

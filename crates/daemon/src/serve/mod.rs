@@ -8,6 +8,7 @@
 
 pub mod control;
 pub mod export;
+pub mod fds;
 pub mod metrics;
 
 use std::path::PathBuf;
@@ -51,7 +52,19 @@ impl Daemon {
         std::fs::create_dir_all(&config.daemon.state_dir)
             .with_context(|| format!("state_dir {}", config.daemon.state_dir.display()))?;
         let mut luns = Vec::with_capacity(config.luns.len());
-        let mut server = Server::new(ServerOptions::default());
+        let paths: usize = config.luns.iter().map(|l| l.paths.len()).sum();
+        let (max_connections, lowered) = fds::connections_within_limit(
+            config.daemon.max_connections,
+            paths,
+            fds::raise_open_file_limit(),
+        );
+        if let Some(why) = lowered {
+            tracing::warn!("{why}");
+        }
+        let mut server = Server::new(ServerOptions {
+            max_connections,
+            ..ServerOptions::default()
+        });
         for lun_config in &config.luns {
             let spec = lun_config.to_spec();
             let options = LunOptions {
@@ -82,6 +95,8 @@ impl Daemon {
         let management = Arc::new(control::Management {
             luns: luns.clone(),
             events: Arc::clone(&events),
+            server: Arc::clone(&server),
+            accept_errors: Arc::default(),
         });
         let stop = tokio_util::sync::CancellationToken::new();
 

@@ -37,9 +37,13 @@ impl ControlServer {
     /// Creates the socket (replacing a stale one) and starts answering on it.
     pub fn start(path: &Path, array: Arc<Array>) -> anyhow::Result<ControlServer> {
         remove_stale_socket(path)?;
-        let listener = UnixListener::bind(path)
-            .with_context(|| format!("cannot create control socket {}", path.display()))?;
-        // Faults can take the array down: only the owner may send them.
+        // Faults can take the array down: only the owner may send them. The socket is created under
+        // a restrictive umask, so it is never reachable by others, not even between bind and chmod.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let listener = UnixListener::bind(path);
+        nix::sys::stat::umask(old);
+        let listener =
+            listener.with_context(|| format!("cannot create control socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("cannot set mode 0600 on {}", path.display()))?;
         let stop = CancellationToken::new();

@@ -35,25 +35,51 @@ const EXTENTS_PER_REPLY_MAX: usize = 1024;
 const STATE_HOLE: u32 = 1;
 const STATE_ZERO: u32 = 2;
 
+/// System calls of one file path running at once (opens, probes, requests, over every connection of
+/// the path). A hung device holds each of its calls forever; without this bound every probe and every
+/// retried request would pin one more thread of the blocking pool.
+pub const FILE_CALLS_MAX: usize = 64;
+
 /// How a file path is opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct FileTarget {
     pub path: PathBuf,
     /// Try `O_DIRECT` first (fall back to buffered I/O where the file system refuses it, for regular
     /// files only: a block device opened buffered is not safe to share with a second node).
     pub direct: bool,
+    /// Shared by every connection of the path: see [`FILE_CALLS_MAX`].
+    calls: Arc<tokio::sync::Semaphore>,
 }
+
+impl PartialEq for FileTarget {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.direct == other.direct
+    }
+}
+
+impl Eq for FileTarget {}
 
 impl FileTarget {
     pub fn new(path: PathBuf) -> Self {
-        FileTarget { path, direct: true }
+        FileTarget {
+            path,
+            direct: true,
+            calls: Arc::new(tokio::sync::Semaphore::new(FILE_CALLS_MAX)),
+        }
     }
 
     pub(super) async fn open(&self) -> Result<FileConnection, PathError> {
         let target = self.clone();
-        tokio::task::spawn_blocking(move || target.open_blocking())
+        let call = Arc::clone(&self.calls)
+            .acquire_owned()
             .await
-            .map_err(|e| PathError::new(PathErrorKind::Connect, format!("open task failed: {e}")))?
+            .map_err(|_| PathError::new(PathErrorKind::Connect, "file path closed"))?;
+        tokio::task::spawn_blocking(move || {
+            let _call = call;
+            target.open_blocking()
+        })
+        .await
+        .map_err(|e| PathError::new(PathErrorKind::Connect, format!("open task failed: {e}")))?
     }
 
     fn open_blocking(&self) -> Result<FileConnection, PathError> {
@@ -105,6 +131,7 @@ impl FileTarget {
         };
         Ok(FileConnection {
             inner: Arc::new(FileInner {
+                calls: Arc::clone(&self.calls),
                 file,
                 info,
                 direct,
@@ -154,6 +181,7 @@ pub struct FileConnection {
 }
 
 struct FileInner {
+    calls: Arc<tokio::sync::Semaphore>,
     file: File,
     info: TransportInfo,
     direct: bool,
@@ -183,9 +211,20 @@ impl FileConnection {
             });
         }
         let inner = Arc::clone(&self.inner);
+        let Ok(call) = Arc::clone(&self.inner.calls).acquire_owned().await else {
+            return Err(Failed {
+                request,
+                error: PathError::new(PathErrorKind::Closed, "path closed"),
+                sent: false,
+            });
+        };
         // Keep a handle to hand back on failure (cloning a request clones a `Bytes`, not the data).
         let handed_back = request.clone();
-        let joined = tokio::task::spawn_blocking(move || inner.execute(&request)).await;
+        let joined = tokio::task::spawn_blocking(move || {
+            let _call = call;
+            inner.execute(&request)
+        })
+        .await;
         match joined {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(error)) => Err(Failed {

@@ -51,9 +51,38 @@ struct ReadAsm {
     single: Option<Bytes>,
     buf: Option<BytesMut>,
     covered: u64,
+    /// Ranges (start → end, relative to the request) covered so far, once there is more than one
+    /// chunk: chunks must not overlap (proto.md), so that with `covered == length` every byte was
+    /// sent exactly once and no hole of zeroes passes for data.
+    ranges: Option<std::collections::BTreeMap<u32, u32>>,
 }
 
 impl ReadAsm {
+    /// Records that a chunk covers `rel..rel+len` of the request; refuses an empty chunk or one that
+    /// overlaps an earlier chunk.
+    fn claim(&mut self, rel: u32, len: u32, length: u32) -> Result<(), Violation> {
+        if len == 0 {
+            return Err(Violation("READ chunk of length 0".into()));
+        }
+        if self.covered + u64::from(len) > u64::from(length) {
+            return Err(Violation("READ chunks overlap".into()));
+        }
+        let end = rel + len; // `in_range` checked it lies within the request
+        if self.covered == 0 && rel == 0 && len == length {
+            self.covered = u64::from(len); // one chunk covers all: nothing to track
+            return Ok(());
+        }
+        let ranges = self.ranges.get_or_insert_with(Default::default);
+        let before = ranges.range(..=rel).next_back();
+        let after = ranges.range(rel..).next();
+        if before.is_some_and(|(_, &e)| e > rel) || after.is_some_and(|(&s, _)| s < end) {
+            return Err(Violation("READ chunks overlap".into()));
+        }
+        ranges.insert(rel, end);
+        self.covered += u64::from(len);
+        Ok(())
+    }
+
     fn materialize(&mut self, length: u32) -> &mut BytesMut {
         let single = self.single.take();
         self.buf.get_or_insert_with(|| {
@@ -66,21 +95,20 @@ impl ReadAsm {
         })
     }
 
+    /// Places a chunk's data (already claimed).
     fn data(&mut self, rel: usize, data: Bytes, length: u32) {
-        if self.covered == 0 && rel == 0 && data.len() == length as usize && self.buf.is_none() {
-            self.covered = data.len() as u64;
+        if rel == 0 && data.len() == length as usize && self.buf.is_none() && self.single.is_none()
+        {
             self.single = Some(data);
             return;
         }
         let n = data.len();
         self.materialize(length)[rel..rel + n].copy_from_slice(&data);
-        self.covered += n as u64;
     }
 
-    fn hole(&mut self, len: u32, length: u32) {
-        // The buffer starts zeroed: nothing to write.
+    /// A hole chunk (already claimed): the buffer starts zeroed, nothing to write.
+    fn hole(&mut self, length: u32) {
         self.materialize(length);
-        self.covered += len as u64;
     }
 
     fn finish(self) -> Bytes {
@@ -876,9 +904,7 @@ fn apply_chunk(
                 ));
             };
             let rel = in_range(offset, data.len() as u64, *ro, *length)?;
-            if asm.covered + data.len() as u64 > *length as u64 {
-                return Err(Violation("READ chunks overlap".into()));
-            }
+            asm.claim(rel as u32, data.len() as u32, *length)?;
             asm.data(rel, data, *length);
         }
         ChunkPayload::OffsetHole { offset, length: hl } => {
@@ -892,11 +918,9 @@ fn apply_chunk(
                     "OFFSET_HOLE chunk for a request that is not a READ".into(),
                 ));
             };
-            in_range(offset, hl as u64, *ro, *length)?;
-            if asm.covered + hl as u64 > *length as u64 {
-                return Err(Violation("READ chunks overlap".into()));
-            }
-            asm.hole(hl, *length);
+            let rel = in_range(offset, hl as u64, *ro, *length)?;
+            asm.claim(rel as u32, hl, *length)?;
+            asm.hole(*length);
         }
         ChunkPayload::BlockStatus {
             context_id,

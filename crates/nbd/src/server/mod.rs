@@ -5,6 +5,7 @@
 //! into few socket writes. In-flight requests per connection are bounded: the reader stops
 //! reading when the bound is reached.
 
+mod admission;
 mod handshake;
 mod transmission;
 
@@ -19,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use admission::IDLE_EVICT_AFTER;
 pub use transmission::{RequestCheck, check_request};
 
 /// The storage behind an export. Every method may run concurrently with the others.
@@ -100,6 +102,13 @@ impl ExportConfig {
 pub struct ServerOptions {
     pub max_in_flight_per_connection: usize,
     pub handshake_timeout: Duration,
+    /// Connections served at once; at the bound an idle one makes room (see `admission`), else the
+    /// new one is refused.
+    pub max_connections: usize,
+    /// Bound on the bytes of request payloads and reply data one connection holds at a time: a client
+    /// that sends READs and never reads the replies stops being read from once it is reached. At least
+    /// one maximum-size request always fits.
+    pub connection_bytes_max: usize,
 }
 
 impl Default for ServerOptions {
@@ -107,9 +116,15 @@ impl Default for ServerOptions {
         ServerOptions {
             max_in_flight_per_connection: 256,
             handshake_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            connection_bytes_max: CONNECTION_BYTES_DEFAULT,
         }
     }
 }
+
+/// Default [`ServerOptions::connection_bytes_max`]: two maximum-size requests, or hundreds of the
+/// usual 4–128 KiB ones.
+pub const CONNECTION_BYTES_DEFAULT: usize = 2 * MAX_PAYLOAD_BYTES as usize;
 
 /// Upper bound on `max_in_flight_per_connection` (a semaphore sizes itself from it).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1 << 16;
@@ -130,6 +145,10 @@ pub enum ServerError {
     HandshakeTimeout,
     #[error("client disconnected in the middle of a message")]
     Truncated,
+    #[error("refused: {0} connections (max_connections) and none of them idle")]
+    TooManyConnections(usize),
+    #[error("evicted: idle while the server was at max_connections")]
+    Evicted,
 }
 
 pub(crate) struct ExportEntry<B> {
@@ -142,6 +161,11 @@ pub struct Server<B: Backend> {
     options: ServerOptions,
     shutdown: CancellationToken,
     active: watch::Sender<usize>,
+    admission: Arc<admission::Registry>,
+    /// When (ms since start) a refusal was last logged: one warning per second at most.
+    refusal_logged_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+    accept_errors: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a live connection for `wait_idle`.
@@ -166,11 +190,16 @@ impl<B: Backend> Server<B> {
         options.max_in_flight_per_connection = options
             .max_in_flight_per_connection
             .clamp(1, IN_FLIGHT_PER_CONNECTION_MAX);
+        options.connection_bytes_max = options.connection_bytes_max.max(MAX_PAYLOAD_BYTES as usize);
         Server {
             exports: HashMap::new(),
+            admission: admission::Registry::new(options.max_connections),
             options,
             shutdown: CancellationToken::new(),
             active: watch::Sender::new(0),
+            refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            accept_errors: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -237,51 +266,104 @@ impl<B: Backend> Server<B> {
         None
     }
 
-    /// Serves one already-accepted connection to completion (handshake + transmission).
+    /// Serves one already-accepted connection to completion (handshake + transmission). At
+    /// `max_connections` it first makes room by evicting an idle connection, or is refused.
     pub async fn serve_connection<S>(self: &Arc<Self>, stream: S) -> Result<(), ServerError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let admitted = self.admit()?;
         let guard = ConnGuard::new(&self.active);
-        let r = self.serve_inner(stream).await;
+        let r = self.serve_inner(stream, &admitted).await;
         drop(guard);
         r
     }
 
-    async fn serve_inner<S>(self: &Arc<Self>, stream: S) -> Result<(), ServerError>
+    fn admit(&self) -> Result<Arc<admission::Admitted>, ServerError> {
+        match self.admission.admit() {
+            admission::Admission::Admitted(a) => Ok(a),
+            admission::Admission::Refused => {
+                let now = self.epoch.elapsed().as_millis() as u64;
+                let last = self
+                    .refusal_logged_ms
+                    .swap(now, std::sync::atomic::Ordering::Relaxed);
+                if last == 0 || now.saturating_sub(last) >= 1000 {
+                    tracing::warn!(
+                        max_connections = self.options.max_connections,
+                        refused_total = self.connections_refused(),
+                        "nbd connection refused: at max_connections and none is idle"
+                    );
+                }
+                Err(ServerError::TooManyConnections(
+                    self.options.max_connections,
+                ))
+            }
+        }
+    }
+
+    async fn serve_inner<S>(
+        self: &Arc<Self>,
+        stream: S,
+        admitted: &Arc<admission::Admitted>,
+    ) -> Result<(), ServerError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(crate::io_util::READ_BUFFER_BYTES);
-        let negotiated = match tokio::time::timeout(
+        let handshake = tokio::time::timeout(
             self.options.handshake_timeout,
             self.handshake(&mut rd, &mut wr, &mut buf),
-        )
-        .await
-        {
-            Err(_) => return Err(ServerError::HandshakeTimeout),
-            Ok(r) => r?,
+        );
+        let negotiated = tokio::select! {
+            r = handshake => match r {
+                Err(_) => return Err(ServerError::HandshakeTimeout),
+                Ok(r) => r?,
+            },
+            _ = admitted.evicted.cancelled() => return Err(ServerError::Evicted),
         };
         let Some(negotiated) = negotiated else {
             return Ok(());
         };
-        self.transmission(rd, wr, buf, negotiated).await
+        admitted.transmission_started();
+        self.transmission(rd, wr, buf, negotiated, admitted).await
     }
 
     fn spawn_connection<S>(self: &Arc<Self>, stream: S)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let Ok(admitted) = self.admit() else {
+            return; // dropping the stream closes it before the greeting
+        };
         // Count the connection before the task starts, so wait_idle() cannot miss it.
         let guard = ConnGuard::new(&self.active);
         let server = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = server.serve_inner(stream).await {
+            if let Err(e) = server.serve_inner(stream, &admitted).await {
                 tracing::debug!(error = %e, "nbd connection ended with an error");
             }
             drop(guard);
         });
+    }
+
+    /// Connections evicted to make room, and refused, since start.
+    pub fn connections_evicted(&self) -> u64 {
+        self.admission
+            .evicted_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed accepts (EMFILE, ECONNABORTED, ...) of `serve_tcp` / `serve_unix` since start.
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn connections_refused(&self) -> u64 {
+        self.admission
+            .refused_total
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Accepts and serves TCP connections until [`Server::shutdown`].
@@ -289,15 +371,17 @@ impl<B: Backend> Server<B> {
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
     ) -> std::io::Result<()> {
+        let mut backoff = AcceptBackoff::default();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
+                        backoff.reset();
                         let _ = stream.set_nodelay(true);
                         self.spawn_connection(stream);
                     }
-                    Err(e) => accept_error(e).await,
+                    Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },
             }
         }
@@ -308,12 +392,16 @@ impl<B: Backend> Server<B> {
         self: Arc<Self>,
         listener: tokio::net::UnixListener,
     ) -> std::io::Result<()> {
+        let mut backoff = AcceptBackoff::default();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 r = listener.accept() => match r {
-                    Ok((stream, _peer)) => self.spawn_connection(stream),
-                    Err(e) => accept_error(e).await,
+                    Ok((stream, _peer)) => {
+                        backoff.reset();
+                        self.spawn_connection(stream);
+                    }
+                    Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },
             }
         }
@@ -341,10 +429,32 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// Accept errors (EMFILE, ECONNABORTED...) are transient: log, back off briefly, go on.
-async fn accept_error(e: std::io::Error) {
-    tracing::warn!(error = %e, "nbd accept failed");
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
+/// Accept errors (EMFILE, ECONNABORTED...) are transient: back off (10 ms doubling to 1 s) instead of
+/// spinning, count them, and warn at most every 10 s.
+#[derive(Default)]
+struct AcceptBackoff {
+    delay: Duration,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
 }
 
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+impl AcceptBackoff {
+    fn reset(&mut self) {
+        self.delay = Duration::ZERO;
+    }
+
+    async fn failed(&mut self, e: &std::io::Error, counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.unlogged += 1;
+        if self
+            .logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(error = %e, failures = self.unlogged, "nbd accept failed; backing off");
+            self.logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        }
+        self.delay = (self.delay * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        tokio::time::sleep(self.delay).await;
+    }
+}

@@ -1,6 +1,7 @@
 //! Server side of the transmission phase: request validation, concurrent execution, and a
 //! writer that coalesces out-of-order replies.
 
+use super::admission::Admitted;
 use super::handshake::Negotiated;
 use super::{Backend, Server, ServerError};
 use crate::io_util::{fill, reserve_total};
@@ -110,14 +111,39 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
     Ok(())
 }
 
-/// A reply on its way to the writer. The permit frees the in-flight slot once written.
+/// What one request holds from the moment it is read until its reply is written: its in-flight slot
+/// and the bytes it occupies (its payload, or the data its READ reply will carry). Dropping it — after
+/// the reply went to the socket — gives both back.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+    connection: Arc<Admitted>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.connection.request_done();
+    }
+}
+
+/// A reply on its way to the writer, with what its request holds.
 struct Out {
     cookie: u64,
     offset: u64,
     body: Body,
     /// READ and BLOCK_STATUS errors go out as ERROR chunks under structured replies.
     chunked_error: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    _held: Option<Held>,
+}
+
+/// Bytes a request holds while it runs and until its reply is written: the payload it brought, or the
+/// data its READ reply will carry (bounded by the budget, so one maximum-size request always fits).
+fn request_bytes(h: &RequestHeader, payload: &Bytes, budget_max: usize) -> u32 {
+    let bytes = match h.command {
+        Command::Read => h.length as usize,
+        _ => payload.len(),
+    };
+    bytes.min(budget_max) as u32
 }
 
 enum Body {
@@ -134,6 +160,7 @@ impl<B: Backend> Server<B> {
         wr: W,
         mut buf: BytesMut,
         n: Negotiated<B>,
+        connection: &Arc<Admitted>,
     ) -> Result<(), ServerError>
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -141,6 +168,8 @@ impl<B: Backend> Server<B> {
     {
         let max = self.options.max_in_flight_per_connection;
         let slots = Arc::new(Semaphore::new(max));
+        let budget_max = self.options.connection_bytes_max;
+        let budget = Arc::new(Semaphore::new(budget_max));
         let (tx, rx) = mpsc::unbounded_channel::<Out>();
         let writer = tokio::spawn(write_replies(wr, rx, n.structured));
         let check = RequestCheck {
@@ -162,6 +191,8 @@ impl<B: Backend> Server<B> {
             let req = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => { draining = true; break; }
+                // Only a connection with nothing in flight is ever evicted.
+                _ = connection.evicted.cancelled() => break,
                 r = read_request(&mut rd, &mut buf) => r,
             };
             match req {
@@ -169,7 +200,29 @@ impl<B: Backend> Server<B> {
                     if h.command == Command::Disc {
                         break;
                     }
-                    self.dispatch(&n, &check, h, data, permit, &tx);
+                    connection.request_started();
+                    // The bytes this request will hold; while the connection is at its budget (a
+                    // client that does not read its replies), no further request is read.
+                    let bytes = request_bytes(&h, &data, budget_max);
+                    let bytes = if bytes == 0 {
+                        None
+                    } else {
+                        tokio::select! {
+                            biased;
+                            _ = self.shutdown.cancelled() => {
+                                connection.request_done();
+                                draining = true;
+                                break;
+                            }
+                            p = Arc::clone(&budget).acquire_many_owned(bytes) => p.ok(),
+                        }
+                    };
+                    let held = Held {
+                        _slot: permit,
+                        _bytes: bytes,
+                        connection: Arc::clone(connection),
+                    };
+                    self.dispatch(&n, &check, h, data, held, &tx);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -189,13 +242,20 @@ impl<B: Backend> Server<B> {
                 match req {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, _))) => {
-                        let permit = Arc::clone(&slots).acquire_owned().await.ok();
+                        let held = Arc::clone(&slots).acquire_owned().await.ok().map(|slot| {
+                            connection.request_started();
+                            Held {
+                                _slot: slot,
+                                _bytes: None,
+                                connection: Arc::clone(connection),
+                            }
+                        });
                         let _ = tx.send(Out {
                             cookie: h.cookie,
                             offset: h.offset,
                             body: Body::Err(NbdErrno::Shutdown),
                             chunked_error: n.structured && is_chunked(h.command),
-                            _permit: permit,
+                            _held: held,
                         });
                     }
                     Ok(None) => break,
@@ -227,19 +287,19 @@ impl<B: Backend> Server<B> {
         check: &RequestCheck,
         h: RequestHeader,
         data: Bytes,
-        permit: OwnedSemaphorePermit,
+        held: Held,
         tx: &mpsc::UnboundedSender<Out>,
     ) {
         let chunked_error = n.structured && is_chunked(h.command);
-        let reply = |body: Body, permit| Out {
+        let reply = |body: Body, held| Out {
             cookie: h.cookie,
             offset: h.offset,
             body,
             chunked_error,
-            _permit: permit,
+            _held: held,
         };
         if let Err(e) = check_request(check, &h) {
-            let _ = tx.send(reply(body_err(e), Some(permit)));
+            let _ = tx.send(reply(body_err(e), Some(held)));
             return;
         }
         // Zero-length data commands need no backend call.
@@ -258,7 +318,7 @@ impl<B: Backend> Server<B> {
             } else {
                 Body::Ok
             };
-            let _ = tx.send(reply(body, Some(permit)));
+            let _ = tx.send(reply(body, Some(held)));
             return;
         }
         let backend = Arc::clone(&n.export.backend);
@@ -289,7 +349,7 @@ impl<B: Backend> Server<B> {
                 offset,
                 body,
                 chunked_error,
-                _permit: Some(permit),
+                _held: Some(held),
             });
         });
     }

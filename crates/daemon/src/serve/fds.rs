@@ -1,0 +1,190 @@
+//! File descriptors: NBD clients must never starve the daemon's own paths or its management plane.
+//!
+//! Three layers (issue 10 D4):
+//! 1. At start the soft `RLIMIT_NOFILE` is raised to the hard limit, and `max_connections` is held
+//!    below what remains after a reserve for path connections, files and management connections —
+//!    so export clients are refused (or idle ones evicted) by the NBD server before the process runs
+//!    out of descriptors.
+//! 2. The control socket keeps one spare descriptor (`/dev/null`): when `accept` fails with EMFILE or
+//!    ENFILE, the spare is given up so the pending management connection can be accepted, and taken
+//!    again when possible. An operator can always ask the daemon what is wrong.
+//! 3. Every accept loop backs off on errors (10 ms doubling to 1 s) instead of spinning, counts them
+//!    (`lunmpio_accept_errors_total`) and logs at most one warning per 10 s per listener.
+
+use std::fs::File;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Descriptors kept for everything but export connections: the listeners, log and state files, and
+/// management connections.
+const RESERVE_BASE: u64 = 96;
+/// Per path: its connection, connections lingering while they owe replies, a reconnect attempt.
+const RESERVE_PER_PATH: u64 = 8;
+
+/// Raises the soft open-file limit to the hard one. Returns the soft limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// `max_connections` as far as the open-file limit allows, and why it was lowered, if it was.
+pub fn connections_within_limit(
+    max_connections: usize,
+    paths: usize,
+    open_files: Option<u64>,
+) -> (usize, Option<String>) {
+    let Some(limit) = open_files else {
+        return (max_connections, None);
+    };
+    let reserve = RESERVE_BASE + RESERVE_PER_PATH * paths as u64;
+    let room = limit.saturating_sub(reserve).max(1);
+    if (max_connections as u64) <= room {
+        return (max_connections, None);
+    }
+    let lowered = room as usize;
+    let why = format!(
+        "max_connections lowered from {max_connections} to {lowered}: the open-file limit is {limit} and \
+         {reserve} descriptors are kept for {paths} paths and management (raise LimitNOFILE to serve more)"
+    );
+    (lowered, Some(why))
+}
+
+/// One spare descriptor, given up so the control socket can accept when the process is out of them.
+pub struct Spare {
+    file: Mutex<Option<File>>,
+}
+
+impl Spare {
+    pub fn new() -> Spare {
+        Spare {
+            file: Mutex::new(File::open("/dev/null").ok()),
+        }
+    }
+
+    /// Frees the spare descriptor; returns whether there was one to free.
+    pub fn release(&self) -> bool {
+        self.lock().take().is_some()
+    }
+
+    /// Takes a spare descriptor again if there is none (fails quietly while none is free).
+    pub fn restore(&self) {
+        let mut file = self.lock();
+        if file.is_none() {
+            *file = File::open("/dev/null").ok();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<File>> {
+        self.file.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Default for Spare {
+    fn default() -> Self {
+        Spare::new()
+    }
+}
+
+/// Whether an accept error means "out of descriptors".
+pub fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Accept errors of every listener, for the metrics.
+#[derive(Default)]
+pub struct AcceptErrors {
+    pub nbd: AtomicU64,
+    pub control: AtomicU64,
+    pub metrics: AtomicU64,
+}
+
+/// Backoff of one accept loop.
+pub struct Backoff {
+    listener: &'static str,
+    delay: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Backoff {
+    pub fn new(listener: &'static str) -> Backoff {
+        Backoff {
+            listener,
+            delay: BACKOFF_MIN,
+            last_log: None,
+            unlogged: 0,
+        }
+    }
+
+    /// An accept succeeded: the next failure starts from the shortest delay.
+    pub fn reset(&mut self) {
+        self.delay = BACKOFF_MIN;
+    }
+
+    /// An accept failed: counts it, logs now and then, and sleeps (longer each time in a row).
+    pub async fn failed(&mut self, e: &std::io::Error, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.unlogged += 1;
+        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            tracing::warn!(
+                listener = self.listener,
+                error = %e,
+                failures = self.unlogged,
+                out_of_descriptors = out_of_descriptors(e),
+                "accept failed; backing off"
+            );
+            self.last_log = Some(Instant::now());
+            self.unlogged = 0;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_stay_below_the_open_file_limit() {
+        assert_eq!(connections_within_limit(1024, 4, None), (1024, None));
+        assert_eq!(
+            connections_within_limit(1024, 4, Some(1 << 20)),
+            (1024, None)
+        );
+        let (n, why) = connections_within_limit(1024, 4, Some(1024));
+        assert_eq!(n, 1024 - 96 - 32);
+        assert!(why.unwrap().contains("open-file limit is 1024"));
+        assert_eq!(connections_within_limit(1024, 64, Some(64)).0, 1);
+    }
+
+    #[test]
+    fn the_spare_can_be_given_up_and_taken_again() {
+        let spare = Spare::new();
+        assert!(spare.release());
+        assert!(!spare.release());
+        spare.restore();
+        assert!(spare.release());
+    }
+}
