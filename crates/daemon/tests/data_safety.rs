@@ -658,3 +658,79 @@ fn flush_fails_when_the_writes_it_covers_were_lost_with_their_connection() {
     // Reported once, as fsync reports a write-back error once; later flushes cover later writes.
     flush_once(&case.daemon).expect("the next FLUSH succeeds");
 }
+
+// -------------------------------------------------------------------------------------------------
+// A write stuck on a path that still answers reads
+
+/// nbdkit's delay filter holds every write on p0 for a minute while its reads (the health probes) are
+/// answered at once: p0 looks alive. Writes that land on p0 are re-driven on p1 at the adaptive timeout
+/// and their old copies are in doubt; newer writes to the same blocks must not wait for
+/// `in_doubt_timeout` (a minute here) when a fence is configured: a copy with no answer after
+/// `io_timeout` fails its path, which runs the fence, which releases the copies.
+#[test]
+fn a_write_stuck_on_a_path_that_answers_reads_is_fenced_at_io_timeout() {
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("create the image");
+    let (mut stuck, stuck_sock, stuck_log) = nbdkit_file(dir.path(), "stuck", &image, Some("60"));
+    let (_plain, plain_sock, _) = nbdkit_file(dir.path(), "plain", &image, None);
+    let config = format!(
+        "[defaults]\nio_timeout = \"1s\"\nin_doubt_timeout = \"60s\"\n\
+         [[lun]]\nname = \"{LUN}\"\npolicy = \"round-robin\"\nshared_backing = true\n\
+         [[lun.path]]\nuri = \"{}\"\nname = \"p0\"\nfence = [\"kill\", \"-9\", \"{}\"]\n\
+         [[lun.path]]\nuri = \"{}\"\nname = \"p1\"\n",
+        unix_uri("", &stuck_sock),
+        stuck.pid(),
+        unix_uri("", &plain_sock),
+    );
+    let daemon = Daemon::spawn(&config);
+    wait_usable(&daemon, "p0");
+    wait_usable(&daemon, "p1");
+    let uri = daemon.uri(LUN);
+    // Warm up: both paths learn that they answer in microseconds.
+    run_ok(&mut qemu_io(
+        &uri,
+        &["read 0 64k", "read 64k 64k", "read 0 64k"],
+    ));
+    let blocks: Vec<String> = (0..8)
+        .map(|i| format!("write -P 0xaa {} 4k", i * 4096))
+        .collect();
+    let refs: Vec<&str> = blocks.iter().map(String::as_str).collect();
+    run_ok(&mut qemu_io(&uri, &refs));
+    assert!(
+        log_lines(&stuck_log)
+            .iter()
+            .any(|l| l.contains(" Write id=")),
+        "no write reached p0: the case was not built"
+    );
+    let started = Instant::now();
+    let newer: Vec<String> = (0..8)
+        .map(|i| format!("write -P 0xbb {} 4k", i * 4096))
+        .collect();
+    let refs: Vec<&str> = newer.iter().map(String::as_str).collect();
+    run_ok(&mut qemu_io(&uri, &refs));
+    let waited = started.elapsed();
+    eprintln!("the newer writes completed after {} ms", waited.as_millis());
+    // Generous against io_timeout (1 s) plus the fence, far below in_doubt_timeout (60 s).
+    assert!(
+        waited < Duration::from_secs(20),
+        "newer writes waited {waited:?}: the stuck copies were not fenced; events:\n{}",
+        events_text(&daemon)
+    );
+    assert!(
+        event_causes(&daemon)
+            .iter()
+            .any(|c| c.contains("fence of p0 succeeded")),
+        "no fence; events:\n{}",
+        events_text(&daemon)
+    );
+    assert!(
+        stuck.wait_timeout(Duration::from_secs(10)).is_some(),
+        "p0's nbdkit was not fenced"
+    );
+    for i in 0..8u64 {
+        assert_pattern(&uri, i * 4096, 4096, 0xbb, "the newer writes", &daemon);
+    }
+}

@@ -8,7 +8,9 @@
 //! acknowledged; if the old copy then lands *after a newer write* to the same blocks, acknowledged data
 //! is lost. So every such copy is recorded here as a [`StaleCopy`], and while one overlaps a range,
 //! new writes to that range wait. Reads never wait: the old copy carries the same data as the
-//! acknowledged re-drive, so a read sees the right data before and after it lands.
+//! acknowledged re-drive, so a read sees the right data before and after it lands. (Two *concurrent*
+//! overlapping writes, both in flight when the copy was made, have no defined order anyway; a client
+//! that waits for one before issuing the other is always ordered.)
 //!
 //! A copy stops holding its range only on real evidence that it can no longer execute:
 //!
@@ -47,8 +49,10 @@ pub struct StaleCopy {
     pub id: u64,
     pub offset: u64,
     pub length: u64,
-    /// Slot index of the path that may still execute it.
+    /// Slot index of the path that may still execute it (`usize::MAX`: a path no longer configured).
     pub path: usize,
+    /// That path's id (kept for the journal, also for a path no longer configured).
+    pub path_id: u64,
     /// Generation of the connection it was sent on; 0 for copies restored from `state_dir` (sent by an
     /// earlier run of the daemon).
     pub generation: u64,
@@ -78,6 +82,7 @@ pub struct NewCopy {
     pub offset: u64,
     pub length: u64,
     pub path: usize,
+    pub path_id: u64,
     pub generation: u64,
     /// `in_doubt_timeout`; `None`: hold until evidence arrives.
     pub hold_max: Option<Duration>,
@@ -114,16 +119,24 @@ impl InDoubtTable {
     }
 
     /// Records a copy in doubt; waits for room while the table is full. Returns its id and the table
-    /// version that includes it (what must be persisted before the write is acknowledged).
-    pub async fn insert(&self, new: NewCopy) -> (u64, u64) {
+    /// version that includes it (what must be persisted before the write is acknowledged); `None` if
+    /// `stop` came first (the LUN is shutting down and the request fails).
+    pub async fn insert(
+        &self,
+        new: NewCopy,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Option<(u64, u64)> {
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
             if let Some(done) = self.try_insert(new) {
-                return done;
+                return Some(done);
             }
-            released.await;
+            tokio::select! {
+                _ = released => {}
+                _ = stop.cancelled() => return None,
+            }
         }
     }
 
@@ -140,6 +153,7 @@ impl InDoubtTable {
             offset: new.offset,
             length: new.length,
             path: new.path,
+            path_id: new.path_id,
             generation: new.generation,
             since_unix_ms: now_ms,
             expires: new.hold_max.map(|d| now + d),
@@ -229,13 +243,19 @@ impl InDoubtTable {
     /// Waits until no copy in doubt overlaps `offset..offset+length`: what a write does before it is
     /// sent. Returns at once (one atomic load) when nothing is in doubt, the normal case. A copy whose
     /// hold has lapsed stops holding at once, even before the control task has logged its expiry.
-    pub async fn wait_clear(&self, offset: u64, length: u64) {
+    /// Returns false if `stop` came first.
+    pub async fn wait_clear(
+        &self,
+        offset: u64,
+        length: u64,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> bool {
         if length == 0 {
-            return;
+            return true;
         }
         loop {
             if self.count.load(Ordering::Acquire) == 0 {
-                return;
+                return true;
             }
             let released = self.released.notified();
             tokio::pin!(released);
@@ -244,16 +264,13 @@ impl InDoubtTable {
             released.as_mut().enable();
             let (blocked, lapse) = self.check(offset, length);
             if !blocked {
-                return;
+                return true;
             }
-            match lapse {
-                Some(at) => {
-                    tokio::select! {
-                        _ = &mut released => {}
-                        _ = tokio::time::sleep_until(at) => {}
-                    }
-                }
-                None => released.await,
+            let lapse = lapse.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
+            tokio::select! {
+                _ = &mut released => {}
+                _ = tokio::time::sleep_until(lapse) => {}
+                _ = stop.cancelled() => return false,
             }
         }
     }
@@ -361,11 +378,16 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn never() -> tokio_util::sync::CancellationToken {
+        tokio_util::sync::CancellationToken::new()
+    }
+
     fn copy(offset: u64, length: u64, path: usize, generation: u64) -> NewCopy {
         NewCopy {
             offset,
             length,
             path,
+            path_id: path as u64,
             generation,
             hold_max: Some(Duration::from_secs(60)),
         }
@@ -374,22 +396,22 @@ mod tests {
     #[tokio::test]
     async fn empty_table_never_waits() {
         let t = InDoubtTable::new();
-        t.wait_clear(0, 4096).await;
+        t.wait_clear(0, 4096, &never()).await;
         assert!(t.is_empty());
     }
 
     #[tokio::test]
     async fn writes_wait_until_the_copy_is_answered_reads_never_wait() {
         let t = Arc::new(InDoubtTable::new());
-        let (id, version) = t.insert(copy(8192, 4096, 0, 1)).await;
+        let (id, version) = t.insert(copy(8192, 4096, 0, 1), &never()).await.unwrap();
         assert_eq!((t.len(), t.version()), (1, version));
         // Not overlapping: proceeds at once. Zero length (FLUSH): never waits.
-        t.wait_clear(0, 8192).await;
-        t.wait_clear(12288, 4096).await;
-        t.wait_clear(8192, 0).await;
+        t.wait_clear(0, 8192, &never()).await;
+        t.wait_clear(12288, 4096, &never()).await;
+        t.wait_clear(8192, 0, &never()).await;
         let writer = {
             let t = Arc::clone(&t);
-            tokio::spawn(async move { t.wait_clear(10000, 10).await })
+            tokio::spawn(async move { t.wait_clear(10000, 10, &never()).await })
         };
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -410,8 +432,8 @@ mod tests {
         // The review's case: one write left copies on two hung paths; one path coming back must not
         // release the range while the other may still execute its copy.
         let t = Arc::new(InDoubtTable::new());
-        t.insert(copy(0, 4096, 0, 3)).await;
-        let (p1, _) = t.insert(copy(0, 4096, 1, 5)).await;
+        t.insert(copy(0, 4096, 0, 3), &never()).await.unwrap();
+        let (p1, _) = t.insert(copy(0, 4096, 1, 5), &never()).await.unwrap();
         assert!(t.answered(p1));
         assert!(t.holds(0, 4096), "p0's copy still holds the range");
         assert_eq!(t.fenced(1, u64::MAX).len(), 0, "nothing of p1 is left");
@@ -428,24 +450,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hold_lapses_at_its_bound_and_never_without_one() {
         let t = InDoubtTable::new();
-        t.insert(copy(0, 4096, 0, 1)).await;
+        t.insert(copy(0, 4096, 0, 1), &never()).await.unwrap();
         assert_eq!(
             t.next_expiry().map(|at| at - Instant::now()),
             Some(Duration::from_secs(60))
         );
         let started = Instant::now();
-        t.wait_clear(0, 4096).await;
+        t.wait_clear(0, 4096, &never()).await;
         assert!(started.elapsed() >= Duration::from_secs(60));
         assert_eq!(t.expire(Instant::now()).len(), 1);
         assert_eq!(t.expired_total(), 1);
 
-        t.insert(NewCopy {
-            hold_max: None,
-            ..copy(0, 4096, 0, 1)
-        })
-        .await;
+        t.insert(
+            NewCopy {
+                hold_max: None,
+                ..copy(0, 4096, 0, 1)
+            },
+            &never(),
+        )
+        .await
+        .unwrap();
         assert_eq!(t.next_expiry(), None);
-        let held = tokio::time::timeout(Duration::from_secs(3600), t.wait_clear(0, 4096)).await;
+        let held =
+            tokio::time::timeout(Duration::from_secs(3600), t.wait_clear(0, 4096, &never())).await;
         assert!(held.is_err(), "`never` holds until evidence");
         assert!(t.expire(Instant::now()).is_empty());
     }
@@ -459,7 +486,7 @@ mod tests {
         assert!(t.try_insert(copy(0, 1, 1, 1)).is_none());
         let waiting = {
             let t = Arc::clone(&t);
-            tokio::spawn(async move { t.insert(copy(0, 1, 1, 1)).await })
+            tokio::spawn(async move { t.insert(copy(0, 1, 1, 1), &never()).await.unwrap() })
         };
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -480,6 +507,7 @@ mod tests {
             offset: 100,
             length: 10,
             path: 0,
+            path_id: 0,
             generation: 0,
             since_unix_ms: 0,
             expires: None,

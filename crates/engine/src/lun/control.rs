@@ -287,10 +287,14 @@ impl ControlTask {
         }
         let slot = &self.shared.slots[index];
         slot.load.mark_unusable();
-        if let Some(installed) = slot.installed.swap(None) {
+        if let Some(installed) = slot.installed.load_full() {
             // Whatever still waits on it is re-driven now; it closes once it owes no write a reply.
+            // Retired (its unflushed writes counted) *before* it is unpublished, so a FLUSH either
+            // still sees it or sees those writes counted: never neither.
             self.retire(index, installed);
         }
+        let slot = &self.shared.slots[index];
+        slot.installed.store(None);
         let slot = &self.shared.slots[index];
         slot.changed.notify_waiters();
         let was_online = matches!(self.mpio.paths()[index].oper_status(), OperStatus::Online);
@@ -642,10 +646,13 @@ impl ControlTask {
         let slot = &self.shared.slots[index];
         let generation = slot.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let fresh = Arc::new(Installed::new(connection, generation));
-        if let Some(old) = slot.installed.swap(Some(fresh)) {
+        if let Some(old) = slot.installed.load_full() {
             self.retire(index, old);
         }
+        self.shared.slots[index].installed.store(Some(fresh));
         self.shared.slots[index].changed.notify_waiters();
+        // Copies the old connection still holds are fenced now (a hedged write on it, say).
+        self.maybe_fence(index);
         generation
     }
 

@@ -24,7 +24,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lunmpio_nbd::client::{Reply, Request};
@@ -68,8 +68,58 @@ enum Attempt {
     Slow(PathError),
 }
 
+fn shutting_down() -> IoError {
+    IoError::new(NbdErrno::Shutdown, "the LUN is shutting down")
+}
+
 /// The in-flight future of one attempt, owned so that an abandoned write can be handed to a watcher.
 type Sent = Pin<Box<dyn Future<Output = Result<Reply, Failed>> + Send>>;
+
+/// An abandoned write's copy still on its connection: the watcher waits for its answer.
+struct Watch {
+    sent: Sent,
+    outstanding: OutstandingWrite,
+    /// When the copy's own `io_timeout` runs out.
+    hard_deadline: tokio::time::Instant,
+    hard: Duration,
+}
+
+/// Waits for the target's answer to an in-doubt copy: any answer — data, EIO, ENOSPC — means the
+/// target is done with it, and ends the doubt. A broken connection answers nothing: the copy stays in
+/// doubt (a fence or `in_doubt_timeout` ends it). If no answer comes within the copy's `io_timeout`,
+/// the path is failed, which takes the connection out of service and fences the path: a copy hedged
+/// on a slow path that then hangs must not wait for `in_doubt_timeout` when a fence could end it.
+async fn watch_copy(shared: Arc<Shared>, index: usize, generation: u64, id: u64, watch: Watch) {
+    let Watch {
+        mut sent,
+        outstanding,
+        hard_deadline,
+        hard,
+    } = watch;
+    let result = tokio::select! {
+        r = &mut sent => r,
+        _ = tokio::time::sleep_until(hard_deadline) => {
+            shared.slots[index].load.mark_unusable();
+            shared.send(Control::Fault {
+                index,
+                generation,
+                cause: format!(
+                    "a write in doubt got no reply after {} (io_timeout); path failed",
+                    humanize(hard)
+                ),
+            });
+            sent.await
+        }
+    };
+    let answered = match result {
+        Ok(_) => true,
+        Err(failed) => !failed.error.is_path_fault(),
+    };
+    if answered {
+        shared.in_doubt.answered(id);
+    }
+    drop(outstanding);
+}
 
 /// How long a request that got an error reply from every usable path waits for another path to
 /// come back before the error is returned: two health checks (a held-down marginal path checks back
@@ -88,6 +138,9 @@ const PATH_BYTES_MAX: u64 = 256 << 20;
 /// Without a measured bandwidth, a transfer this large (with what is ahead of it) is not judged by
 /// the adaptive timeout: only `io_timeout` applies.
 const TRANSFER_UNMEASURED_MAX: u64 = 1 << 20;
+
+/// The most a transfer's measured size may stretch a deadline: this many times `io_timeout`.
+const DEADLINE_STRETCH_MAX: u32 = 4;
 
 /// Bound on bytes in flight on one path (PRODUCT.md §7.3): enough to keep a fast path busy, little
 /// enough that a slow one drains it well within `io_timeout`.
@@ -111,8 +164,9 @@ pub(super) fn deadlines(
     hedge: bool,
 ) -> (Duration, Duration) {
     let io = s.settings.io_timeout;
+    // Capped: a path whose measured bandwidth collapses must not earn itself endless deadlines.
     let allowance = match slot.throughput.allowance(transfer) {
-        Some(a) => Some(a),
+        Some(a) => Some(a.min(io * DEADLINE_STRETCH_MAX)),
         None if transfer >= TRANSFER_UNMEASURED_MAX => None,
         None => Some(Duration::ZERO),
     };
@@ -193,14 +247,16 @@ impl Lun {
         if changes_data(&request) {
             // Ordered after every old copy of an earlier write to this range that may still land.
             let (offset, length) = range(&request);
-            s.in_doubt.wait_clear(offset, length).await;
+            if !s.in_doubt.wait_clear(offset, length, &s.stop).await {
+                return Err(shutting_down());
+            }
         }
         self.dispatch(request).await
     }
 
+    /// Runs a request over the paths; whatever the outcome, the in-doubt copies it left behind are in
+    /// the journal before the client hears back (a crash right after the reply must not forget them).
     async fn dispatch(&self, request: Request) -> Result<Reply, IoError> {
-        let s = &*self.shared;
-        let bytes = payload_bytes(&request);
         let mut p = Progress {
             excluded_slots: 0,
             error_replies: 0,
@@ -209,7 +265,27 @@ impl Lun {
             error_grace: None,
             in_doubt_version: None,
         };
+        let result = self.dispatch_attempts(request, &mut p).await;
+        match p.in_doubt_version {
+            Some(version) if !super::journal::ensure_written(&self.shared, version).await => {
+                // Not on disk (the LUN stops and the write failed): do not acknowledge.
+                result.and(Err(shutting_down()))
+            }
+            _ => result,
+        }
+    }
+
+    async fn dispatch_attempts(
+        &self,
+        request: Request,
+        p: &mut Progress,
+    ) -> Result<Reply, IoError> {
+        let s = &*self.shared;
+        let bytes = payload_bytes(&request);
         loop {
+            if s.stop.is_cancelled() {
+                return Err(shutting_down());
+            }
             let snapshot = s.snapshot.load_full();
             let exclude = candidate_mask(&snapshot, p.excluded_slots);
             let picked = if p.attempts >= attempts_max(s.slots.len()) {
@@ -218,7 +294,7 @@ impl Lun {
                 s.selector.pick(&snapshot, bytes, s.now_ns(), exclude)
             };
             let Some(candidate) = picked else {
-                self.no_candidate(&mut p, &snapshot, bytes).await?;
+                self.no_candidate(p, &snapshot, bytes).await?;
                 continue;
             };
             p.attempts += 1;
@@ -248,7 +324,7 @@ impl Lun {
                     &installed,
                     request.clone(),
                     (transfer, alternatives),
-                    &mut p,
+                    p,
                 )
                 .await;
             match outcome {
@@ -259,10 +335,6 @@ impl Lun {
                     learn(s, slot, transfer, latency);
                     room_released(slot);
                     count_success(s, slot, &installed, &request);
-                    if let Some(version) = p.in_doubt_version {
-                        // The copies this request left in doubt survive a restart before it is acked.
-                        s.journal.wait_written(version, &s.stop).await;
-                    }
                     return Ok(reply);
                 }
                 Err(Attempt::Request(e)) => {
@@ -407,11 +479,17 @@ impl Lun {
             )));
         }
         let (soft, hard) = deadlines(s, slot, transfer, hedge);
+        let hard_deadline = tokio::time::Instant::now() + hard;
         let writes = changes_data(&request);
         let (offset, length) = range(&request);
         let outstanding = writes.then(|| OutstandingWrite::new(installed));
         let connection = installed.connection.clone();
-        let mut sent: Sent = Box::pin(async move { connection.submit(request).await });
+        // Set once the request may reach the storage: until then, giving up on it means dropping it,
+        // and nothing is in doubt.
+        let reached = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&reached);
+        let mut sent: Sent =
+            Box::pin(async move { connection.submit_tracked(request, &flag).await });
         let timed_out = tokio::select! {
             biased;
             result = &mut sent => {
@@ -440,11 +518,28 @@ impl Lun {
             self.report_fault(slot, index, installed, &cause);
             PathError::new(PathErrorKind::Timeout, cause)
         };
-        if let Some(outstanding) = outstanding {
-            // The target may still execute this copy; keep listening for its answer.
-            let watch = (sent, outstanding);
-            self.put_in_doubt(index, installed, (offset, length), Some(watch), progress)
-                .await;
+        match outstanding {
+            Some(outstanding) if reached.load(Ordering::Acquire) => {
+                // The target may still execute this copy; keep listening for its answer, and fail
+                // the path if none comes within io_timeout (so it is fenced).
+                let watch = Watch {
+                    sent,
+                    outstanding,
+                    hard_deadline,
+                    hard,
+                };
+                if !self
+                    .put_in_doubt(index, installed, (offset, length), Some(watch), progress)
+                    .await
+                {
+                    return Err(Attempt::Fault(PathError::new(
+                        PathErrorKind::Closed,
+                        "the LUN is shutting down",
+                    )));
+                }
+            }
+            // Never handed to the connection: dropped here, it can never reach the storage.
+            _ => drop(sent),
         }
         Err(if timed_out && soft < hard {
             Attempt::Slow(error)
@@ -495,46 +590,35 @@ impl Lun {
     }
 
     /// Records an old copy of a write that path `index` may still execute, and, while its connection
-    /// can still answer, a watcher that ends the doubt when it does.
+    /// can still answer, a watcher that ends the doubt when it does. Returns false if the LUN stopped
+    /// before the copy could be recorded (the request then fails).
     async fn put_in_doubt(
         &self,
         index: usize,
         installed: &Arc<Installed>,
         (offset, length): (u64, u64),
-        watch: Option<(Sent, OutstandingWrite)>,
+        watch: Option<Watch>,
         progress: &mut Progress,
-    ) {
+    ) -> bool {
         let s = &self.shared;
-        let (id, version) = s
-            .in_doubt
-            .insert(NewCopy {
-                offset,
-                length,
-                path: index,
-                generation: installed.generation,
-                hold_max: s.settings.in_doubt_timeout,
-            })
-            .await;
+        let generation = installed.generation;
+        let new = NewCopy {
+            offset,
+            length,
+            path: index,
+            path_id: s.slots[index].id.path_id,
+            generation,
+            hold_max: s.settings.in_doubt_timeout,
+        };
+        let Some((id, version)) = s.in_doubt.insert(new, &s.stop).await else {
+            return false;
+        };
         progress.in_doubt_version = Some(progress.in_doubt_version.unwrap_or(0).max(version));
-        s.send(Control::InDoubt {
-            index,
-            generation: installed.generation,
-        });
-        if let Some((sent, outstanding)) = watch {
-            let shared = Arc::clone(s);
-            tokio::spawn(async move {
-                // Any answer — data, EIO, ENOSPC — means the target is done with this copy. A broken
-                // connection answers nothing: the copy stays in doubt.
-                let answered = match sent.await {
-                    Ok(_) => true,
-                    Err(failed) => !failed.error.is_path_fault(),
-                };
-                if answered {
-                    shared.in_doubt.answered(id);
-                }
-                drop(outstanding);
-            });
+        s.send(Control::InDoubt { index, generation });
+        if let Some(watch) = watch {
+            tokio::spawn(watch_copy(Arc::clone(s), index, generation, id, watch));
         }
+        true
     }
 
     /// Takes the path out of rotation at once and tells the control task, which fails it.
@@ -596,20 +680,15 @@ impl Lun {
     /// - Writes acknowledged on a connection that was lost before a flush covered them, on a path
     ///   that shares no cache with the others (no CAN_MULTI_CONN, no `shared_backing`): nothing can
     ///   make them durable any more, so this FLUSH fails with EIO and an event says why.
-    /// - Every connection holding unflushed writes is flushed — on *that* connection, since a flush
-    ///   on another one does not cover a private cache.
-    /// - Where the dirty connections are coherent (all CAN_MULTI_CONN, or `shared_backing`), one
-    ///   flush on any path covers everything.
+    /// - Where the dirty connections are coherent (`shared_backing`, or all CAN_MULTI_CONN, which
+    ///   PRODUCT.md §3 takes as one cache across the paths), one flush on any path covers everything.
+    /// - Otherwise every connection holding unflushed writes is flushed — on *that* connection, since
+    ///   a flush on another one does not cover a private cache.
     async fn flush(&self, request: Request) -> Result<Reply, IoError> {
         let s = &*self.shared;
-        if let Some(lost) = self.take_lost_writes() {
-            return Err(lost);
-        }
-        let orphaned: Vec<u64> = s
-            .slots
-            .iter()
-            .map(|slot| slot.unflushed_orphaned.swap(0, Ordering::AcqRel))
-            .collect();
+        // Order matters (see the control task's `retire`): the dirty connections first, then the
+        // writes of connections retired meanwhile — a connection retired in between is in one of the
+        // two.
         let dirty: Vec<(usize, Arc<Installed>, u64)> = s
             .slots
             .iter()
@@ -621,14 +700,29 @@ impl Lun {
                     .then_some((i, installed, acked))
             })
             .collect();
+        let orphaned: Vec<u64> = s
+            .slots
+            .iter()
+            .map(|slot| slot.unflushed_orphaned.swap(0, Ordering::AcqRel))
+            .collect();
+        if let Some(lost) = self.take_lost_writes() {
+            for (slot, n) in s.slots.iter().zip(&orphaned) {
+                slot.unflushed_orphaned.fetch_add(*n, Ordering::AcqRel);
+            }
+            return Err(lost);
+        }
+        // Coherent: one store without private caches, or every dirty connection advertises
+        // CAN_MULTI_CONN, which PRODUCT.md §3 takes as one cache across the LUN's paths.
         let coherent = s.shared_backing
             || dirty
                 .iter()
-                .all(|(_, inst, _)| inst.connection.info().can_multi_conn());
+                .all(|(_, installed, _)| installed.connection.info().can_multi_conn());
         let result = if coherent {
-            // One flush, on whichever path the policy picks, reaches the shared store.
+            // One flush, on whichever path the policy picks (re-driven like any request).
             self.dispatch(request).await.map(|_| ())
         } else {
+            // Private caches: each dirty connection on itself; writes left on lost connections of
+            // CAN_MULTI_CONN paths by one flush more.
             self.flush_each(&dirty, orphaned.iter().any(|&n| n > 0))
                 .await
         };
@@ -663,7 +757,7 @@ impl Lun {
         if let Some(err) = results.into_iter().find_map(Result::err) {
             return Err(err);
         }
-        if orphans {
+        if orphans || dirty.is_empty() {
             self.dispatch(Request::Flush {
                 flags: CommandFlags::empty(),
             })

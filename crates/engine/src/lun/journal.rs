@@ -33,6 +33,8 @@ pub(crate) struct Journal {
     written_changed: Notify,
     /// The last write problem reported, so a failing disk gives one event per new problem.
     problem: Mutex<Option<String>>,
+    /// One write at a time (the writer task, or a request writing it itself during shutdown).
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl Journal {
@@ -42,6 +44,7 @@ impl Journal {
             written: AtomicU64::new(0),
             written_changed: Notify::new(),
             problem: Mutex::new(None),
+            writing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -61,13 +64,22 @@ impl Journal {
             Ok(Ok(Some(journal))) => journal,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
+                // A corrupt or newer journal was already set aside by `load_in_doubt`; one that could
+                // not be read at all is set aside here, so the first write of this run does not
+                // replace what it may still hold.
+                let file = self.file.clone().expect("checked above");
+                let aside = file.with_extension(format!("unreadable-{}", unix_ms_now() / 1000));
+                let kept = match std::fs::rename(&file, &aside) {
+                    Ok(()) => format!("; kept as {}", aside.display()),
+                    Err(_) => String::new(),
+                };
                 events.push(
                     lun,
                     None,
                     None,
                     None,
                     format!(
-                        "in-doubt journal problem: {}; in-doubt writes of the last run are not known",
+                        "in-doubt journal problem: {}{kept}; in-doubt writes of the last run are not known",
                         e.message
                     ),
                 );
@@ -97,6 +109,7 @@ impl Journal {
                     .iter()
                     .position(|s| s.id.path_id == r.path_id)
                     .unwrap_or(PATH_GONE),
+                path_id: r.path_id,
                 generation: 0,
                 since_unix_ms: r.since_unix_ms,
                 expires: r
@@ -121,70 +134,83 @@ impl Journal {
         }
     }
 
-    /// Waits until the table version `version` (or a later one) is on disk; at once without a
-    /// `state_dir`, or when the LUN stops.
-    pub(crate) async fn wait_written(
-        &self,
-        version: u64,
-        stop: &tokio_util::sync::CancellationToken,
-    ) {
-        if self.file.is_none() {
-            return;
-        }
-        loop {
-            let changed = self.written_changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.written.load(Ordering::Acquire) >= version {
-                return;
-            }
-            tokio::select! {
-                _ = &mut changed => {}
-                _ = stop.cancelled() => return,
-            }
-        }
-    }
-
     fn mark_written(&self, version: u64) {
         self.written.fetch_max(version, Ordering::AcqRel);
         self.written_changed.notify_waiters();
     }
 }
 
-/// Writes the table to the journal whenever it changes, until the LUN stops.
+/// Waits until the table version `version` (or a later one) is on disk: at once without a
+/// `state_dir`. Once the LUN is stopping (the writer task has ended), writes it here and now. Returns
+/// whether it is on disk (or there is no journal); a failing disk counts as written — writes must not
+/// stop completing because of it, and an event says the restart guarantee is at risk.
+pub(crate) async fn ensure_written(shared: &Shared, version: u64) -> bool {
+    let journal = &shared.journal;
+    if journal.file.is_none() {
+        return true;
+    }
+    loop {
+        let changed = journal.written_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if journal.written.load(Ordering::Acquire) >= version {
+            return true;
+        }
+        if shared.stop.is_cancelled() {
+            return write_now(shared).await >= version;
+        }
+        tokio::select! {
+            _ = &mut changed => {}
+            _ = shared.stop.cancelled() => {}
+        }
+    }
+}
+
+/// Writes the table to the journal whenever it changes; once more when the LUN stops.
 pub(crate) async fn persist_task(shared: Arc<Shared>) {
-    let Some(file) = shared.journal.file.clone() else {
+    if shared.journal.file.is_none() {
         return;
-    };
-    let mut last: Option<u64> = None;
+    }
     loop {
         let changed = shared.in_doubt.changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let (copies, version) = shared.in_doubt.snapshot();
-        if last != Some(version) {
-            let journal = InDoubtJournal::new(
-                &shared.name,
-                copies.iter().map(|c| record(&shared, c)).collect(),
-            );
-            let target = file.clone();
-            let result = tokio::task::spawn_blocking(move || write(&target, &journal)).await;
-            let problem = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(message)) => Some(message),
-                Err(e) => Some(format!("the write task failed: {e}")),
-            };
-            report(&shared, problem);
-            last = Some(version);
-            // Marked written even when it failed: a broken disk must not stop writes from completing;
-            // the event says the restart guarantee is at risk.
-            shared.journal.mark_written(version);
+        if shared.journal.written.load(Ordering::Acquire) < shared.in_doubt.version() {
+            write_now(&shared).await;
         }
         tokio::select! {
             _ = &mut changed => {}
-            _ = shared.stop.cancelled() => return,
+            _ = shared.stop.cancelled() => {
+                write_now(&shared).await;
+                return;
+            }
         }
     }
+}
+
+/// Writes the current table (one writer at a time); returns the version now on disk.
+async fn write_now(shared: &Shared) -> u64 {
+    let Some(file) = shared.journal.file.clone() else {
+        return u64::MAX;
+    };
+    let _one_writer = shared.journal.writing.lock().await;
+    let (copies, version) = shared.in_doubt.snapshot();
+    if shared.journal.written.load(Ordering::Acquire) >= version {
+        return version;
+    }
+    let journal = InDoubtJournal::new(
+        &shared.name,
+        copies.iter().map(|c| record(shared, c)).collect(),
+    );
+    let result = tokio::task::spawn_blocking(move || write(&file, &journal)).await;
+    let problem = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(message)) => Some(message),
+        Err(e) => Some(format!("the write task failed: {e}")),
+    };
+    report(shared, problem);
+    shared.journal.mark_written(version);
+    version
 }
 
 fn record(shared: &Shared, copy: &StaleCopy) -> InDoubtRecord {
@@ -192,7 +218,7 @@ fn record(shared: &Shared, copy: &StaleCopy) -> InDoubtRecord {
     InDoubtRecord {
         offset: copy.offset,
         length: copy.length,
-        path_id: slot.map(|s| s.id.path_id).unwrap_or(0),
+        path_id: copy.path_id,
         path_name: slot.map(|s| s.name.clone()),
         since_unix_ms: copy.since_unix_ms,
         expires_unix_ms: copy.expires_unix_ms,

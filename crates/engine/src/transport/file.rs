@@ -195,7 +195,11 @@ impl FileConnection {
         &self.inner.info
     }
 
-    pub async fn submit(&self, request: Request) -> Result<Reply, Failed> {
+    pub async fn submit(
+        &self,
+        request: Request,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Reply, Failed> {
         if !self.is_open() {
             return Err(Failed {
                 request,
@@ -220,6 +224,7 @@ impl FileConnection {
         };
         // Keep a handle to hand back on failure (cloning a request clones a `Bytes`, not the data).
         let handed_back = request.clone();
+        sent.store(true, Ordering::Release);
         let joined = tokio::task::spawn_blocking(move || {
             let _call = call;
             inner.execute(&request)

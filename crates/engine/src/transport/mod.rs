@@ -263,9 +263,21 @@ impl PathConnection {
 
     /// Runs one request. On failure the request comes back inside [`Failed`].
     pub async fn submit(&self, request: Request) -> Result<Reply, Failed> {
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        self.submit_tracked(request, &sent).await
+    }
+
+    /// Like [`PathConnection::submit`], and sets `sent` once the request may reach the storage (handed
+    /// to the connection's writer, or its system call started). Until then, dropping the future means
+    /// the storage never sees it — which is how an abandoned request is kept out of doubt.
+    pub async fn submit_tracked(
+        &self,
+        request: Request,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Reply, Failed> {
         match self {
-            PathConnection::Nbd(c) => c.submit(request).await,
-            PathConnection::File(c) => c.submit(request).await,
+            PathConnection::Nbd(c) => c.submit(request, sent).await,
+            PathConnection::File(c) => c.submit(request, sent).await,
         }
     }
 

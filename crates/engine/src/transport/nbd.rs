@@ -47,12 +47,19 @@ impl NbdConnection {
         &self.info
     }
 
-    pub async fn submit(&self, request: Request) -> Result<Reply, Failed> {
-        self.client.submit(request).await.map_err(|e| Failed {
-            request: e.request,
-            error: path_error(e.error),
-            sent: e.sent,
-        })
+    pub async fn submit(
+        &self,
+        request: Request,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Reply, Failed> {
+        self.client
+            .submit_tracked(request, sent)
+            .await
+            .map_err(|e| Failed {
+                request: e.request,
+                error: path_error(e.error),
+                sent: e.sent,
+            })
     }
 
     pub fn close(&self) {

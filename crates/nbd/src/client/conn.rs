@@ -6,6 +6,7 @@ use crate::proto::*;
 use crate::{CommandFlags, Extent, NbdErrno, TransmissionFlags};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -261,27 +262,42 @@ impl Shared {
 
     /// Validates, splits and runs one logical request.
     pub(crate) async fn execute(&self, req: &Request) -> Result<Reply, ClientError> {
-        self.execute_tracked(req).await.map_err(|f| f.error)
+        let sent = AtomicBool::new(false);
+        self.execute_tracked(req, &sent).await.map_err(|f| f.error)
     }
 
     /// Like [`Shared::execute`], and on failure also says whether any part of the request may have
     /// reached the server (see [`Failure::sent`]). A data-changing request that was split returns only
     /// once every piece is settled, so "answered" means every piece was answered.
-    pub(crate) async fn execute_tracked(&self, req: &Request) -> Result<Reply, Failure> {
+    ///
+    /// `sent` is set the moment any part of the request is handed to the connection's writer: until
+    /// then, dropping the future guarantees the server never sees it.
+    pub(crate) async fn execute_tracked(
+        &self,
+        req: &Request,
+        sent: &AtomicBool,
+    ) -> Result<Reply, Failure> {
         self.validate(req).map_err(Failure::unsent)?;
         let max = self.max_chunk;
         match req {
             Request::Read { offset, length } => {
                 if *length <= max {
                     return self
-                        .one(Command::Read, CommandFlags::empty(), *offset, *length, None)
+                        .one(
+                            Command::Read,
+                            CommandFlags::empty(),
+                            *offset,
+                            *length,
+                            None,
+                            sent,
+                        )
                         .await;
                 }
-                let parts = futures::future::try_join_all(
-                    pieces(*offset, *length, max)
-                        .map(|(o, l)| self.one(Command::Read, CommandFlags::empty(), o, l, None)),
-                )
-                .await?;
+                let parts =
+                    futures::future::try_join_all(pieces(*offset, *length, max).map(|(o, l)| {
+                        self.one(Command::Read, CommandFlags::empty(), o, l, None, sent)
+                    }))
+                    .await?;
                 let mut out = BytesMut::with_capacity(*length as usize);
                 for p in parts {
                     if let Reply::Read(b) = p {
@@ -298,7 +314,14 @@ impl Shared {
                 let length = data.len() as u32;
                 if length <= max {
                     return self
-                        .one(Command::Write, *flags, *offset, length, Some(data.clone()))
+                        .one(
+                            Command::Write,
+                            *flags,
+                            *offset,
+                            length,
+                            Some(data.clone()),
+                            sent,
+                        )
                         .await;
                 }
                 settle_all(
@@ -310,6 +333,7 @@ impl Shared {
                             o,
                             l,
                             Some(data.slice(rel..rel + l as usize)),
+                            sent,
                         )
                     }))
                     .await,
@@ -327,23 +351,23 @@ impl Shared {
             } => {
                 let cmd = req.command();
                 if *length <= max {
-                    return self.one(cmd, *flags, *offset, *length, None).await;
+                    return self.one(cmd, *flags, *offset, *length, None, sent).await;
                 }
                 settle_all(
                     futures::future::join_all(
                         pieces(*offset, *length, max)
-                            .map(|(o, l)| self.one(cmd, *flags, o, l, None)),
+                            .map(|(o, l)| self.one(cmd, *flags, o, l, None, sent)),
                     )
                     .await,
                 )
             }
-            Request::Flush { flags } => self.one(Command::Flush, *flags, 0, 0, None).await,
+            Request::Flush { flags } => self.one(Command::Flush, *flags, 0, 0, None, sent).await,
             Request::BlockStatus {
                 offset,
                 length,
                 flags,
             } => {
-                self.one(Command::BlockStatus, *flags, *offset, *length, None)
+                self.one(Command::BlockStatus, *flags, *offset, *length, None, sent)
                     .await
             }
             Request::Cache { offset, length } => {
@@ -357,6 +381,7 @@ impl Shared {
                     *offset,
                     *length,
                     None,
+                    sent,
                 )
                 .await
             }
@@ -450,15 +475,16 @@ impl Shared {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
+        sent: &AtomicBool,
     ) -> Result<Reply, Failure> {
         match self.request_timeout {
             None => {
-                self.one_inner(command, flags, offset, length, payload)
+                self.one_inner(command, flags, offset, length, payload, sent)
                     .await
             }
             Some(t) => match tokio::time::timeout(
                 t,
-                self.one_inner(command, flags, offset, length, payload),
+                self.one_inner(command, flags, offset, length, payload, sent),
             )
             .await
             {
@@ -476,6 +502,7 @@ impl Shared {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
+        sent: &AtomicBool,
     ) -> Result<Reply, Failure> {
         let permit = match Arc::clone(&self.slots).acquire_owned().await {
             Ok(p) => p,
@@ -498,6 +525,8 @@ impl Shared {
             }
             let cookie = st.next_cookie;
             st.next_cookie = st.next_cookie.wrapping_add(1);
+            // From here on the writer may put it on the wire.
+            sent.store(true, Ordering::Release);
             st.pending.insert(
                 cookie,
                 Pending {

@@ -355,7 +355,20 @@ impl Client {
 
     /// Runs one request (split above the maximum payload). On failure the request comes back.
     pub async fn submit(&self, request: Request) -> Result<Reply, RequestError> {
-        match self.handle.shared.execute_tracked(&request).await {
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        self.submit_tracked(request, &sent).await
+    }
+
+    /// Like [`Client::submit`], and sets `sent` the moment any part of the request is handed to the
+    /// connection's writer. A caller that gives up on the request while `sent` is still false may
+    /// drop the future: the server will never see the request. Once `sent` is set, the server may
+    /// execute it even if nobody waits for the reply.
+    pub async fn submit_tracked(
+        &self,
+        request: Request,
+        sent: &std::sync::atomic::AtomicBool,
+    ) -> Result<Reply, RequestError> {
+        match self.handle.shared.execute_tracked(&request, sent).await {
             Ok(r) => Ok(r),
             Err(failure) => Err(RequestError {
                 request,

@@ -266,9 +266,18 @@ impl<B: Backend> Server<B> {
                 }
             }
         }
-        // In-flight requests hold clones of `tx`: the writer ends after their replies.
+        // In-flight requests hold clones of `tx`: the writer ends after their replies. An evicted
+        // connection's writer may be stuck on a client that does not read: it is not waited for.
         drop(tx);
-        match writer.await {
+        let mut writer = writer;
+        let written = tokio::select! {
+            w = &mut writer => w,
+            _ = connection.evicted.cancelled() => {
+                writer.abort();
+                return Err(ServerError::Evicted);
+            }
+        };
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) if result.is_ok() => result = Err(ServerError::Io(e)),
             Ok(Err(_)) => {}
@@ -426,14 +435,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     structured: bool,
 ) -> std::io::Result<()> {
     let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
+    // What the replies in `out` hold (their slots and bytes): released once `out` is on the socket,
+    // not when a reply is copied into it, so a client that does not read keeps its requests counted.
+    let mut held: Vec<Held> = Vec::new();
     let r = async {
         while let Some(first) = rx.recv().await {
             let mut next = Some(first);
-            while let Some(reply) = next {
+            while let Some(mut reply) = next {
+                held.extend(reply._held.take());
                 encode_reply(&mut wr, &mut out, reply, structured).await?;
                 if out.len() >= WRITE_BATCH_BYTES {
                     wr.write_all(&out).await?;
                     out.clear();
+                    held.clear();
                 }
                 next = rx.try_recv().ok();
             }
@@ -442,10 +456,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 out.clear();
             }
             wr.flush().await?;
+            held.clear();
         }
         Ok::<(), std::io::Error>(())
     }
     .await;
+    drop(held);
     if r.is_err() {
         // Keep consuming so in-flight tasks can finish and free their slots.
         rx.close();
