@@ -299,18 +299,6 @@ fn path_stat(daemon: &Daemon, lun: &str, path: &str, field: &str) -> u64 {
         .unwrap()
 }
 
-fn path_reason(daemon: &Daemon, path: &str) -> String {
-    let info = daemon.rpc_ok("GetPathInfo", json!({ "lun": LUN }));
-    info["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == path)
-        .and_then(|p| p["statusReason"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
 fn total_ios(daemon: &Daemon) -> u64 {
     daemon.path_ios(LUN).iter().sum()
 }
@@ -507,7 +495,7 @@ fn target_port_flaps_and_is_held_down() {
         std::thread::sleep(Duration::from_millis(500));
         target.fault(1, "up");
         std::thread::sleep(Duration::from_millis(500));
-        let reason = path_reason(&daemon, "p1");
+        let reason = daemon.path_reason(LUN, "p1");
         if marginal_seen.is_none() && reason.contains("marginal") {
             marginal_seen = Some((t0.elapsed(), reason));
         }

@@ -22,18 +22,6 @@ fn qemu_io(uri: &str, commands: &[&str]) -> std::process::Command {
     c
 }
 
-fn path_reason(daemon: &Daemon, path: &str) -> String {
-    let info = daemon.rpc_ok("GetPathInfo", json!({ "lun": LUN }));
-    info["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == path)
-        .and_then(|p| p["statusReason"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
 // -------------------------------------------------------------------------------------------------
 // D1: odd but legal values from a target
 
@@ -83,7 +71,7 @@ fn a_path_needing_stricter_alignment_than_the_lun_is_refused() {
     std::os::unix::fs::symlink(&image, &late).expect("symlink");
     // Wait until p1 has connected again and been judged: admitted, or refused with a reason.
     let judged = wait_until(WAIT, || {
-        let reason = path_reason(&daemon, "p1");
+        let reason = daemon.path_reason(LUN, "p1");
         daemon.path_status(LUN, "p1") != "VDS_MPS_FAILED" || !reason.contains("No such file")
     });
     assert!(judged, "p1 never reconnected; log:\n{}", daemon.log());
@@ -105,7 +93,7 @@ fn a_path_needing_stricter_alignment_than_the_lun_is_refused() {
         stdout_text(&out),
         stderr_text(&out)
     );
-    let reason = path_reason(&daemon, "p1");
+    let reason = daemon.path_reason(LUN, "p1");
     assert!(
         reason.contains("4096-byte alignment"),
         "p1 not refused with the reason: {reason:?}"

@@ -697,6 +697,57 @@ async fn export_name_fallback() {
     within(fake).await.unwrap();
 }
 
+/// The server side of a handshake, scripted: fixed newstyle, structured replies, `base:allocation`
+/// under context id `meta` if given (else ERR_UNSUP like every other option), a 1 MiB export on GO.
+async fn scripted_handshake(raw: &mut Raw<tokio::net::UnixStream>, meta: Option<u32>) {
+    let mut out = bytes::BytesMut::new();
+    Greeting {
+        flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
+    }
+    .encode(&mut out);
+    raw.send(&out).await;
+    while raw.buf.len() < 4 {
+        assert!(raw.more().await);
+    }
+    bytes::Buf::advance(&mut raw.buf, 4);
+    loop {
+        let opt = loop {
+            if let Some(o) = RawOption::decode(&mut raw.buf).unwrap() {
+                break o;
+            }
+            assert!(raw.more().await);
+        };
+        let mut out = bytes::BytesMut::new();
+        match (opt.option, meta) {
+            (NBD_OPT_STRUCTURED_REPLY, _) => OptionReply::Ack.encode(opt.option, &mut out),
+            (NBD_OPT_SET_META_CONTEXT, Some(id)) => {
+                OptionReply::MetaContext {
+                    id,
+                    name: BASE_ALLOCATION.into(),
+                }
+                .encode(opt.option, &mut out);
+                OptionReply::Ack.encode(opt.option, &mut out);
+            }
+            (NBD_OPT_GO, _) => {
+                OptionReply::Info(Info::Export {
+                    size: 1 << 20,
+                    flags: TransmissionFlags::HAS_FLAGS,
+                })
+                .encode(opt.option, &mut out);
+                OptionReply::Ack.encode(opt.option, &mut out);
+                raw.send(&out).await;
+                return;
+            }
+            _ => OptionReply::Error {
+                error: OptionError::Unsup,
+                message: String::new(),
+            }
+            .encode(opt.option, &mut out),
+        }
+        raw.send(&out).await;
+    }
+}
+
 /// A scripted server speaking structured replies badly: multi-chunk reads with holes, an
 /// unknown error chunk (fails only that request), then an unknown non-error chunk (hang-up).
 #[tokio::test]
@@ -707,52 +758,7 @@ async fn structured_chunk_handling() {
     let fake = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
         let mut raw = Raw::new(s);
-        let mut out = bytes::BytesMut::new();
-        Greeting {
-            flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
-        }
-        .encode(&mut out);
-        raw.send(&out).await;
-        while raw.buf.len() < 4 {
-            assert!(raw.more().await);
-        }
-        bytes::Buf::advance(&mut raw.buf, 4);
-        loop {
-            let opt = loop {
-                if let Some(o) = RawOption::decode(&mut raw.buf).unwrap() {
-                    break o;
-                }
-                assert!(raw.more().await);
-            };
-            let mut out = bytes::BytesMut::new();
-            match opt.option {
-                NBD_OPT_STRUCTURED_REPLY => OptionReply::Ack.encode(opt.option, &mut out),
-                NBD_OPT_SET_META_CONTEXT => {
-                    OptionReply::MetaContext {
-                        id: 42,
-                        name: BASE_ALLOCATION.into(),
-                    }
-                    .encode(opt.option, &mut out);
-                    OptionReply::Ack.encode(opt.option, &mut out);
-                }
-                NBD_OPT_GO => {
-                    OptionReply::Info(Info::Export {
-                        size: 1 << 20,
-                        flags: TransmissionFlags::HAS_FLAGS,
-                    })
-                    .encode(opt.option, &mut out);
-                    OptionReply::Ack.encode(opt.option, &mut out);
-                    raw.send(&out).await;
-                    break;
-                }
-                _ => OptionReply::Error {
-                    error: OptionError::Unsup,
-                    message: String::new(),
-                }
-                .encode(opt.option, &mut out),
-            }
-            raw.send(&out).await;
-        }
+        scripted_handshake(&mut raw, Some(42)).await;
         let mut reqs = Vec::new();
         while reqs.len() < 4 {
             if let Some((h, _)) = decode_request(&mut raw.buf).unwrap() {
@@ -1006,44 +1012,7 @@ async fn overlapping_read_chunks_that_leave_a_hole_are_refused() {
     let fake = tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
         let mut raw = Raw::new(s);
-        let mut out = bytes::BytesMut::new();
-        Greeting {
-            flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
-        }
-        .encode(&mut out);
-        raw.send(&out).await;
-        while raw.buf.len() < 4 {
-            assert!(raw.more().await);
-        }
-        bytes::Buf::advance(&mut raw.buf, 4);
-        loop {
-            let opt = loop {
-                if let Some(o) = RawOption::decode(&mut raw.buf).unwrap() {
-                    break o;
-                }
-                assert!(raw.more().await);
-            };
-            let mut out = bytes::BytesMut::new();
-            match opt.option {
-                NBD_OPT_STRUCTURED_REPLY => OptionReply::Ack.encode(opt.option, &mut out),
-                NBD_OPT_GO => {
-                    OptionReply::Info(Info::Export {
-                        size: 1 << 20,
-                        flags: TransmissionFlags::HAS_FLAGS,
-                    })
-                    .encode(opt.option, &mut out);
-                    OptionReply::Ack.encode(opt.option, &mut out);
-                    raw.send(&out).await;
-                    break;
-                }
-                _ => OptionReply::Error {
-                    error: OptionError::Unsup,
-                    message: String::new(),
-                }
-                .encode(opt.option, &mut out),
-            }
-            raw.send(&out).await;
-        }
+        scripted_handshake(&mut raw, None).await;
         let read = loop {
             if let Some((h, _)) = decode_request(&mut raw.buf).unwrap() {
                 break h;

@@ -866,25 +866,16 @@ impl Daemon {
 
     /// Stops the daemon (SIGTERM) and starts it again with the same config and state directory.
     pub fn restart(self) -> Daemon {
-        let Daemon {
-            mut process,
-            socket,
-            config,
-            dir,
-            ..
-        } = self;
-        process.signal(Signal::SIGTERM);
-        assert!(
-            process.wait_timeout(Duration::from_secs(15)).is_some(),
-            "daemon did not stop for a restart"
-        );
-        drop(process);
-        Daemon::start(dir, config, socket)
+        self.stop_and_start(Signal::SIGTERM, |text| text)
     }
 
     /// Kills the daemon with SIGKILL (a crash: nothing is flushed or saved on the way out), lets
     /// `edit` change its config file, and starts it again with the same state directory.
     pub fn crash_and_restart(self, edit: impl FnOnce(String) -> String) -> Daemon {
+        self.stop_and_start(Signal::SIGKILL, edit)
+    }
+
+    fn stop_and_start(self, signal: Signal, edit: impl FnOnce(String) -> String) -> Daemon {
         let Daemon {
             mut process,
             socket,
@@ -892,15 +883,28 @@ impl Daemon {
             dir,
             ..
         } = self;
-        process.signal(Signal::SIGKILL);
+        process.signal(signal);
         assert!(
             process.wait_timeout(Duration::from_secs(15)).is_some(),
-            "daemon did not die of SIGKILL"
+            "daemon did not stop ({signal}) for a restart"
         );
         drop(process);
         let text = std::fs::read_to_string(&config).expect("read the config");
         std::fs::write(&config, edit(text)).expect("write the config");
         Daemon::start(dir, config, socket)
+    }
+
+    /// GetPathInfo's status reason of a path, by name ("" when it has none).
+    pub fn path_reason(&self, lun: &str, path: &str) -> String {
+        let info = self.rpc_ok("GetPathInfo", serde_json::json!({ "lun": lun }));
+        info["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == path)
+            .and_then(|p| p["statusReason"].as_str())
+            .unwrap_or("")
+            .to_string()
     }
 
     pub fn process(&mut self) -> &mut ProcessGuard {

@@ -216,6 +216,7 @@ fn changes_data(request: &Request) -> bool {
 }
 
 /// Where one request stands across its attempts.
+#[derive(Default)]
 struct Progress {
     excluded_slots: u64,
     error_replies: u32,
@@ -257,14 +258,7 @@ impl Lun {
     /// Runs a request over the paths; whatever the outcome, the in-doubt copies it left behind are in
     /// the journal before the client hears back (a crash right after the reply must not forget them).
     async fn dispatch(&self, request: Request) -> Result<Reply, IoError> {
-        let mut p = Progress {
-            excluded_slots: 0,
-            error_replies: 0,
-            last_error: None,
-            attempts: 0,
-            error_grace: None,
-            in_doubt_version: None,
-        };
+        let mut p = Progress::default();
         let result = self.dispatch_attempts(request, &mut p).await;
         match p.in_doubt_version {
             Some(version) if !super::journal::ensure_written(&self.shared, version).await => {
@@ -780,14 +774,7 @@ impl Lun {
         };
         slot.load.on_dispatch(0);
         let started = Instant::now();
-        let mut progress = Progress {
-            excluded_slots: 0,
-            error_replies: 0,
-            last_error: None,
-            attempts: 0,
-            error_grace: None,
-            in_doubt_version: None,
-        };
+        let mut progress = Progress::default();
         let transfer = slot.load.bytes_in_flight();
         let result = self
             .attempt(
