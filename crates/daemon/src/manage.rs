@@ -357,7 +357,7 @@ pub fn hba_port(o: &ManageOptions, action: HbaPortAction) -> anyhow::Result<Exit
     )?;
     show(o, &r, || {
         format!(
-            "{} ({}): {} path(s) matched, {} changed, {} skipped because the change would break a LUN's policy\n",
+            "{} ({}): {} path(s) matched, {} changed, {} skipped because the change would break a LUN's policy, {} set but still not in that status (kept on standby by the policy, or their connection is down)\n",
             s(&r["hresultName"]),
             r["hresult"]
                 .as_i64()
@@ -366,6 +366,7 @@ pub fn hba_port(o: &ManageOptions, action: HbaPortAction) -> anyhow::Result<Exit
             s(&r["matched"]),
             s(&r["changed"]),
             s(&r["skipped"]),
+            s(&r["incomplete"]),
         )
     })
 }

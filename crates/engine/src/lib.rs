@@ -19,5 +19,8 @@ pub mod settings;
 pub mod transport;
 
 pub use events::{Event, EventLog};
-pub use lun::{Geometry, IoError, Lun, LunOptions, LunStats, PathStats};
+pub use lun::{
+    Geometry, IoError, Lun, LunOptions, LunStats, PathStats, SetReservation,
+    set_all_path_statuses_from_hba_port,
+};
 pub use settings::{Failback, LunSettings, LunSpec, NoPathRetry, PathSpec, stable_id};

@@ -62,6 +62,34 @@ pub struct LunObject {
     pub dropped: DropCounter,
 }
 
+impl LunObject {
+    /// One call about this object's LUN. If the daemon no longer has the LUN, the object is stale:
+    /// `VDS_E_OBJECT_DELETED`, as the reference pages give for "the LUN object is no longer present"
+    /// (the daemon says `VDS_E_OBJECT_NOT_FOUND` both for that and for an unknown path id, so the
+    /// LUN list decides which it was).
+    fn call(&self, method: &str, params: serde_json::Value) -> Result<serde_json::Value, HResult> {
+        match daemon::call(&self.socket, method, params) {
+            Err(h) if h == crate::abi::VDS_E_OBJECT_NOT_FOUND && !self.lun_exists() => {
+                Err(daemon::fail(
+                    crate::abi::VDS_E_OBJECT_DELETED,
+                    format!("{method}: LUN {:?} is no longer present", self.lun),
+                ))
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the daemon still has this object's LUN (true when that cannot be told).
+    fn lun_exists(&self) -> bool {
+        match daemon::call(&self.socket, "ListLuns", json!({})) {
+            Ok(list) => list["luns"]
+                .as_array()
+                .is_none_or(|luns| luns.iter().any(|l| l["name"] == self.lun.as_str())),
+            Err(_) => true,
+        }
+    }
+}
+
 #[cfg(test)]
 impl Drop for LunObject {
     fn drop(&mut self) {
@@ -212,7 +240,7 @@ unsafe extern "C" fn lun_get_path_info(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result = match daemon::call(&o.socket, "GetPathInfo", json!({ "lun": o.lun })) {
+        let result = match o.call("GetPathInfo", json!({ "lun": o.lun })) {
             Ok(r) => r,
             Err(h) => return h,
         };
@@ -263,8 +291,7 @@ unsafe extern "C" fn lun_get_load_balance_policy(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result = match daemon::call(&o.socket, "GetLoadBalancePolicy", json!({ "lun": o.lun }))
-        {
+        let result = match o.call("GetLoadBalancePolicy", json!({ "lun": o.lun })) {
             Ok(r) => r,
             Err(h) => return h,
         };
@@ -329,7 +356,7 @@ unsafe extern "C" fn lun_set_load_balance_policy(
             unsafe { std::slice::from_raw_parts(p_paths, l_number_of_paths as usize) }
         };
         let params = convert::set_load_balance_policy_params(&o.lun, policy, records);
-        match daemon::call(&o.socket, "SetLoadBalancePolicy", params) {
+        match o.call("SetLoadBalancePolicy", params) {
             Ok(_) => S_OK,
             Err(h) => h,
         }
@@ -350,11 +377,10 @@ unsafe extern "C" fn lun_get_supported_lb_policies(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result =
-            match daemon::call(&o.socket, "GetSupportedLbPolicies", json!({ "lun": o.lun })) {
-                Ok(r) => r,
-                Err(h) => return h,
-            };
+        let result = match o.call("GetSupportedLbPolicies", json!({ "lun": o.lun })) {
+            Ok(r) => r,
+            Err(h) => return h,
+        };
         match convert::supported_flags(&result) {
             Ok(flags) => {
                 *out = flags;

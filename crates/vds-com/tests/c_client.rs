@@ -1,7 +1,8 @@
 //! The C ABI end to end: a C program (`tests/c/vds_client.c`), compiled here with the system C
 //! compiler and linked against `liblunmpio_vds_com.so`, calls every method of IVdsLunMpio and
 //! IVdsHwProviderPrivateMpio through the vtables against a live daemon (started in this process),
-//! under valgrind; then the daemon is stopped and every call must fail with an HRESULT.
+//! under valgrind; then the daemon is restarted without the LUN (the LUN object must answer
+//! `VDS_E_OBJECT_DELETED`), and finally stopped: every call must fail with an HRESULT.
 //!
 //! `cc` and `valgrind` are required: the test fails (it does not skip) when either is missing.
 
@@ -211,8 +212,15 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
     let client_exe = dir.path().join("vds_client");
     compile_client(&client_exe);
 
-    let config = lunmpio::config::Config::parse(&config(dir.path()), "test.toml")
+    let config_text = config(dir.path());
+    let config = lunmpio::config::Config::parse(&config_text, "test.toml")
         .unwrap_or_else(|e| panic!("config: {e}"));
+    // The same daemon after its LUN was removed (another LUN in its place), for the stale-object step.
+    let without_lun = lunmpio::config::Config::parse(
+        &config_text.replace(&format!("name = \"{LUN}\""), "name = \"other\""),
+        "test.toml",
+    )
+    .unwrap_or_else(|e| panic!("config: {e}"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -256,6 +264,16 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
         let line = line.unwrap();
         transcript.push_str(&line);
         transcript.push('\n');
+        if line == "REMOVE-LUN" {
+            let d = daemon.take().expect("a daemon runs");
+            runtime.block_on(d.stop());
+            let replacement = runtime
+                .block_on(lunmpio::serve::Daemon::start(without_lun.clone()))
+                .expect("the daemon starts without the LUN");
+            daemon = Some(replacement);
+            writeln!(stdin, "removed").unwrap();
+            stdin.flush().unwrap();
+        }
         if line == "STOP-DAEMON" {
             let d = daemon.take().expect("asked to stop once");
             runtime.block_on(d.stop());
@@ -290,8 +308,8 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
         "the C client failed ({status}):\n--- stdout ---\n{transcript}--- stderr (valgrind and checks) ---\n{valgrind}"
     );
     assert!(
-        transcript.contains("STOP-DAEMON"),
-        "the client never reached the daemon-stop step"
+        transcript.contains("REMOVE-LUN") && transcript.contains("STOP-DAEMON"),
+        "the client never reached the LUN-removal and daemon-stop steps"
     );
     assert!(
         transcript.contains("vds_client: all checks passed"),

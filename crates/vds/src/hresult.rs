@@ -29,29 +29,41 @@ impl Hresult {
     pub const E_OUTOFMEMORY: Hresult = Hresult::from_bits(0x8007_000E);
     pub const E_POINTER: Hresult = Hresult::from_bits(0x8000_4003);
     pub const E_NOINTERFACE: Hresult = Hresult::from_bits(0x8000_4002);
+    pub const E_FAIL: Hresult = Hresult::from_bits(0x8000_4005);
+    pub const E_UNEXPECTED: Hresult = Hresult::from_bits(0x8000_FFFF);
     pub const VDS_E_NOT_SUPPORTED: Hresult = Hresult::from_bits(0x8004_2400);
     pub const VDS_E_ANOTHER_CALL_IN_PROGRESS: Hresult = Hresult::from_bits(0x8004_2404);
     pub const VDS_E_OBJECT_NOT_FOUND: Hresult = Hresult::from_bits(0x8004_2405);
     pub const VDS_E_OBJECT_DELETED: Hresult = Hresult::from_bits(0x8004_240B);
+    pub const VDS_E_PATH_NOT_FOUND: Hresult = Hresult::from_bits(0x8004_2416);
     pub const VDS_E_PROVIDER_CACHE_CORRUPT: Hresult = Hresult::from_bits(0x8004_241F);
     pub const VDS_E_OBJECT_STATUS_FAILED: Hresult = Hresult::from_bits(0x8004_2431);
+    pub const VDS_E_BAD_PROVIDER_DATA: Hresult = Hresult::from_bits(0x8004_2441);
+    pub const VDS_E_PROVIDER_FAILURE: Hresult = Hresult::from_bits(0x8004_2442);
     pub const VDS_E_INTERNAL_ERROR: Hresult = Hresult::from_bits(0x8004_2448);
+    pub const VDS_E_PROVIDER_CACHE_OUTOFSYNC: Hresult = Hresult::from_bits(0x8004_2712);
 
     /// Every code this crate knows by name, for tables and tests.
-    pub const KNOWN: [Hresult; 13] = [
+    pub const KNOWN: [Hresult; 19] = [
         Hresult::S_OK,
         Hresult::VDS_S_STATUSES_INCOMPLETELY_SET,
         Hresult::E_INVALIDARG,
         Hresult::E_OUTOFMEMORY,
         Hresult::E_POINTER,
         Hresult::E_NOINTERFACE,
+        Hresult::E_FAIL,
+        Hresult::E_UNEXPECTED,
         Hresult::VDS_E_NOT_SUPPORTED,
         Hresult::VDS_E_ANOTHER_CALL_IN_PROGRESS,
         Hresult::VDS_E_OBJECT_NOT_FOUND,
         Hresult::VDS_E_OBJECT_DELETED,
+        Hresult::VDS_E_PATH_NOT_FOUND,
         Hresult::VDS_E_PROVIDER_CACHE_CORRUPT,
         Hresult::VDS_E_OBJECT_STATUS_FAILED,
+        Hresult::VDS_E_BAD_PROVIDER_DATA,
+        Hresult::VDS_E_PROVIDER_FAILURE,
         Hresult::VDS_E_INTERNAL_ERROR,
+        Hresult::VDS_E_PROVIDER_CACHE_OUTOFSYNC,
     ];
 
     /// The HRESULT whose 32 bits are `bits` (as written in the headers, e.g. `0x80042405`).
@@ -78,13 +90,19 @@ impl Hresult {
             0x8007_000E => "E_OUTOFMEMORY",
             0x8000_4003 => "E_POINTER",
             0x8000_4002 => "E_NOINTERFACE",
+            0x8000_4005 => "E_FAIL",
+            0x8000_FFFF => "E_UNEXPECTED",
             0x8004_2400 => "VDS_E_NOT_SUPPORTED",
             0x8004_2404 => "VDS_E_ANOTHER_CALL_IN_PROGRESS",
             0x8004_2405 => "VDS_E_OBJECT_NOT_FOUND",
             0x8004_240B => "VDS_E_OBJECT_DELETED",
+            0x8004_2416 => "VDS_E_PATH_NOT_FOUND",
             0x8004_241F => "VDS_E_PROVIDER_CACHE_CORRUPT",
             0x8004_2431 => "VDS_E_OBJECT_STATUS_FAILED",
+            0x8004_2441 => "VDS_E_BAD_PROVIDER_DATA",
+            0x8004_2442 => "VDS_E_PROVIDER_FAILURE",
             0x8004_2448 => "VDS_E_INTERNAL_ERROR",
+            0x8004_2712 => "VDS_E_PROVIDER_CACHE_OUTOFSYNC",
             _ => "HRESULT_UNKNOWN",
         }
     }

@@ -416,13 +416,18 @@ pub struct HbaPortOutcome {
     pub changed: u32,
     /// Paths left alone because the change would break the policy.
     pub skipped: u32,
+    /// Paths set as asked whose reported status is still not the requested one: reinstated (Online
+    /// requested) but kept on standby by the policy (a non-primary under Failover or Round Robin with
+    /// Subset) or still failed by their connection. Microsoft documents exactly this as the case for
+    /// `VDS_S_STATUSES_INCOMPLETELY_SET` ("the status conflicts with the current load balance policy").
+    pub incomplete: u32,
     /// Reported-status changes, for the event log.
     pub transitions: Vec<StatusTransition>,
 }
 
 /// Folds the per-LUN outcomes of one SetAllPathStatusesFromHbaPort call into its HRESULT:
 /// `VDS_E_OBJECT_NOT_FOUND` when no path of any LUN matched the port, `VDS_S_STATUSES_INCOMPLETELY_SET`
-/// when any path was skipped, else `S_OK`.
+/// when any path was skipped or does not report the requested status, else `S_OK`.
 ///
 /// ```
 /// use lunmpio_vds::{aggregate_hba_outcomes, HbaPortOutcome, Hresult};
@@ -439,7 +444,7 @@ pub fn aggregate_hba_outcomes(
     let (mut matched, mut skipped) = (0u64, 0u64);
     for outcome in outcomes {
         matched += u64::from(outcome.matched);
-        skipped += u64::from(outcome.skipped);
+        skipped += u64::from(outcome.skipped) + u64::from(outcome.incomplete);
     }
     if matched == 0 {
         return Err(VdsError::object_not_found(
@@ -875,8 +880,10 @@ impl LunMpio {
         status: i32,
     ) -> Result<HbaPortOutcome, VdsError> {
         let admin = AdminStatus::from_requested_status(status)?;
+        let requested = PathStatus::try_from(status)?;
         let mut outcome = HbaPortOutcome::default();
         let mut unchanged = 0;
+        let mut applied = Vec::new();
         for i in 0..self.paths.len() {
             if !port.matches(&self.paths[i].endpoints) {
                 continue;
@@ -884,6 +891,7 @@ impl LunMpio {
             outcome.matched += 1;
             if self.paths[i].admin == admin {
                 unchanged += 1;
+                applied.push(i);
                 continue;
             }
             if self.hba_change_breaks_policy(i, admin) {
@@ -891,14 +899,20 @@ impl LunMpio {
                 continue;
             }
             outcome.changed += 1;
+            applied.push(i);
             if let Some(transition) = self.set_admin(i, admin) {
                 outcome.transitions.push(transition);
             }
         }
+        outcome.incomplete = applied
+            .iter()
+            .filter(|&&i| self.paths[i].reported_status(self.policy).0 != requested)
+            .count() as u32;
         assert_eq!(
             outcome.matched,
             outcome.changed + outcome.skipped + unchanged
         );
+        assert!(outcome.incomplete <= outcome.changed + unchanged);
         assert!(outcome.transitions.len() <= outcome.changed as usize);
         self.assert_invariants();
         Ok(outcome)
@@ -1772,6 +1786,60 @@ mod tests {
         assert_eq!(
             aggregate_hba_outcomes([outcome]).unwrap_err().hresult,
             Hresult::VDS_E_OBJECT_NOT_FOUND
+        );
+    }
+
+    /// Reinstating a port whose paths the policy keeps on standby (backups under Failover), or whose
+    /// connection is down, sets what it can and says so: VDS_S_STATUSES_INCOMPLETELY_SET, as Microsoft
+    /// documents for a status that conflicts with the load-balance policy.
+    #[test]
+    fn hba_port_online_that_the_policy_or_the_connection_overrides_is_incomplete() {
+        let (node, port_a, port_b) = (0x2000_0000_0000_0001, 0xa, 0xb);
+        let mut primary = hba_config(1, node, port_b);
+        primary.primary = true;
+        let mut l = lun(
+            LoadBalancePolicy::Failover,
+            vec![
+                primary,
+                hba_config(2, node, port_a),
+                hba_config(3, node, port_a),
+            ],
+        );
+        let port = HbaPortMatch::Wwn {
+            node: Wwn::from_u64(node),
+            port: Wwn::from_u64(port_a),
+        };
+        assert_eq!(
+            statuses(&l),
+            [PathStatus::Online, PathStatus::Standby, PathStatus::Standby]
+        );
+        let outcome = l.set_hba_port_statuses(&port, 1).unwrap();
+        assert_eq!(
+            (outcome.matched, outcome.changed, outcome.incomplete),
+            (2, 0, 2)
+        );
+        assert_eq!(
+            aggregate_hba_outcomes([outcome]).unwrap(),
+            Hresult::VDS_S_STATUSES_INCOMPLETELY_SET
+        );
+        // Failing them is exactly what was asked: complete.
+        let outcome = l.set_hba_port_statuses(&port, 5).unwrap();
+        assert_eq!(aggregate_hba_outcomes([outcome]).unwrap(), Hresult::S_OK);
+        // Under Round Robin they come back Online: complete again, unless a connection is down.
+        l.set_load_balance_policy(LoadBalancePolicy::RoundRobin as i32, &[])
+            .unwrap();
+        let id3 = l.paths()[2].id();
+        l.set_oper_status(
+            id3,
+            OperStatus::Failed {
+                reason: "connection refused".into(),
+            },
+        );
+        let outcome = l.set_hba_port_statuses(&port, 1).unwrap();
+        assert_eq!((outcome.changed, outcome.incomplete), (2, 1));
+        assert_eq!(
+            aggregate_hba_outcomes([outcome]).unwrap(),
+            Hresult::VDS_S_STATUSES_INCOMPLETELY_SET
         );
     }
 

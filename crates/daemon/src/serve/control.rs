@@ -12,9 +12,7 @@ use lunmpio_rpc::{
     GetEventsParams, HbaPortParam, LINE_BYTES_MAX, LunParams, METHOD_NOT_FOUND, RpcError,
     SetHbaPortParams, SetLoadBalancePolicyParams, SetPathStatusParams, method, params,
 };
-use lunmpio_vds::{
-    AdminStatus, HbaPortMatch, PathPolicyInput, VdsError, Wwn, aggregate_hba_outcomes, format_id64,
-};
+use lunmpio_vds::{HbaPortMatch, PathPolicyInput, VdsError, Wwn, format_id64};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -217,19 +215,18 @@ async fn dispatch(name: &str, raw: Value, m: &Management) -> Result<Value, RpcEr
                 }
             };
             let status = lunmpio_rpc::status_value(p.status)?;
-            // Validate before touching any LUN, so a bad status changes nothing anywhere.
-            AdminStatus::from_requested_status(status)?;
-            let mut outcomes = Vec::with_capacity(m.luns.len());
-            for lun in &m.luns {
-                outcomes.push(lun.set_hba_port_statuses(port, status).await?);
-            }
-            let hresult = aggregate_hba_outcomes(outcomes.iter().cloned())?;
+            // Validated, then every LUN reserved, before any LUN is touched: a bad status or a Set
+            // call running on any LUN changes nothing anywhere.
+            let (hresult, outcomes) =
+                lunmpio_engine::set_all_path_statuses_from_hba_port(&m.luns, port, status).await?;
             let matched: u32 = outcomes.iter().map(|o| o.matched).sum();
             let changed: u32 = outcomes.iter().map(|o| o.changed).sum();
             let skipped: u32 = outcomes.iter().map(|o| o.skipped).sum();
+            let incomplete: u32 = outcomes.iter().map(|o| o.incomplete).sum();
             Ok(json!({
                 "hresult": hresult.0, "hresultName": hresult.name(),
                 "matched": matched, "changed": changed, "skipped": skipped,
+                "incomplete": incomplete,
             }))
         }
         method::LIST_LUNS => {

@@ -546,6 +546,22 @@ impl Lun {
         .await
     }
 
+    /// This LUN's part of SetAllPathStatusesFromHbaPort, under a reservation the caller holds for every
+    /// LUN of the call (see [`set_all_path_statuses_from_hba_port`]).
+    pub async fn set_hba_port_statuses_reserved(
+        &self,
+        reservation: &SetReservation<'_>,
+        port: HbaPortMatch,
+        status: i32,
+    ) -> Result<HbaPortOutcome, VdsError> {
+        self.manage_reserved(reservation, |reply| Manage::HbaPort {
+            port,
+            status,
+            reply,
+        })
+        .await
+    }
+
     /// This LUN's part of SetAllPathStatusesFromHbaPort (the caller aggregates over LUNs).
     pub async fn set_hba_port_statuses(
         &self,
@@ -564,6 +580,14 @@ impl Lun {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, VdsError>>) -> Manage,
     ) -> Result<T, VdsError> {
+        let reservation = self.try_reserve_set()?;
+        self.manage_reserved(&reservation, make).await
+    }
+
+    /// Reserves this LUN for one Set call: until the reservation is dropped, any other Set call on it
+    /// gets `VDS_E_ANOTHER_CALL_IN_PROGRESS`. A call that spans LUNs reserves all of them first, so it
+    /// either changes every LUN or none.
+    pub fn try_reserve_set(&self) -> Result<SetReservation<'_>, VdsError> {
         if self
             .shared
             .set_in_progress
@@ -575,13 +599,15 @@ impl Lun {
                 self.shared.name
             )));
         }
-        struct Clear<'a>(&'a AtomicBool);
-        impl Drop for Clear<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _clear = Clear(&self.shared.set_in_progress);
+        Ok(SetReservation(&self.shared.set_in_progress))
+    }
+
+    async fn manage_reserved<T>(
+        &self,
+        reservation: &SetReservation<'_>,
+        make: impl FnOnce(oneshot::Sender<Result<T, VdsError>>) -> Manage,
+    ) -> Result<T, VdsError> {
+        debug_assert!(std::ptr::eq(reservation.0, &self.shared.set_in_progress));
         let (reply, answer) = oneshot::channel();
         self.shared.send(Control::Manage(make(reply)));
         answer.await.unwrap_or_else(|_| {
@@ -667,6 +693,41 @@ impl Lun {
     }
 }
 
+/// A LUN reserved for one Set call (see [`Lun::try_reserve_set`]); dropping it ends the reservation.
+pub struct SetReservation<'a>(&'a AtomicBool);
+
+impl Drop for SetReservation<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// IVdsHwProviderPrivateMpio::SetAllPathStatusesFromHbaPort over every LUN, all-or-nothing as to
+/// validation and reservation: the status is checked, then every LUN is reserved — if another Set
+/// call is running on any of them, the call fails with `VDS_E_ANOTHER_CALL_IN_PROGRESS` and changes
+/// nothing anywhere — and only then is each LUN changed. Returns the HRESULT (`S_OK` or
+/// `VDS_S_STATUSES_INCOMPLETELY_SET`) and each LUN's outcome, in the order of `luns`.
+pub async fn set_all_path_statuses_from_hba_port(
+    luns: &[Lun],
+    port: HbaPortMatch,
+    status: i32,
+) -> Result<(lunmpio_vds::Hresult, Vec<HbaPortOutcome>), VdsError> {
+    lunmpio_vds::AdminStatus::from_requested_status(status)?;
+    let reservations = luns
+        .iter()
+        .map(Lun::try_reserve_set)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut outcomes = Vec::with_capacity(luns.len());
+    for (lun, reservation) in luns.iter().zip(&reservations) {
+        outcomes.push(
+            lun.set_hba_port_statuses_reserved(reservation, port, status)
+                .await?,
+        );
+    }
+    let hresult = lunmpio_vds::aggregate_hba_outcomes(outcomes.iter().cloned())?;
+    Ok((hresult, outcomes))
+}
+
 /// The VDS description of a configured path.
 fn vds_path_config(p: &PathSpec) -> lunmpio_vds::PathConfig {
     let transport = match p.target.transport_name() {
@@ -688,19 +749,26 @@ fn vds_path_config(p: &PathSpec) -> lunmpio_vds::PathConfig {
             },
             lunmpio_nbd::client::Endpoint::Unix { .. } => PathEndpoints::None,
         },
-        (PathTarget::File(file), Some((node, port))) => PathEndpoints::Hba {
-            controller_port_id: Guid::derive("controller-port", &file.path.display().to_string()),
-            hba_port_id: Guid::derive("hba-port", &format!("{node}/{port}")),
-            hba_port: HbaPortProp {
-                id: Guid::NIL, // filled by the service side per GetPathInfo's remarks; unknown here
-                wwn_node: node,
-                wwn_port: port,
-                port_type: HbaPortType::Unknown,
-                status: HbaPortStatus::Online,
-                port_speed: HbaPortSpeedFlags::UNKNOWN,
-                supported_port_speed: HbaPortSpeedFlags::UNKNOWN,
-            },
-        },
+        (PathTarget::File(file), Some((node, port))) => {
+            // One HBA port, one id: `hbaPortId` and `hbaPortProp.id` name the same object.
+            let hba_port_id = Guid::derive("hba-port", &format!("{node}/{port}"));
+            PathEndpoints::Hba {
+                controller_port_id: Guid::derive(
+                    "controller-port",
+                    &file.path.display().to_string(),
+                ),
+                hba_port_id,
+                hba_port: HbaPortProp {
+                    id: hba_port_id,
+                    wwn_node: node,
+                    wwn_port: port,
+                    port_type: HbaPortType::Unknown,
+                    status: HbaPortStatus::Online,
+                    port_speed: HbaPortSpeedFlags::UNKNOWN,
+                    supported_port_speed: HbaPortSpeedFlags::UNKNOWN,
+                },
+            }
+        }
         (PathTarget::File(_), None) => PathEndpoints::None,
     };
     lunmpio_vds::PathConfig {

@@ -179,7 +179,8 @@ int main(int argc, char **argv) {
             const VDS_HBAPORT_PROP *h = p->pHbaPortProp;
             CHECK(h != NULL, "FC path has pHbaPortProp");
             if (h != NULL) {
-                CHECK(guid_is_null(&h->id), "provider leaves the HBA port id GUID_NULL");
+                CHECK(!guid_is_null(&h->id) && memcmp(&h->id, &p->hbaPortId, sizeof(VDS_OBJECT_ID)) == 0,
+                      "the HBA port's id is the path's hbaPortId");
                 CHECK(h->type == VDS_HPT_UNKNOWN && h->status == VDS_HPS_ONLINE, "port %d/%d",
                       (int)h->type, (int)h->status);
                 CHECK(h->ulPortSpeed == VDS_HSF_UNKNOWN, "speed %" PRIu32, h->ulPortSpeed);
@@ -324,9 +325,40 @@ int main(int argc, char **argv) {
              VDS_E_OBJECT_NOT_FOUND);
     CHECK_HR(prov->lpVtbl->SetAllPathStatusesFromHbaPort(prov, port_a, VDS_MPS_UNKNOWN), E_INVALIDARG);
     CHECK_HR(prov->lpVtbl->SetAllPathStatusesFromHbaPort(prov, port_a, (VDS_PATH_STATUS)3), E_INVALIDARG);
-    /* Reinstate port A. */
-    CHECK_HR(prov->lpVtbl->SetAllPathStatusesFromHbaPort(prov, port_a, VDS_MPS_ONLINE), S_OK);
-    CHECK(status_of(lun, id_a0) != VDS_MPS_FAILED, "A0 reinstated");
+    /* Reinstate port A. Its paths are Failover backups: reinstated, but the policy keeps them on
+     * standby — a status that conflicts with the policy, which is exactly Microsoft's case for
+     * VDS_S_STATUSES_INCOMPLETELY_SET. */
+    CHECK_HR(prov->lpVtbl->SetAllPathStatusesFromHbaPort(prov, port_a, VDS_MPS_ONLINE),
+             VDS_S_STATUSES_INCOMPLETELY_SET);
+    CHECK(status_of(lun, id_a0) == VDS_MPS_STANDBY, "A0 reinstated, standby under failover");
+
+    /* ---- the LUN goes away while its object lives ---- */
+    printf("REMOVE-LUN\n");
+    fflush(stdout);
+    {
+        char answer[64];
+        if (fgets(answer, sizeof answer, stdin) == NULL) {
+            fprintf(stderr, "no answer from the harness\n");
+            failures++;
+        }
+    }
+    paths = (VDS_PATH_INFO *)&failures;
+    npaths = 3;
+    CHECK_HR(lun->lpVtbl->GetPathInfo(lun, &paths, &npaths), VDS_E_OBJECT_DELETED);
+    CHECK(paths == NULL && npaths == 0, "outputs cleared on failure");
+    flags = 1;
+    CHECK_HR(lun->lpVtbl->GetSupportedLbPolicies(lun, &flags), VDS_E_OBJECT_DELETED);
+    CHECK_HR(lun->lpVtbl->SetLoadBalancePolicy(lun, VDS_LBP_FAILOVER, fo, 3), VDS_E_OBJECT_DELETED);
+    {
+        char msg[512];
+        CHECK(lunmpio_last_error_message(msg, sizeof msg) > 0, "a message");
+        printf("after the LUN was removed: %s\n", msg);
+    }
+    {
+        IVdsLunMpio *gone = NULL;
+        CHECK_HR(lunmpio_open_lun(socket, lun_name, &gone), VDS_E_OBJECT_NOT_FOUND);
+        CHECK(gone == NULL, "no object for a LUN that does not exist");
+    }
 
     /* ---- the daemon goes away ---- */
     printf("STOP-DAEMON\n");
