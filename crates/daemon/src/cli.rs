@@ -200,7 +200,7 @@ service-time; every port goes down briefly with I/O queued, then comes back.
 
 The live view is redrawn on a terminal, plain lines otherwise. The summary gives I/Os, errors,
 mismatches, the longest stall, each failover's detection time and stall, and the share of I/O per path
-in each phase. Exit status 1 if a guarantee of PRODUCT.md section 7 was broken (an error while a path
+in each phase. Exit status 1 if a guarantee of docs/GUARANTEES.md was broken (an error while a path
 remained, or data that did not read back as written).
 
 Examples:

@@ -1,4 +1,4 @@
-//! `lunmpio serve --config FILE`: the TOML configuration of PRODUCT.md §5.
+//! `lunmpio serve --config FILE`: the TOML configuration of docs/OPERATIONS.md, configuration.
 //!
 //! Parsing is strict: an unknown key, a bad value, a duplicate LUN or path name is an error that names
 //! the key and the line, and the daemon does not start. Every `[defaults]` key may be repeated in a
@@ -75,7 +75,7 @@ pub struct PathConfig {
     pub weight: u32,
     pub bind: Option<IpAddr>,
     pub interconnect: Option<HwProviderType>,
-    /// The initiator HBA port's WWNs, for local paths whose sysfs cannot tell them.
+    /// The initiator HBA port's WWNs, for local paths (lunmpio does not read them from sysfs).
     pub hba_wwnn: Option<Wwn>,
     pub hba_wwpn: Option<Wwn>,
     /// The path's own `fence` (else the LUN's).

@@ -1,4 +1,4 @@
-//! The management commands (PRODUCT.md §9): one per JSON-RPC method of the control socket, with tables
+//! The management commands (docs/OPERATIONS.md, command line): one per JSON-RPC method of the control socket, with tables
 //! for people and `--json` for programs. A path may be named by its name or its id. Errors print the
 //! VDS name and the HRESULT and exit non-zero.
 
@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use lunmpio_rpc::client::{Client, ClientError};
-use lunmpio_rpc::method;
+use lunmpio_rpc::{
+    HbaPortParam, LoadBalancePolicyInfo, LunSummary, PathInfo, PathInfoList, PathPolicyParam,
+    PolicyValue, SetLoadBalancePolicyParams, Statistics,
+};
 use lunmpio_vds::{PathId, parse_id64};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::table::render_table;
 use crate::units::format_size;
@@ -91,7 +94,7 @@ pub struct HbaPortArgs {
 }
 
 pub fn luns(o: &ManageOptions) -> anyhow::Result<ExitCode> {
-    let r = call(o, method::LIST_LUNS, json!({}))?;
+    let r = connect(o)?.list_luns().map_err(rpc_error)?;
     show(o, &r, || {
         let mut rows = vec![row(&[
             "LUN",
@@ -101,88 +104,92 @@ pub fn luns(o: &ManageOptions) -> anyhow::Result<ExitCode> {
             "PATHS",
             "USABLE",
         ])];
-        for l in arr(&r["luns"]) {
+        for l in &r.luns {
             rows.push(vec![
-                s(&l["name"]),
-                s(&l["sourceId"]),
-                l["size"].as_u64().map(format_size).unwrap_or_default(),
-                format!("{} ({})", s(&l["policyConfigName"]), s(&l["policyName"])),
-                s(&l["paths"]),
-                s(&l["usablePaths"]),
+                l.name.clone(),
+                lunmpio_vds::format_id64(l.source_id),
+                format_size(l.size),
+                format!("{} ({})", l.policy_config_name, l.policy_name),
+                l.paths.to_string(),
+                l.usable_paths.to_string(),
             ]);
         }
         render_table(&rows)
     })
 }
 
+/// One LUN of `topology --json`.
+#[derive(Serialize)]
+struct TopologyEntry {
+    lun: LunSummary,
+    paths: Vec<PathInfo>,
+    policy: LoadBalancePolicyInfo,
+    stats: Statistics,
+}
+
 /// A `multipath -ll`-like tree: each LUN, its policy, and each path with status, role and load.
 pub fn topology(o: &ManageOptions) -> anyhow::Result<ExitCode> {
     let mut client = connect(o)?;
-    let luns = client
-        .call(method::LIST_LUNS, json!({}))
-        .map_err(rpc_error)?;
+    let luns = client.list_luns().map_err(rpc_error)?;
     let mut all = Vec::new();
-    for l in arr(&luns["luns"]) {
-        let name = s(&l["name"]);
-        let info = client
-            .call(method::GET_PATH_INFO, json!({ "lun": name }))
-            .map_err(rpc_error)?;
-        let policy = client
-            .call(method::GET_LOAD_BALANCE_POLICY, json!({ "lun": name }))
-            .map_err(rpc_error)?;
-        let stats = client
-            .call(method::GET_STATISTICS, json!({ "lun": name }))
-            .map_err(rpc_error)?;
-        all.push(json!({ "lun": l, "paths": info["paths"], "policy": policy, "stats": stats }));
+    for lun in luns.luns {
+        all.push(TopologyEntry {
+            paths: client.get_path_info(&lun.name).map_err(rpc_error)?.paths,
+            policy: client
+                .get_load_balance_policy(&lun.name)
+                .map_err(rpc_error)?,
+            stats: client.get_statistics(&lun.name).map_err(rpc_error)?,
+            lun,
+        });
     }
-    let all = Value::Array(all);
-    show(o, &all, || {
-        let mut out = String::new();
-        for entry in arr(&all) {
-            let l = &entry["lun"];
-            out.push_str(&format!(
-                "{} (source {}) size={} policy={} ({}) paths={} usable={}\n",
-                s(&l["name"]),
-                s(&l["sourceId"]),
-                l["size"].as_u64().map(format_size).unwrap_or_default(),
-                s(&l["policyConfigName"]),
-                s(&l["policyName"]),
-                s(&l["paths"]),
-                s(&l["usablePaths"]),
-            ));
-            let paths = arr(&entry["paths"]);
-            let policies = arr(&entry["policy"]["paths"]);
-            let stats = arr(&entry["stats"]["paths"]);
-            let mut rows = Vec::new();
-            for (i, p) in paths.iter().enumerate() {
-                let branch = if i + 1 == paths.len() { "`-" } else { "|-" };
-                let pol = policies.get(i).cloned().unwrap_or(Value::Null);
-                let st = stats.get(i).cloned().unwrap_or(Value::Null);
-                let role = if pol["primary"] == json!(true) {
-                    "primary"
-                } else {
-                    "-"
-                };
-                rows.push(vec![
-                    format!("{branch} {}", s(&p["name"])),
-                    s(&p["uri"]),
-                    status_word(&p["statusName"]),
-                    role.to_string(),
-                    format!("w={}", s(&pol["weight"])),
-                    format!("ios={}", s(&st["ios"])),
-                    format!("inflight={}", s(&st["inFlight"])),
-                    format!("p99={}us", s(&st["latencyP99Us"])),
-                    s(&p["statusReason"]),
-                ]);
-            }
-            out.push_str(&render_table(&rows));
-        }
-        out
-    })
+    show(o, &all, || all.iter().map(topology_text).collect())
+}
+
+fn topology_text(entry: &TopologyEntry) -> String {
+    let l = &entry.lun;
+    let mut out = format!(
+        "{} (source {}) size={} policy={} ({}) paths={} usable={}\n",
+        l.name,
+        lunmpio_vds::format_id64(l.source_id),
+        format_size(l.size),
+        l.policy_config_name,
+        l.policy_name,
+        l.paths,
+        l.usable_paths,
+    );
+    let mut rows = Vec::new();
+    for (i, p) in entry.paths.iter().enumerate() {
+        let branch = if i + 1 == entry.paths.len() {
+            "`-"
+        } else {
+            "|-"
+        };
+        let policy = entry.policy.paths.get(i);
+        let stats = entry.stats.paths.get(i);
+        let role = if policy.is_some_and(|x| x.primary) {
+            "primary"
+        } else {
+            "-"
+        };
+        let stat = |f: fn(&lunmpio_rpc::PathStats) -> u64| stats.map(f).map(|n| n.to_string());
+        rows.push(vec![
+            format!("{branch} {}", p.name),
+            p.uri.clone(),
+            short(&p.status_name).to_string(),
+            role.to_string(),
+            format!("w={}", text(policy.map(|x| x.weight))),
+            format!("ios={}", stat(|s| s.ios).unwrap_or_default()),
+            format!("inflight={}", stat(|s| s.in_flight).unwrap_or_default()),
+            format!("p99={}us", stat(|s| s.latency_p99_us).unwrap_or_default()),
+            p.status_reason.clone(),
+        ]);
+    }
+    out.push_str(&render_table(&rows));
+    out
 }
 
 pub fn paths(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
-    let r = call(o, method::GET_PATH_INFO, json!({ "lun": lun }))?;
+    let r = connect(o)?.get_path_info(lun).map_err(rpc_error)?;
     show(o, &r, || {
         let mut rows = vec![row(&[
             "PATH",
@@ -193,15 +200,15 @@ pub fn paths(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
             "URI",
             "REASON",
         ])];
-        for p in arr(&r["paths"]) {
+        for p in &r.paths {
             rows.push(vec![
-                s(&p["name"]),
-                s(&p["pathId"]["pathId"]),
-                format!("{} ({})", s(&p["typeName"]), s(&p["type"])),
-                format!("{} ({})", s(&p["statusName"]), s(&p["status"])),
-                s(&p["transport"]),
-                s(&p["uri"]),
-                s(&p["statusReason"]),
+                p.name.clone(),
+                lunmpio_vds::format_id64(p.path_id.path_id),
+                format!("{} ({})", p.type_name, p.hw_type),
+                format!("{} ({})", p.status_name, p.status),
+                p.transport.clone(),
+                p.uri.clone(),
+                p.status_reason.clone(),
             ]);
         }
         render_table(&rows)
@@ -210,105 +217,109 @@ pub fn paths(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
 
 pub fn policy(o: &ManageOptions, action: PolicyAction) -> anyhow::Result<ExitCode> {
     match action {
-        PolicyAction::Get { lun } => {
-            let mut client = connect(o)?;
-            let r = client
-                .call(method::GET_LOAD_BALANCE_POLICY, json!({ "lun": lun }))
-                .map_err(rpc_error)?;
-            let info = client
-                .call(method::GET_PATH_INFO, json!({ "lun": lun }))
-                .map_err(rpc_error)?;
-            show(o, &r, || {
-                let mut out = format!("policy {} ({})\n", s(&r["policyName"]), s(&r["policy"]));
-                let mut rows = vec![row(&["PATH", "PATH ID", "PRIMARY", "WEIGHT"])];
-                for (i, p) in arr(&r["paths"]).iter().enumerate() {
-                    let name = arr(&info["paths"])
-                        .get(i)
-                        .map(|x| s(&x["name"]))
-                        .unwrap_or_default();
-                    rows.push(vec![
-                        name,
-                        s(&p["pathId"]["pathId"]),
-                        s(&p["primary"]),
-                        s(&p["weight"]),
-                    ]);
-                }
-                out.push_str(&render_table(&rows));
-                out
-            })
-        }
-        PolicyAction::Set(args) => {
-            let mut client = connect(o)?;
-            let info = client
-                .call(method::GET_PATH_INFO, json!({ "lun": args.lun }))
-                .map_err(rpc_error)?;
-            let mut updates = Vec::new();
-            for p in &args.primary {
-                updates.push((resolve(&info, p)?, Some(true), None));
-            }
-            for p in &args.not_primary {
-                updates.push((resolve(&info, p)?, Some(false), None));
-            }
-            for w in &args.weight {
-                let (p, n) = w
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("--weight {w:?}: expected PATH=N"))?;
-                let n: u32 = n.parse().map_err(|_| {
-                    anyhow::anyhow!("--weight {w:?}: {n:?} is not a number 0..=4294967295")
-                })?;
-                updates.push((resolve(&info, p)?, None, Some(n)));
-            }
-            // One entry per path, merging its --primary/--not-primary and --weight options.
-            let mut entries: Vec<(PathId, Option<bool>, Option<u32>)> = Vec::new();
-            for (id, primary, weight) in updates {
-                let i = match entries.iter().position(|e| e.0 == id) {
-                    Some(i) => i,
-                    None => {
-                        entries.push((id, None, None));
-                        entries.len() - 1
-                    }
-                };
-                entries[i].1 = primary.or(entries[i].1);
-                entries[i].2 = weight.or(entries[i].2);
-            }
-            let paths: Vec<Value> = entries
-                .iter()
-                .map(|(id, primary, weight)| {
-                    let mut v = json!({ "pathId": id });
-                    if let Some(p) = primary {
-                        v["primary"] = json!(p);
-                    }
-                    if let Some(w) = weight {
-                        v["weight"] = json!(w);
-                    }
-                    v
-                })
-                .collect();
-            let policy: Value = args
-                .policy
-                .parse::<i64>()
-                .map(Value::from)
-                .unwrap_or_else(|_| json!(args.policy));
-            let r = client
-                .call(
-                    method::SET_LOAD_BALANCE_POLICY,
-                    json!({ "lun": args.lun, "policy": policy, "paths": paths }),
-                )
-                .map_err(rpc_error)?;
-            show(o, &r, || {
-                format!("{}: policy set to {}\n", args.lun, args.policy)
-            })
-        }
+        PolicyAction::Get { lun } => policy_get(o, &lun),
+        PolicyAction::Set(args) => policy_set(o, args),
     }
 }
 
-pub fn policies(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
-    let r = call(o, method::GET_SUPPORTED_LB_POLICIES, json!({ "lun": lun }))?;
+fn policy_get(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
+    let mut client = connect(o)?;
+    let r = client.get_load_balance_policy(lun).map_err(rpc_error)?;
+    let info = client.get_path_info(lun).map_err(rpc_error)?;
     show(o, &r, || {
-        let mut out = format!("supported: 0x{:02x}\n", r["flags"].as_u64().unwrap_or(0));
+        let mut out = format!("policy {} ({})\n", r.policy_name, r.policy);
+        let mut rows = vec![row(&["PATH", "PATH ID", "PRIMARY", "WEIGHT"])];
+        for (i, p) in r.paths.iter().enumerate() {
+            let name = info
+                .paths
+                .get(i)
+                .map(|x| x.name.clone())
+                .unwrap_or_default();
+            rows.push(vec![
+                name,
+                lunmpio_vds::format_id64(p.path_id.path_id),
+                p.primary.to_string(),
+                p.weight.to_string(),
+            ]);
+        }
+        out.push_str(&render_table(&rows));
+        out
+    })
+}
+
+fn policy_set(o: &ManageOptions, args: PolicySetArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(o)?;
+    let info = client.get_path_info(&args.lun).map_err(rpc_error)?;
+    let paths = path_policy_params(&info, &args)?;
+    let policy = match args.policy.parse::<i64>() {
+        Ok(number) => PolicyValue::Number(number),
+        Err(_) => PolicyValue::Name(args.policy.clone()),
+    };
+    let r = client
+        .set_load_balance_policy(SetLoadBalancePolicyParams {
+            lun: args.lun.clone(),
+            policy,
+            paths,
+        })
+        .map_err(rpc_error)?;
+    show(o, &r, || {
+        format!("{}: policy set to {}\n", args.lun, args.policy)
+    })
+}
+
+/// One entry per path named in `--primary`, `--not-primary` and `--weight`, merging a path's options.
+fn path_policy_params(
+    info: &PathInfoList,
+    args: &PolicySetArgs,
+) -> anyhow::Result<Vec<PathPolicyParam>> {
+    let mut updates = Vec::new();
+    for p in &args.primary {
+        updates.push((resolve(info, p)?, Some(true), None));
+    }
+    for p in &args.not_primary {
+        updates.push((resolve(info, p)?, Some(false), None));
+    }
+    for w in &args.weight {
+        let (p, n) = w
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--weight {w:?}: expected PATH=N"))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--weight {w:?}: {n:?} is not a number 0..=4294967295"))?;
+        updates.push((resolve(info, p)?, None, Some(n)));
+    }
+    let mut entries: Vec<PathPolicyParam> = Vec::new();
+    for (path_id, primary, weight) in updates {
+        let i = match entries.iter().position(|e| e.path_id == path_id) {
+            Some(i) => i,
+            None => {
+                entries.push(PathPolicyParam {
+                    path_id,
+                    primary: None,
+                    weight: None,
+                });
+                entries.len() - 1
+            }
+        };
+        entries[i].primary = primary.or(entries[i].primary);
+        entries[i].weight = weight.or(entries[i].weight);
+    }
+    Ok(entries)
+}
+
+pub fn policies(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
+    let r = connect(o)?
+        .get_supported_lb_policies(lun)
+        .map_err(rpc_error)?;
+    show(o, &r, || {
+        let mut out = format!("supported: 0x{:02x}\n", r.flags);
         let mut rows = vec![row(&["VALUE", "VDS NAME", "NAME"])];
-        for p in arr(&r["policies"]) {
-            rows.push(vec![s(&p["policy"]), s(&p["policyName"]), s(&p["name"])]);
+        for p in &r.policies {
+            rows.push(vec![
+                p.policy.to_string(),
+                p.policy_name.clone(),
+                p.name.clone(),
+            ]);
         }
         out.push_str(&render_table(&rows));
         out
@@ -322,15 +333,10 @@ pub fn path(o: &ManageOptions, action: PathAction) -> anyhow::Result<ExitCode> {
         PathAction::Reinstate { lun, path } => (lun, path, 1, "reinstated"),
     };
     let mut client = connect(o)?;
-    let info = client
-        .call(method::GET_PATH_INFO, json!({ "lun": lun }))
-        .map_err(rpc_error)?;
+    let info = client.get_path_info(&lun).map_err(rpc_error)?;
     let id = resolve(&info, &path)?;
     let r = client
-        .call(
-            method::SET_PATH_STATUS,
-            json!({ "lun": lun, "pathId": id, "status": status }),
-        )
+        .set_path_status(&lun, id, status)
         .map_err(rpc_error)?;
     show(o, &r, || format!("{lun}: path {path} {verb}\n"))
 }
@@ -346,46 +352,38 @@ pub fn hba_port(o: &ManageOptions, action: HbaPortAction) -> anyhow::Result<Exit
         })?,
     };
     let port = match (&args.wwnn, &args.wwpn, &args.initiator) {
-        (Some(n), Some(p), _) => json!({ "wwnNode": n, "wwnPort": p }),
-        (_, _, Some(ip)) => json!({ "initiator": ip }),
+        (Some(n), Some(p), _) => HbaPortParam::Wwn {
+            wwn_node: n.clone(),
+            wwn_port: p.clone(),
+        },
+        (_, _, Some(ip)) => HbaPortParam::Initiator {
+            initiator: ip.clone(),
+        },
         _ => anyhow::bail!("give --wwnn and --wwpn, or --initiator"),
     };
-    let r = call(
-        o,
-        method::SET_ALL_PATH_STATUSES_FROM_HBA_PORT,
-        json!({ "hbaPort": port, "status": status }),
-    )?;
+    let r = connect(o)?
+        .set_all_path_statuses_from_hba_port(port, status)
+        .map_err(rpc_error)?;
     show(o, &r, || {
         format!(
-            "{} ({}): {} path(s) matched, {} changed, {} skipped because the change would break a LUN's policy, {} set but still not in that status (kept on standby by the policy, or their connection is down)\n",
-            s(&r["hresultName"]),
-            r["hresult"]
-                .as_i64()
-                .map(|h| format!("0x{:08X}", h as u32))
-                .unwrap_or_default(),
-            s(&r["matched"]),
-            s(&r["changed"]),
-            s(&r["skipped"]),
-            s(&r["incomplete"]),
+            "{} (0x{:08X}): {} path(s) matched, {} changed, {} skipped because the change would break a LUN's policy, {} set but still not in that status (kept on standby by the policy, or their connection is down)\n",
+            r.hresult_name, r.hresult as u32, r.matched, r.changed, r.skipped, r.incomplete,
         )
     })
 }
 
 pub fn stats(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
-    let r = call(o, method::GET_STATISTICS, json!({ "lun": lun }))?;
+    let r = connect(o)?.get_statistics(lun).map_err(rpc_error)?;
     show(o, &r, || {
         let mut out = format!(
             "queued: {} I/Os, {}   in doubt: {} writes ({} since start: {} answered, {} fenced, {} expired)\n",
-            s(&r["queuedIos"]),
-            r["queuedBytes"]
-                .as_u64()
-                .map(format_size)
-                .unwrap_or_default(),
-            s(&r["inDoubtWrites"]),
-            s(&r["inDoubtWritesTotal"]),
-            s(&r["inDoubtAnsweredTotal"]),
-            s(&r["inDoubtFencedTotal"]),
-            s(&r["inDoubtExpiredTotal"]),
+            r.queued_ios,
+            format_size(r.queued_bytes),
+            r.in_doubt_writes,
+            r.in_doubt_writes_total,
+            r.in_doubt_answered_total,
+            r.in_doubt_fenced_total,
+            r.in_doubt_expired_total,
         );
         let mut rows = vec![row(&[
             "PATH",
@@ -402,24 +400,21 @@ pub fn stats(o: &ManageOptions, lun: &str) -> anyhow::Result<ExitCode> {
             "FAILOVERS",
             "TIMEOUT MS",
         ])];
-        for p in arr(&r["paths"]) {
+        for p in &r.paths {
             rows.push(vec![
-                s(&p["name"]),
-                status_word(&p["statusName"]),
-                s(&p["reads"]),
-                s(&p["writes"]),
-                s(&p["ios"]),
-                p["bytesRead"].as_u64().map(format_size).unwrap_or_default(),
-                p["bytesWritten"]
-                    .as_u64()
-                    .map(format_size)
-                    .unwrap_or_default(),
-                s(&p["errors"]),
-                s(&p["inFlight"]),
-                s(&p["latencyP50Us"]),
-                s(&p["latencyP99Us"]),
-                s(&p["failovers"]),
-                s(&p["timeoutMs"]),
+                p.name.clone(),
+                short(&p.status_name).to_string(),
+                p.reads.to_string(),
+                p.writes.to_string(),
+                p.ios.to_string(),
+                format_size(p.bytes_read),
+                format_size(p.bytes_written),
+                p.errors.to_string(),
+                p.in_flight.to_string(),
+                p.latency_p50_us.to_string(),
+                p.latency_p99_us.to_string(),
+                p.failovers.to_string(),
+                p.timeout_ms.to_string(),
             ]);
         }
         out.push_str(&render_table(&rows));
@@ -436,32 +431,26 @@ pub fn events(
     let mut client = connect(o)?;
     let mut since = since;
     loop {
-        let mut params = json!({ "since": since });
-        if let Some(l) = &lun {
-            params["lun"] = json!(l);
-        }
-        let r = client.call(method::GET_EVENTS, params).map_err(rpc_error)?;
-        for e in arr(&r["events"]) {
-            since = since.max(e["seq"].as_u64().unwrap_or(0));
+        let r = client
+            .get_events(lun.as_deref(), since)
+            .map_err(rpc_error)?;
+        for e in &r.events {
+            since = since.max(e.seq);
             if o.json {
-                println!("{e}");
+                println!("{}", serde_json::to_value(e)?);
             } else {
-                let change = match (e["fromName"].as_str(), e["toName"].as_str()) {
+                let change = match (&e.from_name, &e.to_name) {
                     (Some(from), Some(to)) => format!("{} -> {}", short(from), short(to)),
                     _ => String::new(),
                 };
-                let path = e["path"]
-                    .as_str()
+                let path = e
+                    .path
+                    .as_ref()
                     .map(|p| format!(" path {p}"))
                     .unwrap_or_default();
                 println!(
                     "{:>5} {} {}{} {} {}",
-                    s(&e["seq"]),
-                    s(&e["time"]),
-                    s(&e["lun"]),
-                    path,
-                    change,
-                    s(&e["cause"])
+                    e.seq, e.time, e.lun, path, change, e.cause
                 );
             }
         }
@@ -476,22 +465,22 @@ fn connect(o: &ManageOptions) -> anyhow::Result<Client> {
     Client::connect(&o.socket).map_err(rpc_error)
 }
 
-fn call(o: &ManageOptions, method: &str, params: Value) -> anyhow::Result<Value> {
-    connect(o)?.call(method, params).map_err(rpc_error)
-}
-
 /// A daemon error names the VDS constant and the HRESULT: "no LUN named "x" (VDS_E_OBJECT_NOT_FOUND 0x80042405)".
 fn rpc_error(e: ClientError) -> anyhow::Error {
     anyhow::anyhow!("{e}")
 }
 
+/// `--json`: the daemon's answer as JSON (members sorted, as on the wire); otherwise the table.
 fn show(
     o: &ManageOptions,
-    value: &Value,
+    value: &impl Serialize,
     table: impl FnOnce() -> String,
 ) -> anyhow::Result<ExitCode> {
     if o.json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(value)?)?
+        );
     } else {
         print!("{}", table());
     }
@@ -499,45 +488,28 @@ fn show(
 }
 
 /// A path named by its name, or by its id (`0x…` or decimal).
-fn resolve(info: &Value, name_or_id: &str) -> anyhow::Result<PathId> {
-    let paths = arr(&info["paths"]);
-    let parse = |p: &Value| -> Option<PathId> { serde_json::from_value(p["pathId"].clone()).ok() };
-    if let Some(p) = paths
-        .iter()
-        .find(|p| p["name"].as_str() == Some(name_or_id))
-    {
-        return parse(p).ok_or_else(|| anyhow::anyhow!("bad path id in the daemon's answer"));
+fn resolve(info: &PathInfoList, name_or_id: &str) -> anyhow::Result<PathId> {
+    if let Some(p) = info.paths.iter().find(|p| p.name == name_or_id) {
+        return Ok(p.path_id);
     }
     if let Ok(id) = parse_id64(name_or_id)
-        && let Some(found) = paths.iter().filter_map(parse).find(|p| p.path_id == id)
+        && let Some(p) = info.paths.iter().find(|p| p.path_id.path_id == id)
     {
-        return Ok(found);
+        return Ok(p.path_id);
     }
-    let names: Vec<String> = paths.iter().map(|p| s(&p["name"])).collect();
+    let names: Vec<&str> = info.paths.iter().map(|p| p.name.as_str()).collect();
     anyhow::bail!(
         "no path {name_or_id:?} on this LUN (paths: {}) (VDS_E_OBJECT_NOT_FOUND 0x80042405)",
         names.join(", ")
     )
 }
 
-fn arr(v: &Value) -> Vec<Value> {
-    v.as_array().cloned().unwrap_or_default()
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(x) => x.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
+fn text(value: Option<impl ToString>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
 }
 
 fn row(cells: &[&str]) -> Vec<String> {
     cells.iter().map(|c| c.to_string()).collect()
-}
-
-fn status_word(v: &Value) -> String {
-    short(v.as_str().unwrap_or("?")).to_string()
 }
 
 /// `VDS_MPS_ONLINE` → `ONLINE`.

@@ -1,4 +1,4 @@
-//! Nothing acknowledged is ever lost (issue 10, PRODUCT.md §7.1 and §7.3): the stale-write cases.
+//! Nothing acknowledged is ever lost (issue 10, docs/GUARANTEES.md G1 and G3): the stale-write cases.
 //!
 //! NBD cannot recall a request. A path that hung, or whose connection was reset, may still hold a copy
 //! of a write that lunmpio has since re-driven on another path and acknowledged; if that old copy lands

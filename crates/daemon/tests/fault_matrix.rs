@@ -1,4 +1,4 @@
-//! The fault matrix (issue 5, PRODUCT.md §7): `fio --verify=crc32c` through `lunmpio serve` over three
+//! The fault matrix (issue 5, docs/GUARANTEES.md): `fio --verify=crc32c` through `lunmpio serve` over three
 //! real paths while one path suffers one fault — a killed process, a stopped process, a reset port, a
 //! hung port, a slow port, a port answering EIO, a paused nbdkit, a flapping port, a veth link set
 //! down — and the all-paths-down, initiator-port and event cases around them.
@@ -1263,7 +1263,7 @@ fn initiator_port_fail_and_reinstate() {
 // -------------------------------------------------------------------------------------------------
 // A hung path that resumes must not land its stale in-doubt write over newer writes
 
-/// PRODUCT.md §7.1/§7.3: a write in flight on a hung path is fenced (we close our end) and re-driven
+/// docs/GUARANTEES.md G1/G3: a write in flight on a hung path is fenced (we close our end) and re-driven
 /// on another path. NBD has no abort: the hung server still holds the write, and when it resumes it
 /// applies it. Without a guard, that stale copy lands on top of newer acknowledged writes to the same
 /// range (this test failed that way before the in-doubt quarantine). The engine keeps the range

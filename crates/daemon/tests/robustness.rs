@@ -1,4 +1,4 @@
-//! Bad or merely slow peers must never hurt the LUN (issue 10 D, PRODUCT.md §7.7): odd but legal values
+//! Bad or merely slow peers must never hurt the LUN (issue 10 D, docs/GUARANTEES.md G7): odd but legal values
 //! from a target, a path stricter than the LUN, slow paths moving large I/O, clients that never read,
 //! descriptor exhaustion, a hung local device. Each case runs real processes.
 

@@ -1,4 +1,4 @@
-//! The event log: every change of a path's reported status, with its cause (PRODUCT.md §10, GetEvents).
+//! The event log: every change of a path's reported status, with its cause (docs/OPERATIONS.md, metrics, GetEvents).
 //!
 //! Bounded (the oldest events drop off), numbered by a sequence that never repeats so a reader can ask
 //! for what came after the last one it saw, and shared by every LUN of the daemon. Each event is also

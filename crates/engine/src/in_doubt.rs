@@ -1,4 +1,4 @@
-//! In-doubt writes (PRODUCT.md §7.3): old copies of writes that a path may still execute.
+//! In-doubt writes (docs/GUARANTEES.md G3): old copies of writes that a path may still execute.
 //!
 //! NBD cannot recall a request. When lunmpio gives up on a data-changing request on one path — the
 //! path hung, its connection was reset or closed, or the request was merely slow and is hedged on

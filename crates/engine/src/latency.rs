@@ -1,5 +1,5 @@
 //! Per-path latency: a fixed-bucket histogram (statistics, Prometheus) and a smoothed estimator
-//! that sets the path's adaptive timeout (PRODUCT.md §7.3).
+//! that sets the path's adaptive timeout (docs/GUARANTEES.md G3).
 //!
 //! Both are lock-free and allocation-free on the per-I/O path. Concurrent updates of the estimator
 //! may lose a sample now and then; it is an estimate, and that is cheaper than a lock.

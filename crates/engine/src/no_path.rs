@@ -1,4 +1,4 @@
-//! What happens to I/O when a LUN has no usable path left (`no_path_retry`, PRODUCT.md §7.6).
+//! What happens to I/O when a LUN has no usable path left (`no_path_retry`, docs/GUARANTEES.md G6).
 //!
 //! `fail`: EIO at once. `queue`: wait until a path returns (or shutdown). A duration: wait, but no
 //! longer than that duration after the LUN lost its last path; then EIO. The queue is bounded in

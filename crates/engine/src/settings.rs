@@ -1,5 +1,5 @@
 //! What the engine needs to know to build a multipath LUN: its settings and its paths.
-//! The daemon fills these in from the TOML configuration (PRODUCT.md §5).
+//! The daemon fills these in from the TOML configuration (docs/OPERATIONS.md, configuration).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -87,7 +87,7 @@ pub struct PathSpec {
     pub interconnect: Option<HwProviderType>,
     /// The initiator HBA port of a local path (WWNN, WWPN), where known.
     pub hba_wwns: Option<(Wwn, Wwn)>,
-    /// The program and arguments that fence this path (`fence`, PRODUCT.md §7.3), when it has its
+    /// The program and arguments that fence this path (`fence`, docs/GUARANTEES.md G3), when it has its
     /// own (else the LUN's): run without a shell when the path fails while writes sent on it are in
     /// doubt. Exit status 0 means its target will never execute anything it received on this path
     /// before.
@@ -104,7 +104,7 @@ pub struct LunSpec {
     /// Declared identity: every path must match.
     pub size_bytes: Option<u64>,
     pub wwid: Option<String>,
-    /// The paths share one store without private caches (PRODUCT.md §3 Consistency).
+    /// The paths share one store without private caches (docs/OPERATIONS.md, paths (consistency)).
     pub shared_backing: bool,
     pub paths: Vec<PathSpec>,
 }

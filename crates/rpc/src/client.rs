@@ -1,5 +1,6 @@
-//! A small blocking client of the control socket, for the command line and the C ABI (neither needs
-//! an async runtime for one request at a time).
+//! A small blocking client of the control socket, for the command line, the demo, the C ABI and the
+//! tests (none needs an async runtime for one request at a time). The typed methods send a [`Call`]
+//! and decode its result type; [`Client::call`] and [`Client::raw`] are for tests of odd input.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -8,6 +9,16 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use serde::de::DeserializeOwned;
+
+use crate::call::{
+    Call, GetEventsParams, HbaPortParam, LunParams, SetHbaPortParams, SetLoadBalancePolicyParams,
+    SetPathStatusParams,
+};
+use crate::results::{
+    Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList, Statistics,
+    SupportedLbPolicies,
+};
 use crate::{LINE_BYTES_MAX, RpcError};
 
 /// How long one call may take before the client gives up on the daemon.
@@ -21,6 +32,12 @@ pub enum ClientError {
     /// The daemon could not be reached, or the conversation broke.
     #[error("control socket {path}: {message}")]
     Io { path: PathBuf, message: String },
+    /// The daemon's result does not have the method's result type (a daemon of another version?).
+    #[error("{method}: unexpected result from the daemon: {message}")]
+    BadResult {
+        method: &'static str,
+        message: String,
+    },
 }
 
 pub struct Client {
@@ -86,6 +103,82 @@ impl Client {
             .unwrap_or(Value::Null))
     }
 
+    /// One typed call: its result decoded as `T`.
+    pub fn perform<T: DeserializeOwned>(&mut self, call: &Call) -> Result<T, ClientError> {
+        let result = self.call(call.method(), call.params())?;
+        serde_json::from_value(result).map_err(|e| ClientError::BadResult {
+            method: call.method(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn get_path_info(&mut self, lun: &str) -> Result<PathInfoList, ClientError> {
+        self.perform(&Call::GetPathInfo(lun_params(lun)))
+    }
+
+    pub fn get_load_balance_policy(
+        &mut self,
+        lun: &str,
+    ) -> Result<LoadBalancePolicyInfo, ClientError> {
+        self.perform(&Call::GetLoadBalancePolicy(lun_params(lun)))
+    }
+
+    pub fn set_load_balance_policy(
+        &mut self,
+        params: SetLoadBalancePolicyParams,
+    ) -> Result<Done, ClientError> {
+        self.perform(&Call::SetLoadBalancePolicy(params))
+    }
+
+    pub fn get_supported_lb_policies(
+        &mut self,
+        lun: &str,
+    ) -> Result<SupportedLbPolicies, ClientError> {
+        self.perform(&Call::GetSupportedLbPolicies(lun_params(lun)))
+    }
+
+    /// `status` as a VDS number (1 online, 5 failed, 7 standby).
+    pub fn set_all_path_statuses_from_hba_port(
+        &mut self,
+        hba_port: HbaPortParam,
+        status: i64,
+    ) -> Result<HbaPortResult, ClientError> {
+        self.perform(&Call::SetAllPathStatusesFromHbaPort(SetHbaPortParams {
+            hba_port,
+            status,
+        }))
+    }
+
+    pub fn list_luns(&mut self) -> Result<LunList, ClientError> {
+        self.perform(&Call::ListLuns)
+    }
+
+    /// `status` as a VDS number (1 reinstate, 5 fail, 7 standby).
+    pub fn set_path_status(
+        &mut self,
+        lun: &str,
+        path_id: lunmpio_vds::PathId,
+        status: i64,
+    ) -> Result<Done, ClientError> {
+        self.perform(&Call::SetPathStatus(SetPathStatusParams {
+            lun: lun.to_owned(),
+            path_id,
+            status,
+        }))
+    }
+
+    pub fn get_statistics(&mut self, lun: &str) -> Result<Statistics, ClientError> {
+        self.perform(&Call::GetStatistics(lun_params(lun)))
+    }
+
+    /// Events after `since` (a `seq`; all kept events for 0), of one LUN or of all.
+    pub fn get_events(&mut self, lun: Option<&str>, since: u64) -> Result<EventList, ClientError> {
+        self.perform(&Call::GetEvents(GetEventsParams {
+            lun: lun.map(str::to_owned),
+            since: Some(since),
+        }))
+    }
+
     /// Sends a raw line and returns the raw response line (for tests of malformed input).
     pub fn raw(&mut self, line: &str) -> Result<String, ClientError> {
         self.send_line(line)?;
@@ -118,6 +211,12 @@ impl Client {
             path: self.path.clone(),
             message,
         }
+    }
+}
+
+fn lun_params(lun: &str) -> LunParams {
+    LunParams {
+        lun: lun.to_owned(),
     }
 }
 

@@ -1,21 +1,23 @@
-//! JSON (the daemon's answers, PRODUCT §8) ↔ the C structures, in safe Rust.
+//! The daemon's typed answers (`lunmpio_rpc::results`) ↔ the C structures, in safe Rust.
 //!
-//! Decoding is tolerant of extra fields (names, URIs, `…Name` strings) and of enum values this crate
-//! does not know (VDS enums are open: they are passed through as numbers). What it cannot represent
-//! (a malformed id, GUID or WWN, a text address longer than 256 UTF-16 units, both union arms at
-//! once) is a [`BadData`] error, which the C ABI reports as `VDS_E_BAD_PROVIDER_DATA`.
+//! Decoding the JSON is the typed client's work (an answer without the documented shape is
+//! `ClientError::BadResult`, which the C ABI reports as `VDS_E_BAD_PROVIDER_DATA`). Here the typed
+//! results become C structures: VDS enums are open, so values this crate does not know pass through
+//! as numbers. What the C structures cannot represent (a text address longer than 256 UTF-16 units,
+//! both union arms at once) is a [`BadData`] error, reported the same way.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use lunmpio_rpc::{PathPolicyParam, PolicyValue, SetLoadBalancePolicyParams};
-use lunmpio_vds::{Guid as VdsGuid, PathId, PathPolicy, Wwn};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use lunmpio_rpc::{
+    HbaPortInfo, HbaPortParam, LoadBalancePolicyInfo, PathInfoList, PathPolicyParam, PolicyValue,
+    SetLoadBalancePolicyParams,
+};
+use lunmpio_vds::{Guid as VdsGuid, Wwn};
 
 use crate::abi::{
-    Guid, HResult, VDS_HWT_FIBRE_CHANNEL, VDS_HWT_ISCSI, VDS_HWT_PCI_RAID, VDS_HWT_SAS,
-    VDS_IPT_EMPTY, VDS_IPT_IPV4, VDS_IPT_IPV6, VDS_IPT_TEXT, VDS_TEXT_ADDRESS_WCHARS,
-    VdsHbaPortProp, VdsIpAddress, VdsPathId, VdsPathPolicy, VdsWwn,
+    Guid, VDS_HWT_FIBRE_CHANNEL, VDS_HWT_ISCSI, VDS_HWT_PCI_RAID, VDS_HWT_SAS, VDS_IPT_EMPTY,
+    VDS_IPT_IPV4, VDS_IPT_IPV6, VDS_IPT_TEXT, VDS_TEXT_ADDRESS_WCHARS, VdsHbaPortProp,
+    VdsIpAddress, VdsPathId, VdsPathPolicy, VdsWwn,
 };
 
 /// The daemon said something this crate cannot turn into the C structures.
@@ -26,10 +28,6 @@ impl std::fmt::Display for BadData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "unexpected answer from the daemon: {}", self.0)
     }
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(what: &str, value: &Value) -> Result<T, BadData> {
-    T::deserialize(value).map_err(|e| BadData(format!("{what}: {e}")))
 }
 
 /// The third union of `VDS_PATH_INFO`, owned (it becomes its own task-memory block).
@@ -56,56 +54,9 @@ pub struct PathRecord {
     pub endpoint: PathEndpoint,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WirePathInfo {
-    path_id: PathId,
-    #[serde(rename = "type")]
-    hw_type: i32,
-    status: i32,
-    controller_port_id: Option<VdsGuid>,
-    hba_port_id: Option<VdsGuid>,
-    hba_port_prop: Option<WireHbaPort>,
-    target_portal_id: Option<VdsGuid>,
-    initiator_adapter_id: Option<VdsGuid>,
-    initiator_portal_ip_addr: Option<WireIpAddress>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireHbaPort {
-    #[serde(default)]
-    id: Option<VdsGuid>,
-    wwn_node: Wwn,
-    wwn_port: Wwn,
-    #[serde(rename = "type")]
-    port_type: i32,
-    status: i32,
-    #[serde(default)]
-    port_speed: u32,
-    #[serde(default)]
-    supported_port_speed: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireIpAddress {
-    #[serde(rename = "type")]
-    address_type: i32,
-    #[serde(default)]
-    address: String,
-    #[serde(default)]
-    port: u32,
-    #[serde(default)]
-    flow_info: u32,
-    #[serde(default)]
-    scope_id: u32,
-}
-
 fn guid(value: Option<VdsGuid>) -> Guid {
     value.map(Guid::from_vds).unwrap_or(Guid::NULL)
 }
-
 /// `VDS_IPADDRESS` from the JSON `{type, address, port}`: IPv4 as its numeric value (Q12), IPv6 as
 /// its 16 octets, text as NUL-terminated UTF-16 (at most 256 units), empty as zeros. A type this
 /// crate does not know keeps its number, with only the port filled in.
@@ -150,10 +101,10 @@ pub fn ip_address(
     Ok(out)
 }
 
-/// `VDS_HBAPORT_PROP` from the JSON `hbaPortProp`.
-fn hba_port(wire: &WireHbaPort) -> VdsHbaPortProp {
+/// `VDS_HBAPORT_PROP` from the wire's `hbaPortProp`.
+fn hba_port(wire: &HbaPortInfo) -> VdsHbaPortProp {
     VdsHbaPortProp {
-        id: guid(wire.id),
+        id: Guid::from_vds(wire.id),
         wwn_node: VdsWwn {
             rguch_wwn: wire.wwn_node.0,
         },
@@ -178,7 +129,7 @@ pub fn arm_of_type(hw_type: i32) -> Option<bool> {
     }
 }
 
-/// GetPathInfo's result `{"paths": [PathInfo]}` → records, in the daemon's order.
+/// GetPathInfo's result → records, in the daemon's order.
 ///
 /// The two GUID unions take whichever ids the daemon reported (`controllerPortId`/`hbaPortId` for
 /// HBA paths, `targetPortalId`/`initiatorAdapterId` for network paths, zero for neither). The
@@ -186,77 +137,61 @@ pub fn arm_of_type(hw_type: i32) -> Option<bool> {
 /// caller can always tell which structure the pointer holds from `type` alone: iSCSI →
 /// `pInitiatorPortalIpAddr`, Fibre Channel/SAS/PCI RAID → `pHbaPortProp`, anything else → NULL
 /// (for example an NBD-over-TCP path configured without `interconnect = "iscsi"`).
-pub fn path_infos(result: &Value) -> Result<Vec<PathRecord>, BadData> {
-    let paths = result
-        .get("paths")
-        .and_then(Value::as_array)
-        .ok_or_else(|| BadData("GetPathInfo: no \"paths\" array".into()))?;
-    paths
-        .iter()
-        .map(|p| {
-            let w: WirePathInfo = decode("GetPathInfo path", p)?;
-            let hba = w.hba_port_prop.is_some()
-                || w.controller_port_id.is_some()
-                || w.hba_port_id.is_some();
-            let net = w.initiator_portal_ip_addr.is_some()
-                || w.target_portal_id.is_some()
-                || w.initiator_adapter_id.is_some();
-            let type_arm = arm_of_type(w.hw_type);
-            let (far_end_id, near_end_id, endpoint) = match (hba, net) {
-                (true, true) => {
-                    return Err(BadData(format!(
-                        "path {} has both HBA and network endpoints",
-                        w.path_id
-                    )));
-                }
-                (true, false) => (
-                    guid(w.controller_port_id),
-                    guid(w.hba_port_id),
-                    match &w.hba_port_prop {
-                        Some(h) if type_arm == Some(true) => PathEndpoint::Hba(hba_port(h)),
-                        _ => PathEndpoint::None,
-                    },
-                ),
-                (false, true) => (
-                    guid(w.target_portal_id),
-                    guid(w.initiator_adapter_id),
-                    match &w.initiator_portal_ip_addr {
-                        Some(ip) if type_arm == Some(false) => {
-                            PathEndpoint::Ip(Box::new(ip_address(
-                                ip.address_type,
-                                &ip.address,
-                                ip.port,
-                                ip.flow_info,
-                                ip.scope_id,
-                            )?))
-                        }
-                        _ => PathEndpoint::None,
-                    },
-                ),
-                (false, false) => (Guid::NULL, Guid::NULL, PathEndpoint::None),
-            };
-            Ok(PathRecord {
-                path_id: VdsPathId::from_vds(w.path_id),
-                hw_type: w.hw_type,
-                status: w.status,
-                far_end_id,
-                near_end_id,
-                endpoint,
-            })
-        })
-        .collect()
+pub fn path_infos(result: &PathInfoList) -> Result<Vec<PathRecord>, BadData> {
+    result.paths.iter().map(path_record).collect()
 }
 
-/// GetLoadBalancePolicy's result `{"policy": n, "paths": [{pathId, primary, weight}]}`.
-pub fn load_balance_policy(result: &Value) -> Result<(i32, Vec<VdsPathPolicy>), BadData> {
-    #[derive(Deserialize)]
-    struct Wire {
-        policy: i32,
-        #[serde(default)]
-        paths: Vec<PathPolicy>,
-    }
-    let w: Wire = decode("GetLoadBalancePolicy", result)?;
-    let paths = w
+fn path_record(w: &lunmpio_rpc::PathInfo) -> Result<PathRecord, BadData> {
+    let hba =
+        w.hba_port_prop.is_some() || w.controller_port_id.is_some() || w.hba_port_id.is_some();
+    let net = w.initiator_portal_ip_addr.is_some()
+        || w.target_portal_id.is_some()
+        || w.initiator_adapter_id.is_some();
+    let type_arm = arm_of_type(w.hw_type);
+    let (far_end_id, near_end_id, endpoint) = match (hba, net) {
+        (true, true) => {
+            return Err(BadData(format!(
+                "path {} has both HBA and network endpoints",
+                w.path_id
+            )));
+        }
+        (true, false) => (
+            guid(w.controller_port_id),
+            guid(w.hba_port_id),
+            match &w.hba_port_prop {
+                Some(h) if type_arm == Some(true) => PathEndpoint::Hba(hba_port(h)),
+                _ => PathEndpoint::None,
+            },
+        ),
+        (false, true) => (
+            guid(w.target_portal_id),
+            guid(w.initiator_adapter_id),
+            match &w.initiator_portal_ip_addr {
+                Some(ip) if type_arm == Some(false) => PathEndpoint::Ip(Box::new(ip_address(
+                    ip.address_type,
+                    &ip.address,
+                    ip.port,
+                    ip.flow_info,
+                    ip.scope_id,
+                )?)),
+                _ => PathEndpoint::None,
+            },
+        ),
+        (false, false) => (Guid::NULL, Guid::NULL, PathEndpoint::None),
+    };
+    Ok(PathRecord {
+        path_id: VdsPathId::from_vds(w.path_id),
+        hw_type: w.hw_type,
+        status: w.status,
+        far_end_id,
+        near_end_id,
+        endpoint,
+    })
+}
+
+/// GetLoadBalancePolicy's result → the policy number and the C records, in the daemon's order.
+pub fn load_balance_policy(result: &LoadBalancePolicyInfo) -> (i32, Vec<VdsPathPolicy>) {
+    let paths = result
         .paths
         .iter()
         .map(|p| VdsPathPolicy {
@@ -265,31 +200,17 @@ pub fn load_balance_policy(result: &Value) -> Result<(i32, Vec<VdsPathPolicy>), 
             ul_weight: p.weight,
         })
         .collect();
-    Ok((w.policy, paths))
-}
-
-/// GetSupportedLbPolicies' result `{"flags": n, …}`.
-pub fn supported_flags(result: &Value) -> Result<u32, BadData> {
-    #[derive(Deserialize)]
-    struct Wire {
-        flags: u32,
-    }
-    decode::<Wire>("GetSupportedLbPolicies", result).map(|w| w.flags)
-}
-
-/// SetAllPathStatusesFromHbaPort's result `{"hresult": 0 or 272130, …}`.
-pub fn hba_port_hresult(result: &Value) -> Result<HResult, BadData> {
-    #[derive(Deserialize)]
-    struct Wire {
-        hresult: i32,
-    }
-    decode::<Wire>("SetAllPathStatusesFromHbaPort", result).map(|w| w.hresult)
+    (result.policy, paths)
 }
 
 /// SetLoadBalancePolicy's parameters. The policy number goes through unchanged (the daemon's VDS
 /// rules judge it); each record sets both the primary flag (`bPrimaryPath != 0`) and the weight.
-pub fn set_load_balance_policy_params(lun: &str, policy: i32, paths: &[VdsPathPolicy]) -> Value {
-    let params = SetLoadBalancePolicyParams {
+pub fn set_load_balance_policy_params(
+    lun: &str,
+    policy: i32,
+    paths: &[VdsPathPolicy],
+) -> SetLoadBalancePolicyParams {
+    SetLoadBalancePolicyParams {
         lun: lun.to_owned(),
         policy: PolicyValue::Number(i64::from(policy)),
         paths: paths
@@ -300,25 +221,44 @@ pub fn set_load_balance_policy_params(lun: &str, policy: i32, paths: &[VdsPathPo
                 weight: Some(p.ul_weight),
             })
             .collect(),
-    };
-    serde_json::to_value(params).unwrap_or(Value::Null)
+    }
 }
 
-/// SetAllPathStatusesFromHbaPort's parameters: only the WWN pair of the port matters (research §3.1).
-pub fn hba_port_params(prop: &VdsHbaPortProp, status: i32) -> Value {
-    json!({
-        "hbaPort": {
-            "wwnNode": Wwn(prop.wwn_node.rguch_wwn).to_string(),
-            "wwnPort": Wwn(prop.wwn_port.rguch_wwn).to_string(),
-        },
-        "status": status,
-    })
+/// SetAllPathStatusesFromHbaPort's port: only the WWN pair matters (research §3.1).
+pub fn hba_port_param(prop: &VdsHbaPortProp) -> HbaPortParam {
+    HbaPortParam::Wwn {
+        wwn_node: Wwn(prop.wwn_node.rguch_wwn).to_string(),
+        wwn_port: Wwn(prop.wwn_port.rguch_wwn).to_string(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::abi::VDS_MPS_ONLINE;
+    use lunmpio_rpc::{HbaPortResult, SetHbaPortParams, SupportedLbPolicies};
+    use serde_json::{Value, json};
+
+    /// What the typed client does with an answer: decode it, or report it as bad data.
+    fn decoded<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, BadData> {
+        serde_json::from_value(v).map_err(|e| BadData(e.to_string()))
+    }
+
+    fn path_infos_of(v: Value) -> Result<Vec<PathRecord>, BadData> {
+        path_infos(&decoded(v)?)
+    }
+
+    fn policy_of(v: Value) -> Result<(i32, Vec<VdsPathPolicy>), BadData> {
+        decoded::<LoadBalancePolicyInfo>(v).map(|r| load_balance_policy(&r))
+    }
+
+    fn flags_of(v: Value) -> Result<u32, BadData> {
+        decoded::<SupportedLbPolicies>(v).map(|r| r.flags)
+    }
+
+    fn hresult_of(v: Value) -> Result<i32, BadData> {
+        decoded::<HbaPortResult>(v).map(|r| r.hresult)
+    }
 
     fn utf16z(units: &[u16]) -> String {
         let end = units.iter().position(|&u| u == 0).unwrap();
@@ -372,7 +312,7 @@ mod tests {
                 "hbaPortProp": {"wwnNode": "20:00:00:25:b5:00:00:0a", "wwnPort": "21:00:00:25:b5:00:00:0a", "type": 1, "status": 2}
             }
         ]});
-        let r = path_infos(&result).unwrap();
+        let r = path_infos_of(result).unwrap();
         assert_eq!(r.len(), 6);
 
         assert_eq!(
@@ -503,16 +443,16 @@ mod tests {
                     "hbaPortId": "00000000-0000-0000-0000-000000000000",
                     "targetPortalId": "00000000-0000-0000-0000-000000000000"}]}),
         ] {
-            assert!(path_infos(&bad).is_err(), "{bad}");
+            assert!(path_infos_of(bad.clone()).is_err(), "{bad}");
         }
-        assert!(load_balance_policy(&json!({"paths": []})).is_err());
-        assert!(supported_flags(&json!({"flags": -1})).is_err());
-        assert!(hba_port_hresult(&json!({})).is_err());
+        assert!(policy_of(json!({"paths": []})).is_err());
+        assert!(flags_of(json!({"flags": -1})).is_err());
+        assert!(hresult_of(json!({})).is_err());
     }
 
     #[test]
     fn policies_and_flags() {
-        let (policy, paths) = load_balance_policy(&json!({
+        let (policy, paths) = policy_of(json!({
             "policy": 1, "policyName": "VDS_LBP_FAILOVER",
             "paths": [
                 {"pathId": {"sourceId": "0x0000000000000001", "pathId": "0x0000000000000002"}, "primary": true, "weight": 7},
@@ -543,17 +483,15 @@ mod tests {
             ]
         );
         assert_eq!(
-            load_balance_policy(&json!({"policy": 2, "paths": []}))
-                .unwrap()
-                .1,
+            policy_of(json!({"policy": 2, "paths": []})).unwrap().1,
             vec![]
         );
         assert_eq!(
-            supported_flags(&json!({"flags": 127, "policies": []})).unwrap(),
+            flags_of(json!({"flags": 127, "policies": []})).unwrap(),
             0x7f
         );
         assert_eq!(
-            hba_port_hresult(&json!({"hresult": 272130, "matched": 1})).unwrap(),
+            hresult_of(json!({"hresult": 272130, "matched": 1})).unwrap(),
             0x0004_2702
         );
     }
@@ -573,26 +511,27 @@ mod tests {
             }],
         );
         assert_eq!(
-            p,
+            serde_json::to_value(p).unwrap(),
             json!({"lun": "lun0", "policy": 99, "paths": [
                 {"pathId": {"sourceId": "0x00000000000000a1", "pathId": "0x0000000000000002"}, "primary": true, "weight": 5}
             ]})
         );
-        let h = hba_port_params(
-            &VdsHbaPortProp {
-                wwn_node: VdsWwn {
-                    rguch_wwn: [0x20, 0, 0, 0x25, 0xb5, 0, 0, 0x0a],
-                },
-                wwn_port: VdsWwn {
-                    rguch_wwn: [0x21, 0, 0, 0x25, 0xb5, 0, 0, 0x0a],
-                },
-                port_type: 77,
-                ..VdsHbaPortProp::default()
+        let hba_port = hba_port_param(&VdsHbaPortProp {
+            wwn_node: VdsWwn {
+                rguch_wwn: [0x20, 0, 0, 0x25, 0xb5, 0, 0, 0x0a],
             },
-            5,
-        );
+            wwn_port: VdsWwn {
+                rguch_wwn: [0x21, 0, 0, 0x25, 0xb5, 0, 0, 0x0a],
+            },
+            port_type: 77,
+            ..VdsHbaPortProp::default()
+        });
+        let h = SetHbaPortParams {
+            hba_port,
+            status: 5,
+        };
         assert_eq!(
-            h,
+            serde_json::to_value(h).unwrap(),
             json!({"hbaPort": {"wwnNode": "20:00:00:25:b5:00:00:0a", "wwnPort": "21:00:00:25:b5:00:00:0a"}, "status": 5})
         );
     }

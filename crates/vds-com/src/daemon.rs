@@ -17,9 +17,9 @@
 use std::cell::RefCell;
 use std::path::Path;
 
-use lunmpio_rpc::METHOD_NOT_FOUND;
 use lunmpio_rpc::client::{Client, ClientError};
-use serde_json::Value;
+use lunmpio_rpc::{Call, METHOD_NOT_FOUND};
+use serde::de::DeserializeOwned;
 
 use crate::abi::{
     HResult, VDS_E_BAD_PROVIDER_DATA, VDS_E_NOT_SUPPORTED, VDS_E_OBJECT_DELETED,
@@ -59,6 +59,7 @@ pub fn fail(hresult: HResult, message: impl Into<String>) -> HResult {
 pub fn hresult_of(error: &ClientError) -> HResult {
     match error {
         ClientError::Io { .. } => VDS_E_OBJECT_DELETED,
+        ClientError::BadResult { .. } => VDS_E_BAD_PROVIDER_DATA,
         ClientError::Rpc(e) if e.code == METHOD_NOT_FOUND => VDS_E_NOT_SUPPORTED,
         ClientError::Rpc(e) => match e.hresult() {
             Some(h) if h.0 < 0 => h.0,
@@ -67,11 +68,11 @@ pub fn hresult_of(error: &ClientError) -> HResult {
     }
 }
 
-/// One call to the daemon at `socket`.
-pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value, HResult> {
+/// One call to the daemon at `socket`, its result decoded as `T`.
+pub fn perform<T: DeserializeOwned>(socket: &Path, call: &Call) -> Result<T, HResult> {
     let result = Client::connect_with_timeout(socket, CALL_TIMEOUT)
-        .and_then(|mut client| client.call(method, params));
-    result.map_err(|e| fail(hresult_of(&e), format!("{method}: {e}")))
+        .and_then(|mut client| client.perform(call));
+    result.map_err(|e| fail(hresult_of(&e), format!("{}: {e}", call.method())))
 }
 
 /// A decoding failure as `VDS_E_BAD_PROVIDER_DATA`.
@@ -98,6 +99,11 @@ mod tests {
             VDS_E_OBJECT_NOT_FOUND
         );
         assert_eq!(hresult_of(&rpc(E_INVALIDARG)), E_INVALIDARG);
+        let bad = ClientError::BadResult {
+            method: "GetPathInfo",
+            message: "missing field `paths`".into(),
+        };
+        assert_eq!(hresult_of(&bad), VDS_E_BAD_PROVIDER_DATA);
         assert_eq!(hresult_of(&rpc(METHOD_NOT_FOUND)), VDS_E_NOT_SUPPORTED);
         assert_eq!(hresult_of(&rpc(-32700)), VDS_E_PROVIDER_FAILURE);
         assert_eq!(
@@ -110,12 +116,8 @@ mod tests {
     #[test]
     fn a_missing_daemon_is_object_deleted_with_a_message() {
         let dir = tempfile::tempdir().unwrap();
-        let h = call(
-            &dir.path().join("none.sock"),
-            "ListLuns",
-            serde_json::json!({}),
-        )
-        .unwrap_err();
+        let h = perform::<lunmpio_rpc::LunList>(&dir.path().join("none.sock"), &Call::ListLuns)
+            .unwrap_err();
         assert_eq!(h, VDS_E_OBJECT_DELETED);
         assert!(last_error().contains("ListLuns"), "{}", last_error());
     }

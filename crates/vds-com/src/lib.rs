@@ -4,7 +4,7 @@
 //! GetLoadBalancePolicy, SetLoadBalancePolicy, GetSupportedLbPolicies) and
 //! **IVdsHwProviderPrivateMpio** (SetAllPathStatusesFromHbaPort) through COM vtables. This crate gives
 //! them the same vtables, structures and HRESULTs on Linux (header `include/lunmpio_vds.h`), backed
-//! by a running lunmpio daemon over its JSON-RPC control socket (PRODUCT §8). Built as a `cdylib`
+//! by a running lunmpio daemon over its JSON-RPC control socket (docs/MANAGEMENT.md). Built as a `cdylib`
 //! (`liblunmpio_vds_com.so`), a `staticlib` (`liblunmpio_vds_com.a`) and an `rlib`.
 //!
 //! | C entry point | what |

@@ -11,7 +11,9 @@ use std::path::PathBuf;
 use std::ptr;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 
-use serde_json::json;
+use lunmpio_rpc::{
+    Call, Done, HbaPortResult, LunList, LunParams, SetHbaPortParams, SupportedLbPolicies,
+};
 
 use crate::abi::{
     E_INVALIDARG, E_NOINTERFACE, E_POINTER, E_UNEXPECTED, Guid, HResult, IID_IUNKNOWN,
@@ -67,24 +69,28 @@ impl LunObject {
     /// `VDS_E_OBJECT_DELETED`, as the reference pages give for "the LUN object is no longer present"
     /// (the daemon says `VDS_E_OBJECT_NOT_FOUND` both for that and for an unknown path id, so the
     /// LUN list decides which it was).
-    fn call(&self, method: &str, params: serde_json::Value) -> Result<serde_json::Value, HResult> {
-        match daemon::call(&self.socket, method, params) {
+    fn perform<T: serde::de::DeserializeOwned>(&self, call: &Call) -> Result<T, HResult> {
+        match daemon::perform(&self.socket, call) {
             Err(h) if h == crate::abi::VDS_E_OBJECT_NOT_FOUND && !self.lun_exists() => {
                 Err(daemon::fail(
                     crate::abi::VDS_E_OBJECT_DELETED,
-                    format!("{method}: LUN {:?} is no longer present", self.lun),
+                    format!("{}: LUN {:?} is no longer present", call.method(), self.lun),
                 ))
             }
             other => other,
         }
     }
 
+    fn lun_params(&self) -> LunParams {
+        LunParams {
+            lun: self.lun.clone(),
+        }
+    }
+
     /// Whether the daemon still has this object's LUN (true when that cannot be told).
     fn lun_exists(&self) -> bool {
-        match daemon::call(&self.socket, "ListLuns", json!({})) {
-            Ok(list) => list["luns"]
-                .as_array()
-                .is_none_or(|luns| luns.iter().any(|l| l["name"] == self.lun.as_str())),
+        match daemon::perform::<LunList>(&self.socket, &Call::ListLuns) {
+            Ok(list) => list.luns.iter().any(|l| l.name == self.lun),
             Err(_) => true,
         }
     }
@@ -240,7 +246,7 @@ unsafe extern "C" fn lun_get_path_info(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result = match o.call("GetPathInfo", json!({ "lun": o.lun })) {
+        let result = match o.perform(&Call::GetPathInfo(o.lun_params())) {
             Ok(r) => r,
             Err(h) => return h,
         };
@@ -291,14 +297,11 @@ unsafe extern "C" fn lun_get_load_balance_policy(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result = match o.call("GetLoadBalancePolicy", json!({ "lun": o.lun })) {
+        let result = match o.perform(&Call::GetLoadBalancePolicy(o.lun_params())) {
             Ok(r) => r,
             Err(h) => return h,
         };
-        let (policy, paths) = match convert::load_balance_policy(&result) {
-            Ok(r) => r,
-            Err(e) => return daemon::bad_data(e),
-        };
+        let (policy, paths) = convert::load_balance_policy(&result);
         let Ok(count) = i32::try_from(paths.len()) else {
             return daemon::fail(crate::abi::VDS_E_BAD_PROVIDER_DATA, "too many paths");
         };
@@ -356,7 +359,7 @@ unsafe extern "C" fn lun_set_load_balance_policy(
             unsafe { std::slice::from_raw_parts(p_paths, l_number_of_paths as usize) }
         };
         let params = convert::set_load_balance_policy_params(&o.lun, policy, records);
-        match o.call("SetLoadBalancePolicy", params) {
+        match o.perform::<Done>(&Call::SetLoadBalancePolicy(params)) {
             Ok(_) => S_OK,
             Err(h) => h,
         }
@@ -377,16 +380,12 @@ unsafe extern "C" fn lun_get_supported_lb_policies(
         let Some(o) = (unsafe { LunObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let result = match o.call("GetSupportedLbPolicies", json!({ "lun": o.lun })) {
-            Ok(r) => r,
-            Err(h) => return h,
-        };
-        match convert::supported_flags(&result) {
-            Ok(flags) => {
-                *out = flags;
+        match o.perform::<SupportedLbPolicies>(&Call::GetSupportedLbPolicies(o.lun_params())) {
+            Ok(result) => {
+                *out = result.flags;
                 S_OK
             }
-            Err(e) => daemon::bad_data(e),
+            Err(h) => h,
         }
     })
 }
@@ -498,12 +497,14 @@ unsafe extern "C" fn provider_set_all_path_statuses_from_hba_port(
         let Some(o) = (unsafe { ProviderObject::from_iface(this) }) else {
             return E_POINTER;
         };
-        let params = convert::hba_port_params(&hba_port_prop, status);
-        let result = match daemon::call(&o.socket, "SetAllPathStatusesFromHbaPort", params) {
-            Ok(r) => r,
-            Err(h) => return h,
-        };
-        convert::hba_port_hresult(&result).unwrap_or_else(daemon::bad_data)
+        let call = Call::SetAllPathStatusesFromHbaPort(SetHbaPortParams {
+            hba_port: convert::hba_port_param(&hba_port_prop),
+            status: i64::from(status),
+        });
+        match daemon::perform::<HbaPortResult>(&o.socket, &call) {
+            Ok(result) => result.hresult,
+            Err(h) => h,
+        }
     })
 }
 
@@ -562,7 +563,10 @@ pub unsafe extern "C" fn lunmpio_open_lun(
             return daemon::fail(E_INVALIDARG, "lun_name is not UTF-8");
         };
         let socket = socket_path(socket);
-        if let Err(h) = daemon::call(&socket, "GetSupportedLbPolicies", json!({ "lun": lun })) {
+        let call = Call::GetSupportedLbPolicies(LunParams {
+            lun: lun.to_owned(),
+        });
+        if let Err(h) = daemon::perform::<SupportedLbPolicies>(&socket, &call) {
             return h;
         }
         *out = LunObject::create(socket, lun.to_owned());
@@ -592,7 +596,7 @@ pub unsafe extern "C" fn lunmpio_open_provider(
             Ok(s) => socket_path(s),
             Err(h) => return h,
         };
-        if let Err(h) = daemon::call(&socket, "ListLuns", json!({})) {
+        if let Err(h) = daemon::perform::<LunList>(&socket, &Call::ListLuns) {
             return h;
         }
         *out = ProviderObject::create(socket);
@@ -627,6 +631,7 @@ pub unsafe extern "C" fn lunmpio_last_error_message(buf: *mut c_char, size: usiz
 mod tests {
     use super::*;
     use crate::abi::{IID_IVDS_HW_PROVIDER_PRIVATE_MPIO, VDS_E_OBJECT_DELETED};
+    use serde_json::json;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
 

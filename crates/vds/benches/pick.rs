@@ -1,4 +1,4 @@
-//! One path choice per policy for 2, 8 and 64 paths (PRODUCT §12: ≤ 50 ns at 8 paths, no worse than
+//! One path choice per policy for 2, 8 and 64 paths (docs/BENCHMARKS.md: ≤ 50 ns at 8 paths, no worse than
 //! linear growth to 64).
 //!
 //! `cargo bench -p lunmpio-vds -- --warm-up-time 1 --measurement-time 2`

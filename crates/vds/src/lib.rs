@@ -67,7 +67,7 @@
 //!    backups, not back to it. Standby classes apply to every policy (research Q7).
 //! 8. **Reported status** precedence is documented in [`lun`]. A stand-in that carries I/O under Failover
 //!    still reports Standby (it is not the primary); `statusReason` says why.
-//! 9. **Failback** is the engine's (PRODUCT §5); this crate offers [`LunMpio::set_failback_pending`]:
+//! 9. **Failback** is the engine's (docs/OPERATIONS.md, configuration); this crate offers [`LunMpio::set_failback_pending`]:
 //!    a returned path waiting for failback is a Standby candidate and reports Standby.
 //! 10. **`set_oper_status` owns the `unusable` flag** on the control-plane side: a path is marked usable
 //!     only when it is Online and not administratively failed; the data path may raise the flag earlier.

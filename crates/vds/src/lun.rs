@@ -25,7 +25,6 @@ use crate::types::{
     Guid, HbaPortProp, HwProviderType, IpAddress, LbSupportFlags, LoadBalancePolicy, PathId,
     PathPolicy, PathStatus, Wwn, format_id64, parse_id64,
 };
-use serde_json::{Value, json};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -141,7 +140,7 @@ pub struct LunConfig {
     pub name: String,
     pub source_id: u64,
     pub policy: LoadBalancePolicy,
-    /// Every path advertises CAN_MULTI_CONN, or the paths share one backing store (PRODUCT §3).
+    /// Every path advertises CAN_MULTI_CONN, or the paths share one backing store (docs/OPERATIONS.md, paths).
     pub multi_path_safe: bool,
     pub paths: Vec<PathConfig>,
 }
@@ -270,85 +269,6 @@ pub struct PathInfo {
     pub uri: String,
     pub transport: Transport,
     pub endpoints: PathEndpoints,
-}
-
-impl PathInfo {
-    /// The management interface's JSON shape (PRODUCT §8).
-    ///
-    /// ```
-    /// # use lunmpio_vds::*;
-    /// let info = PathInfo {
-    ///     path_id: PathId::new(1, 2), hw_type: HwProviderType::Unknown, status: PathStatus::Online,
-    ///     status_reason: String::new(), name: "a".into(), uri: "nbd://h/x".into(),
-    ///     transport: Transport::Tcp, endpoints: PathEndpoints::None,
-    /// };
-    /// let json = info.to_json();
-    /// assert_eq!(json["statusName"], "VDS_MPS_ONLINE");
-    /// assert_eq!(json["pathId"]["pathId"], "0x0000000000000002");
-    /// ```
-    pub fn to_json(&self) -> Value {
-        let mut out = json!({
-            "pathId": self.path_id,
-            "type": self.hw_type as i32,
-            "typeName": self.hw_type.vds_name(),
-            "status": self.status as i32,
-            "statusName": self.status.vds_name(),
-            "statusReason": self.status_reason,
-            "name": self.name,
-            "uri": self.uri,
-            "transport": self.transport.name(),
-        });
-        let object = out.as_object_mut().expect("a JSON object");
-        match &self.endpoints {
-            PathEndpoints::Network {
-                target_portal_id,
-                initiator_adapter_id,
-                initiator,
-            } => {
-                object.insert("targetPortalId".into(), json!(target_portal_id.to_string()));
-                object.insert(
-                    "initiatorAdapterId".into(),
-                    json!(initiator_adapter_id.to_string()),
-                );
-                object.insert(
-                    "initiatorPortalIpAddr".into(),
-                    json!({
-                        "type": initiator.address_type() as i32,
-                        "typeName": initiator.address_type().vds_name(),
-                        "address": initiator.address_text(),
-                        "port": initiator.port,
-                    }),
-                );
-            }
-            PathEndpoints::Hba {
-                controller_port_id,
-                hba_port_id,
-                hba_port,
-            } => {
-                object.insert(
-                    "controllerPortId".into(),
-                    json!(controller_port_id.to_string()),
-                );
-                object.insert("hbaPortId".into(), json!(hba_port_id.to_string()));
-                object.insert(
-                    "hbaPortProp".into(),
-                    json!({
-                        "id": hba_port.id.to_string(),
-                        "wwnNode": hba_port.wwn_node.to_string(),
-                        "wwnPort": hba_port.wwn_port.to_string(),
-                        "type": hba_port.port_type as i32,
-                        "typeName": hba_port.port_type.vds_name(),
-                        "status": hba_port.status as i32,
-                        "statusName": hba_port.status.vds_name(),
-                        "portSpeed": hba_port.port_speed.0,
-                        "supportedPortSpeed": hba_port.supported_port_speed.0,
-                    }),
-                );
-            }
-            PathEndpoints::None => {}
-        }
-        out
-    }
 }
 
 /// One element of SetLoadBalancePolicy's input: `None` keeps the path's current value.
@@ -722,7 +642,7 @@ impl LunMpio {
         self.set_load_balance_policy(policy, paths)
     }
 
-    /// SetLoadBalancePolicy (PRODUCT §6), all-or-nothing:
+    /// SetLoadBalancePolicy (docs/VDS_MAPPING.md, policies), all-or-nothing:
     ///
     /// - policy 0 or undefined → `E_INVALIDARG`; not in [`LunMpio::get_supported_lb_policies`] →
     ///   `VDS_E_NOT_SUPPORTED`;
@@ -1082,22 +1002,6 @@ impl LunMpio {
             _ => {}
         }
     }
-
-    /// The policy state as JSON for GetLoadBalancePolicy (PRODUCT §8).
-    pub fn load_balance_policy_json(&self) -> Value {
-        let (policy, paths) = self.get_load_balance_policy();
-        json!({ "policy": policy as i32, "policyName": policy.vds_name(), "paths": paths })
-    }
-
-    /// GetSupportedLbPolicies as JSON (PRODUCT §8).
-    pub fn supported_lb_policies_json(&self) -> Value {
-        let flags = self.get_supported_lb_policies();
-        let policies: Vec<Value> = flags
-            .policies()
-            .map(|p| json!({ "policy": p as i32, "policyName": p.vds_name(), "name": p.config_name() }))
-            .collect();
-        json!({ "flags": flags.0, "policies": policies })
-    }
 }
 
 /// The `unusable` flag follows the control plane's view whenever the control plane changes it.
@@ -1398,9 +1302,6 @@ mod tests {
                 weight: 1
             }
         );
-        let json = l.load_balance_policy_json();
-        assert_eq!(json["policyName"], "VDS_LBP_WEIGHTED_PATHS");
-        assert_eq!(json["paths"][0]["weight"], 1);
     }
 
     #[test]
@@ -1410,13 +1311,7 @@ mod tests {
             vec![config(1, false, 0), config(2, false, 5)],
         );
         assert_eq!(l.get_supported_lb_policies(), LbSupportFlags::ALL);
-        assert_eq!(
-            l.supported_lb_policies_json()["policies"]
-                .as_array()
-                .unwrap()
-                .len(),
-            7
-        );
+        assert_eq!(l.get_supported_lb_policies().policies().count(), 7);
         assert_eq!(
             l.set_multi_path_safe(false),
             Some(LoadBalancePolicy::RoundRobin)
@@ -1955,24 +1850,6 @@ mod tests {
         p.set_hw_type(HwProviderType::Iscsi).unwrap();
         p.set_endpoints(PathEndpoints::None);
         assert_eq!(l.get_path_info()[0].hw_type, HwProviderType::Iscsi);
-    }
-
-    #[test]
-    fn path_info_json_shapes() {
-        let l = lun(
-            LoadBalancePolicy::RoundRobin,
-            vec![hba_config(1, 1, 2), net_config(2, "10.0.2.5")],
-        );
-        let info = l.get_path_info();
-        let hba = info[0].to_json();
-        assert_eq!(hba["typeName"], "VDS_HWT_FIBRE_CHANNEL");
-        assert_eq!(hba["hbaPortProp"]["wwnPort"], "00:00:00:00:00:00:00:02");
-        assert_eq!(hba["hbaPortProp"]["portSpeed"], 8);
-        assert_eq!(hba["transport"], "file");
-        let net = info[1].to_json();
-        assert_eq!(net["initiatorPortalIpAddr"]["address"], "10.0.2.5");
-        assert_eq!(net["initiatorPortalIpAddr"]["type"], 1);
-        assert!(net.get("hbaPortProp").is_none());
     }
 
     #[test]

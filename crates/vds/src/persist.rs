@@ -345,7 +345,7 @@ pub const IN_DOUBT_VERSION: u32 = 1;
 /// A journal larger than this is corrupt (the engine holds at most 16 Ki copies, ~200 bytes each).
 pub const IN_DOUBT_FILE_BYTES_MAX: u64 = 8 << 20;
 
-/// The copies of writes a LUN holds in doubt (PRODUCT.md §7.3), kept in `state_dir` so a restart does
+/// The copies of writes a LUN holds in doubt (docs/GUARANTEES.md G3), kept in `state_dir` so a restart does
 /// not forget them: each names a range that a path may still overwrite with an old copy.
 ///
 /// ```json

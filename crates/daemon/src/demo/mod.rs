@@ -1,4 +1,4 @@
-//! `lunmpio demo`: the self-contained showcase (PRODUCT.md §11).
+//! `lunmpio demo`: the self-contained showcase (README.md).
 //!
 //! Everything runs in this process over real loopback TCP: the simulated array (N controller ports,
 //! one RAM-backed LUN), the multipath daemon ([`Daemon::start`] with a generated configuration whose
@@ -6,7 +6,7 @@
 //! through the export with lunmpio's own NBD client. The scenario then breaks and repairs ports the
 //! way `lunmpio target fault` does, while a live view shows per-path status and throughput and one
 //! line per event of the daemon's event log. The summary at the end says whether the guarantees of
-//! PRODUCT.md §7 held; the exit status is non-zero if one did not.
+//! docs/GUARANTEES.md held; the exit status is non-zero if one did not.
 
 pub mod plot;
 pub mod view;
@@ -37,10 +37,10 @@ const LUN_SIZE: u64 = 256 << 20;
 const SLOW_DELAY: Duration = Duration::from_millis(20);
 /// How long a repaired path may take to be Online again before the demo says so.
 const RETURN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Stall bound with a path left, beyond `io_timeout` (PRODUCT.md §12: io_timeout + 50 ms; the demo
+/// Stall bound with a path left, beyond `io_timeout` (docs/BENCHMARKS.md: io_timeout + 50 ms; the demo
 /// allows for a loaded machine).
 const STALL_SLACK: Duration = Duration::from_millis(1000);
-/// Goal for a crash/reset stall (PRODUCT.md §7.2); reported, not enforced.
+/// Goal for a crash/reset stall (docs/GUARANTEES.md G2); reported, not enforced.
 const CRASH_STALL_GOAL: Duration = Duration::from_millis(50);
 
 /// The scenario's sizes, from the flags.
@@ -638,7 +638,7 @@ fn report(
             "stallMs": ms(stall),
         }));
         checks.push((
-            format!("{name} {} detected and failed (§7.2, §7.3)", inj.fault),
+            format!("{name} {} detected and failed (G2, G3)", inj.fault),
             detected.is_some(),
             match detect_ns {
                 Some(d) => format!(
@@ -654,7 +654,7 @@ fn report(
             plan.io_timeout
         };
         checks.push((
-            format!("{name} {} stall bounded (§7.3)", inj.fault),
+            format!("{name} {} stall bounded (G3)", inj.fault),
             Duration::from_nanos(stall) <= bound,
             format!(
                 "longest wait {} (bound {})",
@@ -699,7 +699,7 @@ fn report(
     checks.insert(
         0,
         (
-            "no error reached the application (§7.1, §7.4, §7.6)".into(),
+            "no error reached the application (G1, G4, G6)".into(),
             errors == 0,
             format!("{errors} error(s)"),
         ),
@@ -707,7 +707,7 @@ fn report(
     checks.insert(
         1,
         (
-            "data read back is the data last written (§7.1)".into(),
+            "data read back is the data last written (G1)".into(),
             mismatches == 0,
             format!("{mismatches} mismatch(es); final pass checked {blocks_checked} blocks"),
         ),

@@ -574,7 +574,7 @@ pub fn summary_text(j: &Value, paths: &[String], crash_goal: Duration) -> String
     }
     s.push_str(&render_table(&rows));
 
-    s.push_str("\n  guarantees (PRODUCT.md §7)\n");
+    s.push_str("\n  guarantees (docs/GUARANTEES.md)\n");
     for c in j["checks"].as_array().into_iter().flatten() {
         s.push_str(&format!(
             "    [{}] {}: {}\n",

@@ -1,4 +1,4 @@
-//! The control socket (PRODUCT.md §8): JSON-RPC 2.0, one object per line, on a Unix socket created
+//! The control socket (docs/MANAGEMENT.md): JSON-RPC 2.0, one object per line, on a Unix socket created
 //! with mode 0600. Each method maps onto the engine's VDS operations; answers carry VDS values with
 //! their names, errors carry HRESULTs.
 
@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use lunmpio_engine::{Event, EventLog, Lun, LunStats};
 use lunmpio_rpc::{
-    GetEventsParams, HbaPortParam, LINE_BYTES_MAX, LunParams, METHOD_NOT_FOUND, RpcError,
-    SetHbaPortParams, SetLoadBalancePolicyParams, SetPathStatusParams, method, params,
+    Done, EventList, EventRecord, GetEventsParams, HbaPortParam, HbaPortResult, LINE_BYTES_MAX,
+    LoadBalancePolicyInfo, LunList, LunParams, LunSummary, PathInfoList, PathStats, RpcError,
+    Service, SetHbaPortParams, SetLoadBalancePolicyParams, SetPathStatusParams, Statistics,
+    SupportedLbPolicies,
 };
-use lunmpio_vds::{HbaPortMatch, PathPolicyInput, VdsError, Wwn, format_id64};
-use serde_json::{Value, json};
+use lunmpio_vds::{HbaPortMatch, PathPolicyInput, VdsError, Wwn};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -150,132 +152,135 @@ async fn connection(stream: UnixStream, management: &Management) -> std::io::Res
 
 /// One request line in, one response line out. Never panics on input.
 pub async fn answer(line: &str, management: &Management) -> String {
-    let request = match lunmpio_rpc::parse_request(line) {
-        Ok(r) => r,
-        Err(response) => return response,
-    };
-    match dispatch(&request.method, request.params, management).await {
-        Ok(result) => lunmpio_rpc::result_response(&request.id, result),
-        Err(e) => lunmpio_rpc::error_response(&request.id, &e),
+    lunmpio_rpc::service::answer(management, line).await
+}
+
+/// The management interface over the engine: each call maps onto a LUN's VDS operations.
+impl Service for Management {
+    async fn get_path_info(&self, p: LunParams) -> Result<PathInfoList, RpcError> {
+        let paths = self.lun(&p.lun)?.get_path_info();
+        Ok(PathInfoList {
+            paths: paths.iter().map(lunmpio_rpc::PathInfo::from).collect(),
+        })
+    }
+
+    async fn get_load_balance_policy(
+        &self,
+        p: LunParams,
+    ) -> Result<LoadBalancePolicyInfo, RpcError> {
+        let (policy, paths) = self.lun(&p.lun)?.mpio().get_load_balance_policy();
+        Ok(LoadBalancePolicyInfo::new(policy, paths))
+    }
+
+    async fn set_load_balance_policy(
+        &self,
+        p: SetLoadBalancePolicyParams,
+    ) -> Result<Done, RpcError> {
+        let lun = self.lun(&p.lun)?;
+        let policy = p.policy.to_raw()?;
+        let paths = p
+            .paths
+            .iter()
+            .map(|x| PathPolicyInput {
+                path_id: x.path_id,
+                primary: x.primary,
+                weight: x.weight,
+            })
+            .collect();
+        lun.set_load_balance_policy(policy, paths).await?;
+        Ok(Done {})
+    }
+
+    async fn get_supported_lb_policies(
+        &self,
+        p: LunParams,
+    ) -> Result<SupportedLbPolicies, RpcError> {
+        let flags = self.lun(&p.lun)?.mpio().get_supported_lb_policies();
+        Ok(SupportedLbPolicies::from(flags))
+    }
+
+    async fn set_all_path_statuses_from_hba_port(
+        &self,
+        p: SetHbaPortParams,
+    ) -> Result<HbaPortResult, RpcError> {
+        let port = hba_port_match(&p.hba_port)?;
+        let status = lunmpio_rpc::status_value(p.status)?;
+        // Validated, then every LUN reserved, before any LUN is touched: a bad status or a Set
+        // call running on any LUN changes nothing anywhere.
+        let (hresult, outcomes) =
+            lunmpio_engine::set_all_path_statuses_from_hba_port(&self.luns, port, status).await?;
+        let sum = |count: fn(&lunmpio_vds::HbaPortOutcome) -> u32| outcomes.iter().map(count).sum();
+        Ok(HbaPortResult {
+            hresult: hresult.0,
+            hresult_name: hresult.name().to_owned(),
+            matched: sum(|o| o.matched),
+            changed: sum(|o| o.changed),
+            skipped: sum(|o| o.skipped),
+            incomplete: sum(|o| o.incomplete),
+        })
+    }
+
+    async fn list_luns(&self) -> Result<LunList, RpcError> {
+        let luns = self
+            .luns
+            .iter()
+            .map(|lun| {
+                let mpio = lun.mpio();
+                let policy = mpio.policy();
+                LunSummary {
+                    name: lun.name().to_owned(),
+                    source_id: lun.source_id(),
+                    size: lun.geometry().size_bytes,
+                    policy: policy as i32,
+                    policy_name: policy.vds_name().to_owned(),
+                    policy_config_name: policy.config_name().to_owned(),
+                    paths: mpio.paths().len(),
+                    usable_paths: mpio.usable_path_count(),
+                }
+            })
+            .collect();
+        Ok(LunList { luns })
+    }
+
+    async fn set_path_status(&self, p: SetPathStatusParams) -> Result<Done, RpcError> {
+        let lun = self.lun(&p.lun)?;
+        lun.set_path_status(p.path_id, lunmpio_rpc::status_value(p.status)?)
+            .await?;
+        Ok(Done {})
+    }
+
+    async fn get_statistics(&self, p: LunParams) -> Result<Statistics, RpcError> {
+        Ok(statistics(&self.lun(&p.lun)?.statistics()))
+    }
+
+    async fn get_events(&self, p: GetEventsParams) -> Result<EventList, RpcError> {
+        if let Some(lun) = &p.lun {
+            self.lun(lun)?;
+        }
+        let events = self
+            .events
+            .since(p.since.unwrap_or(0), p.lun.as_deref())
+            .iter()
+            .map(event_record)
+            .collect();
+        Ok(EventList { events })
     }
 }
 
-async fn dispatch(name: &str, raw: Value, m: &Management) -> Result<Value, RpcError> {
-    match name {
-        method::GET_PATH_INFO => {
-            let p: LunParams = params(name, raw)?;
-            let lun = m.lun(&p.lun)?;
-            let paths: Vec<Value> = lun.get_path_info().iter().map(|p| p.to_json()).collect();
-            Ok(json!({ "paths": paths }))
+fn hba_port_match(port: &HbaPortParam) -> Result<HbaPortMatch, RpcError> {
+    Ok(match port {
+        HbaPortParam::Wwn { wwn_node, wwn_port } => HbaPortMatch::Wwn {
+            node: parse_wwn(wwn_node, "wwnNode")?,
+            port: parse_wwn(wwn_port, "wwnPort")?,
+        },
+        HbaPortParam::Initiator { initiator } => {
+            HbaPortMatch::Initiator(initiator.parse::<IpAddr>().map_err(|_| {
+                RpcError::from(VdsError::invalid_arg(format!(
+                    "initiator {initiator:?} is not an IP address"
+                )))
+            })?)
         }
-        method::GET_LOAD_BALANCE_POLICY => {
-            let p: LunParams = params(name, raw)?;
-            Ok(m.lun(&p.lun)?.mpio().load_balance_policy_json())
-        }
-        method::GET_SUPPORTED_LB_POLICIES => {
-            let p: LunParams = params(name, raw)?;
-            Ok(m.lun(&p.lun)?.mpio().supported_lb_policies_json())
-        }
-        method::SET_LOAD_BALANCE_POLICY => {
-            let p: SetLoadBalancePolicyParams = params(name, raw)?;
-            let lun = m.lun(&p.lun)?;
-            let policy = p.policy.to_raw()?;
-            let paths = p
-                .paths
-                .iter()
-                .map(|x| PathPolicyInput {
-                    path_id: x.path_id,
-                    primary: x.primary,
-                    weight: x.weight,
-                })
-                .collect();
-            lun.set_load_balance_policy(policy, paths).await?;
-            Ok(json!({}))
-        }
-        method::SET_PATH_STATUS => {
-            let p: SetPathStatusParams = params(name, raw)?;
-            let lun = m.lun(&p.lun)?;
-            lun.set_path_status(p.path_id, lunmpio_rpc::status_value(p.status)?)
-                .await?;
-            Ok(json!({}))
-        }
-        method::SET_ALL_PATH_STATUSES_FROM_HBA_PORT => {
-            let p: SetHbaPortParams = params(name, raw)?;
-            let port = match &p.hba_port {
-                HbaPortParam::Wwn { wwn_node, wwn_port } => HbaPortMatch::Wwn {
-                    node: parse_wwn(wwn_node, "wwnNode")?,
-                    port: parse_wwn(wwn_port, "wwnPort")?,
-                },
-                HbaPortParam::Initiator { initiator } => {
-                    HbaPortMatch::Initiator(initiator.parse::<IpAddr>().map_err(|_| {
-                        RpcError::from(VdsError::invalid_arg(format!(
-                            "initiator {initiator:?} is not an IP address"
-                        )))
-                    })?)
-                }
-            };
-            let status = lunmpio_rpc::status_value(p.status)?;
-            // Validated, then every LUN reserved, before any LUN is touched: a bad status or a Set
-            // call running on any LUN changes nothing anywhere.
-            let (hresult, outcomes) =
-                lunmpio_engine::set_all_path_statuses_from_hba_port(&m.luns, port, status).await?;
-            let matched: u32 = outcomes.iter().map(|o| o.matched).sum();
-            let changed: u32 = outcomes.iter().map(|o| o.changed).sum();
-            let skipped: u32 = outcomes.iter().map(|o| o.skipped).sum();
-            let incomplete: u32 = outcomes.iter().map(|o| o.incomplete).sum();
-            Ok(json!({
-                "hresult": hresult.0, "hresultName": hresult.name(),
-                "matched": matched, "changed": changed, "skipped": skipped,
-                "incomplete": incomplete,
-            }))
-        }
-        method::LIST_LUNS => {
-            let _: Value = raw;
-            let luns: Vec<Value> = m
-                .luns
-                .iter()
-                .map(|lun| {
-                    let mpio = lun.mpio();
-                    let policy = mpio.policy();
-                    json!({
-                        "name": lun.name(),
-                        "sourceId": format_id64(lun.source_id()),
-                        "size": lun.geometry().size_bytes,
-                        "policy": policy as i32,
-                        "policyName": policy.vds_name(),
-                        "policyConfigName": policy.config_name(),
-                        "paths": mpio.paths().len(),
-                        "usablePaths": mpio.usable_path_count(),
-                    })
-                })
-                .collect();
-            Ok(json!({ "luns": luns }))
-        }
-        method::GET_STATISTICS => {
-            let p: LunParams = params(name, raw)?;
-            Ok(stats_json(&m.lun(&p.lun)?.statistics()))
-        }
-        method::GET_EVENTS => {
-            let p: GetEventsParams = params(name, raw)?;
-            if let Some(lun) = &p.lun {
-                m.lun(lun)?;
-            }
-            let events: Vec<Value> = m
-                .events
-                .since(p.since.unwrap_or(0), p.lun.as_deref())
-                .iter()
-                .map(event_json)
-                .collect();
-            Ok(json!({ "events": events }))
-        }
-        other => Err(RpcError::standard(
-            METHOD_NOT_FOUND,
-            format!(
-                "unknown method {other:?}; methods: {}",
-                method::ALL.join(", ")
-            ),
-        )),
-    }
+    })
 }
 
 impl Management {
@@ -295,57 +300,52 @@ fn parse_wwn(text: &str, what: &str) -> Result<Wwn, RpcError> {
         .map_err(|e| RpcError::from(VdsError::invalid_arg(format!("{what}: {e}"))))
 }
 
-pub fn stats_json(s: &LunStats) -> Value {
-    let paths: Vec<Value> = s
+/// The engine's counters as GetStatistics' result.
+pub fn statistics(s: &LunStats) -> Statistics {
+    let paths = s
         .paths
         .iter()
-        .map(|p| {
-            json!({
-                "pathId": p.path_id,
-                "name": p.name,
-                "status": p.status as i32,
-                "statusName": p.status.vds_name(),
-                "reads": p.reads,
-                "writes": p.writes,
-                "ios": p.ios,
-                "bytesRead": p.bytes_read,
-                "bytesWritten": p.bytes_written,
-                "errors": p.errors,
-                "inFlight": p.in_flight,
-                "inFlightBytes": p.in_flight_bytes,
-                "latencyP50Us": p.latency_p50_us,
-                "latencyP99Us": p.latency_p99_us,
-                "failovers": p.failovers,
-                "timeoutMs": p.timeout_ms,
-            })
+        .map(|p| PathStats {
+            path_id: p.path_id,
+            name: p.name.clone(),
+            status: p.status as i32,
+            status_name: p.status.vds_name().to_owned(),
+            reads: p.reads,
+            writes: p.writes,
+            ios: p.ios,
+            bytes_read: p.bytes_read,
+            bytes_written: p.bytes_written,
+            errors: p.errors,
+            in_flight: p.in_flight,
+            in_flight_bytes: p.in_flight_bytes,
+            latency_p50_us: p.latency_p50_us,
+            latency_p99_us: p.latency_p99_us,
+            failovers: p.failovers,
+            timeout_ms: p.timeout_ms,
         })
         .collect();
-    json!({
-        "paths": paths,
-        "queuedIos": s.queued_ios,
-        "queuedBytes": s.queued_bytes,
-        "inDoubtWrites": s.in_doubt_writes,
-        "inDoubtWritesTotal": s.in_doubt_writes_total,
-        "inDoubtAnsweredTotal": s.in_doubt_answered_total,
-        "inDoubtFencedTotal": s.in_doubt_fenced_total,
-        "inDoubtExpiredTotal": s.in_doubt_expired_total,
-        "fencesOkTotal": s.fences_ok_total,
-        "fencesFailedTotal": s.fences_failed_total,
-    })
+    Statistics {
+        paths,
+        queued_ios: s.queued_ios,
+        queued_bytes: s.queued_bytes,
+        in_doubt_writes: s.in_doubt_writes,
+        in_doubt_writes_total: s.in_doubt_writes_total,
+        in_doubt_answered_total: s.in_doubt_answered_total,
+        in_doubt_fenced_total: s.in_doubt_fenced_total,
+        in_doubt_expired_total: s.in_doubt_expired_total,
+        fences_ok_total: s.fences_ok_total,
+        fences_failed_total: s.fences_failed_total,
+    }
 }
 
-pub fn event_json(e: &Event) -> Value {
-    let time = humantime::format_rfc3339_millis(e.time).to_string();
-    json!({
-        "seq": e.seq,
-        "time": time,
-        "lun": e.lun,
-        "pathId": e.path_id,
-        "path": e.path_name,
-        "from": e.from.map(|s| s as i32),
-        "fromName": e.from.map(|s| s.vds_name()),
-        "to": e.to.map(|s| s as i32),
-        "toName": e.to.map(|s| s.vds_name()),
-        "cause": e.cause,
-    })
+/// An engine event as GetEvents has it.
+pub fn event_record(e: &Event) -> EventRecord {
+    EventRecord::new(
+        e.seq,
+        humantime::format_rfc3339_millis(e.time).to_string(),
+        e.lun.clone(),
+        (e.path_id, e.path_name.clone()),
+        (e.from, e.to),
+        e.cause.clone(),
+    )
 }

@@ -1,4 +1,4 @@
-//! Prometheus metrics (PRODUCT.md §10) at `http://METRICS_LISTEN/metrics`, in the text exposition
+//! Prometheus metrics (docs/OPERATIONS.md, metrics) at `http://METRICS_LISTEN/metrics`, in the text exposition
 //! format, rendered on each scrape from the engine's counters (nothing is kept twice).
 //!
 //! The HTTP side is deliberately tiny — one GET route, bounded request size, a timeout per

@@ -1,4 +1,4 @@
-//! `lunmpio target`: the built-in simulated storage array (PRODUCT.md §11).
+//! `lunmpio target`: the built-in simulated storage array (README.md).
 //!
 //! One LUN (an image file or a sparse RAM disk) is served over N TCP controller ports. Each port has its
 //! own NBD server with one export and its own fault state, so a test or the demo can break one path to

@@ -191,7 +191,7 @@ impl Port {
         self.unregistered.notify_waiters();
     }
 
-    /// Fences the port (the array's fencing API, PRODUCT.md §7.3): every request it holds — received
+    /// Fences the port (the array's fencing API, docs/GUARANTEES.md G3): every request it holds — received
     /// and not yet executed, including those held behind `hang`, `delay` or `rate` — is discarded and
     /// never executed, and its connections are reset. Returns once no connection from before the fence
     /// is left, so nothing they carried can run afterwards. The fault state is unchanged.

@@ -1,4 +1,4 @@
-//! The data path of one request (PRODUCT.md §7).
+//! The data path of one request (docs/GUARANTEES.md).
 //!
 //! ```text
 //! submit ─▶ a write waits while an in-doubt copy overlaps ─▶ pick a path (snapshot + atomics) ─▶ send
@@ -142,7 +142,7 @@ const TRANSFER_UNMEASURED_MAX: u64 = 1 << 20;
 /// The most a transfer's measured size may stretch a deadline: this many times `io_timeout`.
 const DEADLINE_STRETCH_MAX: u32 = 4;
 
-/// Bound on bytes in flight on one path (PRODUCT.md §7.3): enough to keep a fast path busy, little
+/// Bound on bytes in flight on one path (docs/GUARANTEES.md G3): enough to keep a fast path busy, little
 /// enough that a slow one drains it well within `io_timeout`.
 pub(super) fn path_bytes_max(s: &Shared, slot: &PathSlot) -> u64 {
     match slot.throughput.rate() {
@@ -669,13 +669,13 @@ impl Lun {
         }
     }
 
-    /// FLUSH (PRODUCT.md §3): succeeds only when every write acknowledged before it is durable.
+    /// FLUSH (docs/GUARANTEES.md, FLUSH): succeeds only when every write acknowledged before it is durable.
     ///
     /// - Writes acknowledged on a connection that was lost before a flush covered them, on a path
     ///   that shares no cache with the others (no CAN_MULTI_CONN, no `shared_backing`): nothing can
     ///   make them durable any more, so this FLUSH fails with EIO and an event says why.
     /// - Where the dirty connections are coherent (`shared_backing`, or all CAN_MULTI_CONN, which
-    ///   PRODUCT.md §3 takes as one cache across the paths), one flush on any path covers everything.
+    ///   docs/GUARANTEES.md takes as one cache across the paths), one flush on any path covers everything.
     /// - Otherwise every connection holding unflushed writes is flushed — on *that* connection, since
     ///   a flush on another one does not cover a private cache.
     async fn flush(&self, request: Request) -> Result<Reply, IoError> {
@@ -706,7 +706,7 @@ impl Lun {
             return Err(lost);
         }
         // Coherent: one store without private caches, or every dirty connection advertises
-        // CAN_MULTI_CONN, which PRODUCT.md §3 takes as one cache across the LUN's paths.
+        // CAN_MULTI_CONN, which docs/GUARANTEES.md takes as one cache across the LUN's paths.
         let coherent = s.shared_backing
             || dirty
                 .iter()

@@ -1,4 +1,4 @@
-//! Running a path's `fence` program (PRODUCT.md §7.3).
+//! Running a path's `fence` program (docs/GUARANTEES.md G3).
 //!
 //! NBD has no reservations: closing our end of a connection cannot stop a stalled target from executing
 //! what it already holds. A fence is the operator's way to make that impossible — kill the target

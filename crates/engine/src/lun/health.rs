@@ -1,4 +1,4 @@
-//! One health task per path (PRODUCT.md §7.5).
+//! One health task per path (docs/GUARANTEES.md G5).
 //!
 //! While the path has a connection: watch for it to close (a reset on an idle path is noticed at
 //! once, not at the next I/O), and probe it with a small read every `check_interval` — or at once

@@ -1,4 +1,4 @@
-//! Identity (PRODUCT.md §3): every path of a LUN must lead to the same volume. The LUN's identity is
+//! Identity (docs/OPERATIONS.md, paths): every path of a LUN must lead to the same volume. The LUN's identity is
 //! what its config declares (`size`, `wwid`); otherwise the value most of the paths' first answers
 //! agree on, ties going to the earlier path in the config. A path that differs is refused — now or
 //! whenever it comes back — and never carries I/O. This keeps two different volumes from being

@@ -1,4 +1,4 @@
-//! The in-doubt copies, kept in `state_dir` across restarts (PRODUCT.md §7.3, issue 10 B5).
+//! The in-doubt copies, kept in `state_dir` across restarts (docs/GUARANTEES.md G3, issue 10 B5).
 //!
 //! A daemon that restarts — crash, upgrade, reboot — must not forget that a path may still execute an
 //! old copy of a write: the target does not know lunmpio restarted. So every change of the LUN's

@@ -5,8 +5,9 @@
 //! - **Data path** ([`dispatch`]): [`Lun::submit`] runs one request. It reads the current selector
 //!   snapshot (`ArcSwap`, no lock), lets the selector pick a path from it and per-path atomics, sends
 //!   the request on that path's connection, and on a path fault marks the path unusable *at once*
-//!   (one atomic store), tells the control task, and re-drives the request — handed back by the
-//!   transport — on another path. Hung paths are suspected after an adaptive timeout and fenced at
+//!   (one atomic store), tells the control task, and re-drives the request on another path. Each
+//!   attempt sends a clone (payloads are `Bytes` handles, not copies); the copy a failed path hands
+//!   back is dropped, the dispatcher re-drives its own. Hung paths are suspected after an adaptive timeout and fenced at
 //!   `io_timeout`; in-doubt writes order later overlapping I/O after their re-drive.
 //! - **Control plane** ([`control`]): one task per LUN owns the mutable [`LunMpio`] (the VDS state),
 //!   applies faults, recoveries and management calls to it, persists what Set calls change, logs
@@ -88,7 +89,7 @@ pub(crate) struct Installed {
     /// above zero, so the target's late replies can still prove those copies finished.
     writes_outstanding: AtomicUsize,
     /// Writes acknowledged on this connection, and how many of them a completed flush covers: FLUSH
-    /// goes to every connection with `writes_acked > writes_flushed` (PRODUCT.md §3).
+    /// goes to every connection with `writes_acked > writes_flushed` (docs/GUARANTEES.md, FLUSH).
     pub(crate) writes_acked: AtomicU64,
     pub(crate) writes_flushed: AtomicU64,
 }

@@ -1,14 +1,15 @@
 //! Path transports: how one path reaches the storage.
 //!
-//! A path is named by a URI (PRODUCT.md §3): `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`
+//! A path is named by a URI (docs/OPERATIONS.md, paths): `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`
 //! (both served by [`lunmpio_nbd::client`]) or `file:///PATH` (a local regular file or block device, I/O
 //! on the blocking thread pool so the async runtime never waits on the disk).
 //!
 //! The engine sees every transport through one small surface, enum-dispatched (no boxing on the per-I/O
 //! path): a [`PathTarget`] knows how to connect; a [`PathConnection`] carries requests. Requests and
 //! replies are the NBD client's own [`Request`] / [`Reply`]: the export decodes NBD, the engine routes,
-//! and an NBD path forwards without translation. A request that fails comes back inside [`Failed`] so
-//! the engine can re-drive it on another path (Firecracker's "request handed back" pattern).
+//! and an NBD path forwards without translation. A request that fails comes back inside [`Failed`],
+//! with whether it may have reached the storage; the engine keeps its own copy of every request it
+//! sends (a clone: payloads are `Bytes` handles) and re-drives that one.
 //!
 //! One conformance suite (`tests/conformance.rs`) runs against every transport.
 
@@ -27,7 +28,7 @@ pub use self::file::{FileConnection, FileTarget};
 pub use self::nbd::NbdConnection;
 
 /// What a connected path says about the volume behind it. Compared across the paths of one LUN
-/// (PRODUCT.md §3 Identity): size, read-only flag and, where the transport reports one, identity.
+/// (docs/OPERATIONS.md, paths (identity)): size, read-only flag and, where the transport reports one, identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportInfo {
     pub size_bytes: u64,
@@ -43,7 +44,7 @@ pub struct TransportInfo {
 }
 
 impl TransportInfo {
-    /// Whether several connections may carry I/O to this volume at once (PRODUCT.md §3 Consistency).
+    /// Whether several connections may carry I/O to this volume at once (docs/OPERATIONS.md, paths (consistency)).
     pub fn can_multi_conn(&self) -> bool {
         self.flags.contains(TransmissionFlags::CAN_MULTI_CONN)
     }
@@ -97,7 +98,7 @@ impl PathError {
         }
     }
 
-    /// Errors that belong to the request itself (PRODUCT.md §7.4): returned to the application at
+    /// Errors that belong to the request itself (docs/GUARANTEES.md G4): returned to the application at
     /// once, never retried on another path, and no reason to doubt the path.
     pub fn belongs_to_request(&self) -> bool {
         match self.kind {
