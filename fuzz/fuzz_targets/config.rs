@@ -5,7 +5,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Ok(config) = lunmpio::config::Config::parse(text, "fuzz.toml") {
+        if let Ok(config) = lunmpio_daemon::config::Config::parse(text, "fuzz.toml") {
             for lun in &config.luns {
                 let _ = lun.to_spec();
             }

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lunmpio_engine::lun::identity::{geometry_of, refusal};
-use lunmpio_engine::transport::TransportInfo;
+use lunmpio_engine::transport::Geometry;
 use lunmpio_nbd::{BlockSize, MAX_PAYLOAD_BYTES, TransmissionFlags};
 
 fn word(data: &[u8], at: usize) -> u32 {
@@ -20,10 +20,10 @@ fn word(data: &[u8], at: usize) -> u32 {
 fuzz_target!(|data: &[u8]| {
     // 16 bytes per path: size (4, scaled), flags (2), read-only (1), spare (1), min, preferred, max
     // as three 32-bit words (the last two overlap the spare bytes of the next field on purpose).
-    let infos: Vec<TransportInfo> = data
+    let infos: Vec<Geometry> = data
         .chunks(16)
         .take(8)
-        .map(|c| TransportInfo {
+        .map(|c| Geometry {
             size_bytes: u64::from(word(c, 0)) << 9,
             read_only: c.get(6).is_some_and(|b| b & 1 == 1),
             flags: TransmissionFlags::from_bits_truncate(word(c, 4) as u16),
@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         })
         .collect();
     let Some(first) = infos.first() else { return };
-    let refs: Vec<&TransportInfo> = infos.iter().collect();
+    let refs: Vec<&Geometry> = infos.iter().collect();
     let g = geometry_of(first.size_bytes, first.read_only, None, &refs);
     let b = g.block_size;
     assert!(b.min >= 1 && b.min.is_power_of_two(), "{b:?}");

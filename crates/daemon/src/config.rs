@@ -16,19 +16,16 @@ use lunmpio_vds::{HwProviderType, LoadBalancePolicy, Wwn};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::units::{parse_duration, parse_size};
+use lunmpio_human::{parse_duration, parse_size};
 
-/// Bounds that keep a configuration sane; past them the config is refused.
-pub const LUNS_MAX: usize = 256;
-pub const PATHS_PER_LUN_MAX: usize = 64;
-pub const NAME_BYTES_MAX: usize = 128;
+pub use lunmpio_vds::limits::{LUNS_MAX, NAME_BYTES_MAX, PATHS_PER_LUN_MAX};
 /// Bound on a `fence` command's program plus arguments.
 pub const FENCE_ARGS_MAX: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub daemon: DaemonConfig,
-    pub luns: Vec<LunConfig>,
+    pub luns: Vec<LunTable>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,19 +51,22 @@ pub struct DaemonConfig {
 pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
 pub const MAX_CONNECTIONS_LIMIT: usize = 1 << 16;
 
+/// One `[[lun]]` table of the config file, checked. (The engine runs it as an
+/// `engine::LunSpec`; the VDS rules see it as a `vds::LunConfig`.)
 #[derive(Debug, Clone)]
-pub struct LunConfig {
+pub struct LunTable {
     pub name: String,
     pub id: Option<u64>,
     pub settings: LunSettings,
     pub size_bytes: Option<u64>,
     pub wwid: Option<String>,
     pub shared_backing: bool,
-    pub paths: Vec<PathConfig>,
+    pub paths: Vec<PathTable>,
 }
 
+/// One `[[lun.path]]` table of the config file, checked (an `engine::PathSpec` once resolved).
 #[derive(Debug, Clone)]
-pub struct PathConfig {
+pub struct PathTable {
     pub uri: String,
     pub target: PathTarget,
     pub name: Option<String>,
@@ -94,7 +94,7 @@ pub struct ConfigError {
     pub message: String,
 }
 
-impl LunConfig {
+impl LunTable {
     /// The engine's view of this LUN. Ids default to stable hashes (of the LUN name, of the path URI)
     /// so they survive restarts and reordering; names default to something readable from the URI.
     pub fn to_spec(&self) -> LunSpec {
@@ -506,7 +506,7 @@ impl Context<'_> {
         spanned: &Spanned<RawLun>,
         i: usize,
         defaults: &LunSettings,
-    ) -> Result<LunConfig, ConfigError> {
+    ) -> Result<LunTable, ConfigError> {
         let raw = spanned.get_ref();
         let name = raw.name.get_ref().clone();
         check_name(&name).map_err(|m| self.error(raw.name.span(), format!("lun[{i}].name"), m))?;
@@ -573,7 +573,7 @@ impl Context<'_> {
             None => None,
             Some(v) => Some(self.id(v, &format!("{table}.id"))?),
         };
-        Ok(LunConfig {
+        Ok(LunTable {
             name,
             id,
             settings,
@@ -584,7 +584,7 @@ impl Context<'_> {
         })
     }
 
-    fn path(&self, raw: &RawPath, table: &str) -> Result<PathConfig, ConfigError> {
+    fn path(&self, raw: &RawPath, table: &str) -> Result<PathTable, ConfigError> {
         let uri = raw.uri.get_ref().clone();
         let supported = ["nbd://", "nbd+unix://", "file://"];
         if !supported.iter().any(|s| uri.starts_with(s)) {
@@ -657,7 +657,7 @@ impl Context<'_> {
             None => None,
             Some(v) => Some(self.fence(v, &format!("{table}.fence"))?),
         };
-        Ok(PathConfig {
+        Ok(PathTable {
             fence,
             uri,
             target,

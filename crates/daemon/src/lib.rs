@@ -1,18 +1,8 @@
-//! lunmpio's daemon crate: the `lunmpio` binary's commands, also usable as a library (tests, the C ABI's
-//! tests and the demo start a daemon in-process).
+//! lunmpio's daemon as a library: the `lunmpio` binary runs it (`lunmpio serve`), the demo and the C
+//! ABI's tests start it in-process.
 //!
 //! - [`config`]: the TOML configuration (strict; errors name the key and the line).
-//! - [`serve`]: the multipath daemon — LUNs, NBD exports, control socket, metrics, graceful stop.
-//! - [`manage`]: the management commands (one per JSON-RPC method).
-//! - [`target`]: the simulated storage array with live per-port faults.
-//! - [`demo`]: the showcase.
+//! - [`serve`]: the multipath daemon — LUNs, NBD exports, the control socket, metrics, graceful stop.
 
-pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod manage;
 pub mod serve;
-pub mod table;
-pub mod target;
-pub mod target_cli;
-pub mod units;

@@ -16,6 +16,7 @@ pub mod latency;
 pub mod lun;
 pub mod no_path;
 pub mod settings;
+pub mod state_files;
 pub mod transport;
 
 pub use events::{Event, EventLog};

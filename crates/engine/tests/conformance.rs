@@ -4,7 +4,7 @@
 //! own NBD server.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,42 +13,10 @@ use lunmpio_engine::transport::{
 };
 use lunmpio_nbd::{CommandFlags, NbdErrno, TransmissionFlags};
 
-mod support;
-use support::pattern;
+use lunmpio_testkit::inprocess::pattern;
+use lunmpio_testkit::{ProcessGuard, free_port, require_tool};
 
 const SIZE_BYTES: u64 = 64 << 20;
-
-/// Kills the spawned peer by its own PID when the test ends, however it ends.
-struct ProcessGuard(Child);
-
-impl Drop for ProcessGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn require_tool(tool: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} not found: install it with `apt-get install {package}`"
-    );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn connect_with_deadline(target: &PathTarget) -> PathConnection {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -329,14 +297,13 @@ async fn nbd_nbdkit_memory_over_unix() {
     require_tool("nbdkit", "nbdkit");
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nbdkit.sock");
-    let _guard = ProcessGuard(
+    let _guard = ProcessGuard::spawn(
+        "nbdkit",
         Command::new("nbdkit")
             .args(["--foreground", "--exit-with-parent", "-U"])
             .arg(&socket)
             .args(["-e", "lun0", "memory", &SIZE_BYTES.to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nbdkit"),
+            .stderr(Stdio::null()),
     );
     let uri = format!("nbd+unix:///lun0?socket={}", socket.display());
     let conn = connect_with_deadline(&PathTarget::parse(&uri, None).unwrap()).await;
@@ -352,7 +319,8 @@ async fn nbd_qemu_nbd_over_tcp() {
     require_tool("qemu-nbd", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _guard = ProcessGuard(
+    let _guard = ProcessGuard::spawn(
+        "qemu-nbd",
         Command::new("qemu-nbd")
             .args([
                 "-f",
@@ -368,9 +336,7 @@ async fn nbd_qemu_nbd_over_tcp() {
                 "-t",
             ])
             .arg(image(dir.path()))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-nbd"),
+            .stderr(Stdio::null()),
     );
     let uri = format!("nbd://127.0.0.1:{port}/lun0");
     let conn = connect_with_deadline(
@@ -387,10 +353,10 @@ mod in_process {
     #[tokio::test]
     async fn nbd_our_server_over_unix() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = support::serve(
+        let socket = lunmpio_testkit::inprocess::serve(
             dir.path(),
             "ours",
-            support::Memory::new(SIZE_BYTES),
+            lunmpio_testkit::inprocess::Memory::new(SIZE_BYTES),
             SIZE_BYTES,
             true,
         );

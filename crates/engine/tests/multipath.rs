@@ -2,8 +2,6 @@
 //! memory target, exercised by many concurrent verifying clients while paths are cut, hung and
 //! restored. The daemon's interop suite repeats the important cases with real processes and signals.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,8 +12,8 @@ use lunmpio_engine::{
     EventLog, Failback, Lun, LunOptions, LunSettings, LunSpec, NoPathRetry, PathSpec,
 };
 use lunmpio_nbd::{CommandFlags, NbdErrno};
+use lunmpio_testkit::inprocess::{FaultProxy, Memory, ProxyMode, pattern, serve};
 use lunmpio_vds::{Hresult, LoadBalancePolicy, PathId, PathPolicyInput, PathStatus};
-use support::{FaultProxy, Memory, ProxyMode, pattern, serve};
 
 const SIZE_BYTES: u64 = 16 << 20;
 const BLOCK: u64 = 4096;

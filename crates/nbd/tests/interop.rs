@@ -1,7 +1,7 @@
 //! Our client against real NBD servers: qemu-nbd and nbdkit (memory, file, and the error,
 //! delay and blocksize-policy filters), plus killed and stopped servers.
 //!
-//! Every spawned process lives in a [`Proc`] guard that kills it by its own PID on drop;
+//! Every spawned process lives in a `ProcessGuard` (lunmpio-testkit) that kills it by its own PID on drop;
 //! nbdkit also runs with `--exit-with-parent`. Sockets live in a tempdir, TCP ports are picked
 //! free at run time.
 
@@ -9,136 +9,38 @@ mod common;
 
 use common::{TEST_DEADLINE, pattern, within};
 use lunmpio_nbd::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use lunmpio_testkit::{ProcessGuard, free_port, require_tool, spawn_tcp_server, spawn_unix_server};
+use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
 /// A child process killed (by its own PID) when dropped; a stopped one is continued first.
+/// A peer and the directory its socket and image live in (removed after the peer is killed).
 struct Proc {
-    child: Child,
+    guard: ProcessGuard,
     _dir: Option<tempfile::TempDir>,
-}
-
-impl Proc {
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn signal(&self, s: Signal) {
-        kill(self.pid(), s).expect("signal our own child");
-    }
-
-    /// Waits until the process is really stopped (SIGSTOP is delivered asynchronously).
-    async fn wait_stopped(&self) {
-        let stat = format!("/proc/{}/stat", self.child.id());
-        within(async {
-            loop {
-                let s = std::fs::read_to_string(&stat).unwrap_or_default();
-                // The state follows the parenthesised command name.
-                if s.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = kill(self.pid(), Signal::SIGCONT);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn require(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} not found: install with: apt-get install {package}"
-    );
-}
-
-fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
-}
-
-/// Polls until the socket accepts, with an overall deadline.
-async fn wait_unix(path: &Path, child: &mut Child) {
-    let start = Instant::now();
-    loop {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("server exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < TEST_DEADLINE,
-            "server socket {} never became ready",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn wait_tcp(port: u16, child: &mut Child) {
-    let start = Instant::now();
-    loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("server exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < TEST_DEADLINE,
-            "server port {port} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// nbdkit on a Unix socket in a fresh tempdir. `args` are filters, the plugin and its params.
 async fn nbdkit(args: &[&str]) -> (Proc, Endpoint, PathBuf) {
-    require("nbdkit", "nbdkit");
+    require_tool("nbdkit", "nbdkit");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbdkit.sock");
-    let mut child = spawn(
+    let guard = spawn_unix_server(
+        "nbdkit",
         Command::new("nbdkit")
             .args(["-f", "--exit-with-parent", "-t", "16", "-U"])
             .arg(&sock)
             .args(args),
+        &sock,
     );
-    wait_unix(&sock, &mut child).await;
     let d = dir.path().to_path_buf();
     (
         Proc {
-            child,
+            guard,
             _dir: Some(dir),
         },
         Endpoint::Unix { path: sock },
@@ -156,11 +58,12 @@ fn raw_image(dir: &Path, size: usize) -> PathBuf {
 }
 
 async fn qemu_nbd_unix(shared: u32) -> (Proc, Endpoint) {
-    require("qemu-nbd", "qemu-utils");
+    require_tool("qemu-nbd", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), 16 * MIB);
     let sock = dir.path().join("qemu.sock");
-    let mut child = spawn(
+    let guard = spawn_unix_server(
+        "qemu-nbd",
         Command::new("qemu-nbd")
             .args([
                 "-f",
@@ -175,11 +78,11 @@ async fn qemu_nbd_unix(shared: u32) -> (Proc, Endpoint) {
             ])
             .arg(&sock)
             .arg(&img),
+        &sock,
     );
-    wait_unix(&sock, &mut child).await;
     (
         Proc {
-            child,
+            guard,
             _dir: Some(dir),
         },
         Endpoint::Unix { path: sock },
@@ -285,11 +188,12 @@ async fn qemu_nbd_multi_connection_export() {
 
 #[tokio::test]
 async fn qemu_nbd_over_tcp() {
-    require("qemu-nbd", "qemu-utils");
+    require_tool("qemu-nbd", "qemu-utils");
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), 16 * MIB);
     let port = free_port();
-    let mut child = spawn(
+    let guard = spawn_tcp_server(
+        "qemu-nbd",
         Command::new("qemu-nbd")
             .args([
                 "-f",
@@ -306,10 +210,10 @@ async fn qemu_nbd_over_tcp() {
             ])
             .arg(port.to_string())
             .arg(&img),
+        port,
     );
-    wait_tcp(port, &mut child).await;
     let _p = Proc {
-        child,
+        guard,
         _dir: Some(dir),
     };
     let ep = Endpoint::Tcp {
@@ -336,7 +240,7 @@ async fn nbdkit_memory() {
 
 #[tokio::test]
 async fn nbdkit_file() {
-    require("nbdkit", "nbdkit");
+    require_tool("nbdkit", "nbdkit");
     let dir = tempfile::tempdir().unwrap();
     let img = raw_image(dir.path(), 16 * MIB);
     let (_p, ep, _) = nbdkit(&["file", img.to_str().unwrap()]).await;
@@ -348,7 +252,7 @@ async fn nbdkit_file() {
 
 #[tokio::test]
 async fn nbdkit_error_filter() {
-    require("nbdkit", "nbdkit");
+    require_tool("nbdkit", "nbdkit");
     let flagdir = tempfile::tempdir().unwrap();
     let flag = flagdir.path().join("fail");
     let error_file = format!("error-file={}", flag.display());
@@ -479,10 +383,10 @@ async fn start_inflight(
 
 #[tokio::test]
 async fn killed_server_fails_every_in_flight_request() {
-    let (p, ep, _) = nbdkit(&["--filter=delay", "memory", "16M", "rdelay=10"]).await;
+    let (mut p, ep, _) = nbdkit(&["--filter=delay", "memory", "16M", "rdelay=10"]).await;
     let c = client(&ep, "").await;
     let tasks = start_inflight(&c, 16).await;
-    p.signal(Signal::SIGKILL);
+    p.guard.signal(Signal::SIGKILL);
     for t in tasks {
         let (sent, r) = within(t).await.unwrap();
         let e = r.unwrap_err();
@@ -496,15 +400,15 @@ async fn killed_server_fails_every_in_flight_request() {
 
 #[tokio::test]
 async fn stopped_server_times_out_every_in_flight_request() {
-    let (p, ep, _) = nbdkit(&["memory", "16M"]).await;
+    let (mut p, ep, _) = nbdkit(&["memory", "16M"]).await;
     let mut o = ConnectOptions::new(ep.clone(), "");
     o.request_timeout = Some(Duration::from_millis(400));
     let c = within(Client::connect(o)).await.unwrap();
     c.write(0, pattern(4096, 1), CommandFlags::empty())
         .await
         .unwrap();
-    p.signal(Signal::SIGSTOP);
-    p.wait_stopped().await;
+    p.guard.signal(Signal::SIGSTOP);
+    p.guard.wait_stopped(TEST_DEADLINE);
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
             let c = c.clone();
@@ -529,13 +433,13 @@ async fn stopped_server_times_out_every_in_flight_request() {
     c.close();
     within(c.closed()).await;
     assert_eq!(c.in_flight(), 0);
-    p.signal(Signal::SIGCONT);
+    p.guard.signal(Signal::SIGCONT);
     drop(p);
 }
 
 #[tokio::test]
 async fn nbdinfo_against_our_server() {
-    require("nbdinfo", "libnbd-bin");
+    require_tool("nbdinfo", "libnbd-bin");
     use common::{MemBackend, Mode, server_with, start_unix};
     let b = MemBackend::new(4 * MIB, Mode::Immediate);
     let mut cfg = lunmpio_nbd::server::ExportConfig::new("lun0", 4 * MIB as u64);
@@ -577,7 +481,7 @@ async fn nbdinfo_against_our_server() {
 
 #[tokio::test]
 async fn qemu_io_against_our_server() {
-    require("qemu-io", "qemu-utils");
+    require_tool("qemu-io", "qemu-utils");
     use common::{MemBackend, Mode, server_with, start_unix};
     let b = MemBackend::new(4 * MIB, Mode::Immediate);
     let cfg = lunmpio_nbd::server::ExportConfig::new("lun0", 4 * MIB as u64);

@@ -213,10 +213,10 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
     compile_client(&client_exe);
 
     let config_text = config(dir.path());
-    let config = lunmpio::config::Config::parse(&config_text, "test.toml")
+    let config = lunmpio_daemon::config::Config::parse(&config_text, "test.toml")
         .unwrap_or_else(|e| panic!("config: {e}"));
     // The same daemon after its LUN was removed (another LUN in its place), for the stale-object step.
-    let without_lun = lunmpio::config::Config::parse(
+    let without_lun = lunmpio_daemon::config::Config::parse(
         &config_text.replace(&format!("name = \"{LUN}\""), "name = \"other\""),
         "test.toml",
     )
@@ -227,7 +227,7 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
         .build()
         .unwrap();
     let daemon = runtime
-        .block_on(lunmpio::serve::Daemon::start(config))
+        .block_on(lunmpio_daemon::serve::Daemon::start(config))
         .expect("daemon starts");
     let socket = daemon.control_socket().to_path_buf();
     wait_for_paths(&socket);
@@ -268,7 +268,7 @@ fn c_client_through_the_vtables_against_a_live_daemon_under_valgrind() {
             let d = daemon.take().expect("a daemon runs");
             runtime.block_on(d.stop());
             let replacement = runtime
-                .block_on(lunmpio::serve::Daemon::start(without_lun.clone()))
+                .block_on(lunmpio_daemon::serve::Daemon::start(without_lun.clone()))
                 .expect("the daemon starts without the LUN");
             daemon = Some(replacement);
             writeln!(stdin, "removed").unwrap();

@@ -84,6 +84,7 @@
 //!     input. HRESULTs in hex use upper case (`0x8004240B`), as the headers do.
 
 pub mod hresult;
+pub mod limits;
 pub mod lun;
 pub mod persist;
 pub mod select;

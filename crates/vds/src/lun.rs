@@ -28,11 +28,7 @@ use crate::types::{
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// At most this many paths per LUN (the selector's exclude mask is 64 bits).
-pub const PATHS_PER_LUN_MAX: usize = 64;
-
-/// Longest LUN or path name, in bytes.
-pub const NAME_BYTES_MAX: usize = 255;
+pub use crate::limits::{NAME_BYTES_MAX, PATHS_PER_LUN_MAX};
 
 /// How a path reaches the target.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]

@@ -68,8 +68,9 @@ use crate::types::{LoadBalancePolicy, PathId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// At most this many candidates: the `exclude` mask of [`Selector::pick`] is a `u64`.
-pub const CANDIDATES_MAX: usize = 64;
+/// At most this many candidates, one per path: the `exclude` mask of [`Selector::pick`] is a `u64`.
+pub const CANDIDATES_MAX: usize = crate::limits::PATHS_PER_LUN_MAX;
+const _: () = assert!(CANDIDATES_MAX <= u64::BITS as usize);
 
 /// EWMA weight of a new sample, as a shift: 1/8.
 pub const EWMA_SHIFT: u32 = 3;

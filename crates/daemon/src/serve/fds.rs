@@ -162,6 +162,82 @@ impl Backoff {
     }
 }
 
+/// A listener of the daemon's own services (the control socket, /metrics).
+pub trait Listener {
+    type Stream: Send + 'static;
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        tokio::net::UnixListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept(&self) -> std::io::Result<Self::Stream> {
+        tokio::net::TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// Accepts connections until `stop` and serves each on its own task, at most `connections_max` at
+/// once (more wait in the listen backlog). Out of descriptors, a spare one is given up so the
+/// accept can go through and the connection be served (an operator needs these services most
+/// then); it is taken back once a connection has closed. Other errors back off and are counted.
+pub async fn accept_loop<L, F, Fut>(
+    listener: L,
+    what: &'static str,
+    errors: &AtomicU64,
+    connections_max: usize,
+    stop: tokio_util::sync::CancellationToken,
+    serve: F,
+) where
+    L: Listener,
+    F: Fn(L::Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(connections_max));
+    let spare = std::sync::Arc::new(Spare::new());
+    let mut backoff = Backoff::new(what);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok(stream) => {
+                backoff.reset();
+                // Take a spare again if one is free (not while the freed one is wanted for this accept).
+                spare.restore();
+                stream
+            }
+            Err(e) if out_of_descriptors(&e) && spare.release() => {
+                tracing::warn!(
+                    "out of file descriptors: using the spare one to accept a {what} connection"
+                );
+                continue;
+            }
+            Err(e) => {
+                backoff.failed(&e, errors).await;
+                continue;
+            }
+        };
+        let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let served = serve(stream);
+        let spare = std::sync::Arc::clone(&spare);
+        tokio::spawn(async move {
+            served.await;
+            // Its descriptor was just closed: take it as the spare before an export client does.
+            spare.restore();
+            drop(permit);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

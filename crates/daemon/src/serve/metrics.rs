@@ -12,88 +12,76 @@ use lunmpio_engine::latency::BUCKET_BOUNDS_US;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::control::Management;
+use super::control_socket::ControlService;
 
 /// Bytes of an HTTP request we read before answering (headers of a scrape are far smaller).
 const REQUEST_BYTES_MAX: usize = 8192;
+/// Scrapes served at once; more wait in the listen backlog.
+const SCRAPES_MAX: usize = 16;
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Takes the spare descriptor back when a scrape's connection (declared after it) has closed.
-struct RestoreOnDrop(Arc<super::fds::Spare>);
-
-impl Drop for RestoreOnDrop {
-    fn drop(&mut self) {
-        self.0.restore();
-    }
-}
-
+/// Serves scrapes until `stop`: one request per connection, answered and closed.
 pub async fn serve(
     listener: TcpListener,
-    management: Arc<Management>,
+    service: Arc<ControlService>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut backoff = super::fds::Backoff::new("metrics");
-    // Given up to answer a scrape when the process is out of descriptors: that is when it matters.
-    let spare = Arc::new(super::fds::Spare::new());
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => {
-                backoff.reset();
-                // Take a spare again if one is free (not while the freed one is wanted for this accept).
-                spare.restore();
-                stream
+    let errors = Arc::clone(&service.accept_errors);
+    super::fds::accept_loop(
+        listener,
+        "metrics",
+        &errors.metrics,
+        SCRAPES_MAX,
+        stop,
+        |stream| {
+            let service = Arc::clone(&service);
+            async move {
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, scrape(stream, &service)).await;
             }
-            Err(e) if super::fds::out_of_descriptors(&e) && spare.release() => continue,
-            Err(e) => {
-                backoff.failed(&e, &management.accept_errors.metrics).await;
-                continue;
-            }
-        };
-        let management = Arc::clone(&management);
-        let spare = Arc::clone(&spare);
-        tokio::spawn(async move {
-            let _guard = RestoreOnDrop(spare);
-            // Declared after the guard, so it is closed before the guard takes the spare back.
-            let mut stream = stream;
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-                let mut request = vec![0u8; REQUEST_BYTES_MAX];
-                let mut used = 0;
-                while used < request.len() {
-                    let n = stream.read(&mut request[used..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    used += n;
-                    if request[..used].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&request[..used]);
-                let first = head.lines().next().unwrap_or("");
-                let response = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-                    let body = render(&management);
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    let body = "lunmpio: metrics are at /metrics\n";
-                    format!("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
-                };
-                stream.write_all(response.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
-        });
+        },
+    )
+    .await;
+}
+
+/// Reads one HTTP request (at most `REQUEST_BYTES_MAX`), answers `GET /metrics` with the exposition
+/// and anything else with 404, and closes.
+async fn scrape(
+    mut stream: tokio::net::TcpStream,
+    service: &ControlService,
+) -> std::io::Result<()> {
+    let mut request = vec![0u8; REQUEST_BYTES_MAX];
+    let mut used = 0;
+    while used < request.len() {
+        let n = stream.read(&mut request[used..]).await?;
+        if n == 0 {
+            break;
+        }
+        used += n;
+        if request[..used].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
     }
+    let head = String::from_utf8_lossy(&request[..used]);
+    let first = head.lines().next().unwrap_or("");
+    let response = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+        let body = render(service);
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        let body = "lunmpio: metrics are at /metrics\n";
+        format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 /// The exposition text for every LUN and path.
-pub fn render(m: &Management) -> String {
+pub fn render(m: &ControlService) -> String {
     let mut out = String::with_capacity(16 << 10);
     // Gather each LUN's numbers once per scrape.
     let luns: Vec<_> = m

@@ -6,7 +6,7 @@
 //! SIGTERM/SIGINT: stop taking new requests, fail I/O queued for lack of a path, let requests on
 //! live paths finish — all within `shutdown_timeout` — then close the paths and exit.
 
-pub mod control;
+pub mod control_socket;
 pub mod export;
 pub mod fds;
 pub mod metrics;
@@ -92,7 +92,7 @@ impl Daemon {
             luns.push(lun);
         }
         let server = Arc::new(server);
-        let management = Arc::new(control::Management {
+        let service = Arc::new(control_socket::ControlService {
             luns: luns.clone(),
             events: Arc::clone(&events),
             server: Arc::clone(&server),
@@ -100,12 +100,13 @@ impl Daemon {
         });
         let stop = tokio_util::sync::CancellationToken::new();
 
-        let control_listener = control::bind(&config.daemon.control_socket).with_context(|| {
-            format!("control_socket {}", config.daemon.control_socket.display())
-        })?;
-        tokio::spawn(control::serve(
+        let control_listener =
+            control_socket::bind(&config.daemon.control_socket).with_context(|| {
+                format!("control_socket {}", config.daemon.control_socket.display())
+            })?;
+        tokio::spawn(control_socket::serve(
             control_listener,
-            Arc::clone(&management),
+            Arc::clone(&service),
             stop.clone(),
         ));
 
@@ -116,11 +117,7 @@ impl Daemon {
                 .with_context(|| format!("metrics_listen {addr}"))?;
             metrics_address = Some(listener.local_addr()?);
             tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
-            tokio::spawn(metrics::serve(
-                listener,
-                Arc::clone(&management),
-                stop.clone(),
-            ));
+            tokio::spawn(metrics::serve(listener, Arc::clone(&service), stop.clone()));
         }
 
         let mut nbd_address = None;

@@ -6,6 +6,7 @@
 //! the task logs an event per status transition, persists what management calls changed (before they
 //! return), and publishes a new selector snapshot and a new copy of the state for Gets.
 
+use lunmpio_human::format_duration;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,15 +14,17 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lunmpio_vds::persist::{self, LunState};
+
+use crate::state_files;
 use lunmpio_vds::{
     LunMpio, OperStatus, PathStatus, StatusTransition, VdsError, status_transitions,
 };
 use tokio::sync::mpsc;
 
-use super::{Admission, Control, Installed, Manage, Shared, fence, humanize, identity};
+use super::{Admission, Control, Installed, Manage, Shared, fence, identity};
 use crate::events::EventLog;
 use crate::settings::Failback;
-use crate::transport::{PathConnection, TransportInfo};
+use crate::transport::{Geometry, PathConnection};
 
 /// A path that fails this many times within [`MARGINAL_WINDOW`] is marginal: held out.
 pub(crate) const MARGINAL_FAILURES: usize = 3;
@@ -47,7 +50,7 @@ struct PathHealth {
     failure_last: Option<Instant>,
     /// Has carried I/O since start (a path's first arrival is not a failback).
     ever_online: bool,
-    info: Option<TransportInfo>,
+    info: Option<Geometry>,
 }
 
 pub(super) struct ControlTask {
@@ -74,10 +77,18 @@ struct Fencing {
     noted: Option<u64>,
 }
 
+/// Writes the LUN's state file on a blocking thread.
+async fn save_state_blocking(file: std::path::PathBuf, state: LunState) -> Result<(), VdsError> {
+    tokio::task::spawn_blocking(move || state_files::save_state(&file, &state))
+        .await
+        .unwrap_or_else(|e| Err(VdsError::internal(format!("state file writer failed: {e}"))))
+}
+
 /// Restores what earlier Set calls persisted. A corrupt or newer file is reported and set aside by
-/// `persist::load`; the LUN then starts from its configuration.
+/// `state_files::load_state`; the LUN then starts from its configuration. Runs once at start, before
+/// any I/O (on a blocking thread: see `Lun::start`).
 pub(super) fn restore_state(mpio: &mut LunMpio, file: &Path, events: &EventLog) {
-    match persist::load(file) {
+    match state_files::load_state(file) {
         Ok(None) => {}
         Ok(Some(state)) => match persist::apply_state(mpio, &state) {
             Ok(report) => {
@@ -178,7 +189,7 @@ impl ControlTask {
                 }
             };
             let Some(message) = message else { break };
-            self.handle(message);
+            self.handle(message).await;
         }
         for fencing in &mut self.fencing {
             for installed in fencing.lingering.drain(..) {
@@ -204,7 +215,7 @@ impl ControlTask {
         }
     }
 
-    fn handle(&mut self, message: Control) {
+    async fn handle(&mut self, message: Control) {
         match message {
             Control::Fault {
                 index,
@@ -263,7 +274,8 @@ impl ControlTask {
                     self.publish();
                 }
             }
-            Control::Manage(manage) => self.on_manage(manage),
+            // Set calls persist before they answer: on a blocking thread, awaited here.
+            Control::Manage(manage) => self.on_manage(manage).await,
         }
     }
 
@@ -349,7 +361,7 @@ impl ControlTask {
             if fencing.noted != Some(through) {
                 fencing.noted = Some(through);
                 let until = match self.shared.settings.in_doubt_timeout {
-                    Some(d) => format!("in_doubt_timeout ({}) passes", humanize(d)),
+                    Some(d) => format!("in_doubt_timeout ({}) passes", format_duration(d)),
                     None => "forever (in_doubt_timeout = \"never\")".to_string(),
                 };
                 let text = format!(
@@ -459,7 +471,7 @@ impl ControlTask {
                 .shared
                 .settings
                 .in_doubt_timeout
-                .map_or_else(|| "?".to_string(), humanize);
+                .map_or_else(|| "?".to_string(), format_duration);
             let text = format!(
                 "in_doubt_timeout ({timeout}) passed for {count} writes in doubt on {name}, which \
                  neither answered them nor was fenced: their blocks take new writes again, and a late \
@@ -486,6 +498,13 @@ impl ControlTask {
     }
 
     /// An event about one path that is not a status change.
+    /// An event of the whole LUN (no path, no status change).
+    fn lun_event(&self, text: String) {
+        self.shared
+            .events
+            .push(&self.shared.name, None, None, None, text);
+    }
+
     fn path_event(&self, index: usize, text: String) {
         let slot = &self.shared.slots[index];
         self.shared.events.push(
@@ -525,61 +544,91 @@ impl ControlTask {
         h.hold_until = Some(now + hold);
         h.failures.clear();
         format!(
-            "{cause}; marginal: {MARGINAL_FAILURES} failures in {} s, hold-down {}",
-            MARGINAL_WINDOW.as_secs(),
-            humanize(hold)
+            "{cause}; marginal: {MARGINAL_FAILURES} failures in {}, hold-down {}",
+            format_duration(MARGINAL_WINDOW),
+            format_duration(hold)
         )
     }
 
+    /// A path's health task connected it: refuse it (held down, another volume) or put it in service.
     fn on_connected(&mut self, index: usize, connection: PathConnection) -> Admission {
         let now = Instant::now();
         if self.shared.stopping.load(Ordering::Acquire) {
             connection.close();
             return Admission::RetryAfter(HOLD_DOWN_MAX);
         }
-        let mut admitted_in_hold = false;
-        if let Some(until) = self.health[index].hold_until
-            && until > now
+        let in_hold = self.health[index].hold_until.filter(|&until| until > now);
+        if let Some(until) = in_hold
+            && !self.needs_marginal_path(index)
         {
-            // A marginal path is held out while the LUN has another usable path; it is not held
-            // out *instead of* having a path (multipath-tools' marginal groups are a last resort
-            // too). It checks back every `check_interval`, so when the other paths go, it is there.
-            // "Usable" here means usable and not under suspicion right now: a path that keeps
-            // answering EIO or timing out does not keep a healthy marginal path out.
-            let others_usable = self.mpio.paths().iter().enumerate().any(|(i, p)| {
-                i != index && p.is_usable() && !self.shared.slots[i].load.is_unusable()
-            });
-            // A request that every usable path answered with an error is waiting for another.
-            let wanted =
-                self.shared.path_wanted_until_ns.load(Ordering::Acquire) > self.shared.now_ns();
-            if others_usable && !wanted {
-                connection.close();
-                return Admission::RetryAfter(
-                    (until - now).min(self.shared.settings.check_interval),
-                );
-            }
-            admitted_in_hold = true;
+            connection.close();
+            return Admission::RetryAfter((until - now).min(self.shared.settings.check_interval));
         }
         let info = connection.info().clone();
         if let Some(reason) = self.identity_mismatch(&info) {
             connection.close();
-            let id = self.shared.slots[index].id;
-            let before = self
-                .mpio
-                .path(id)
-                .map(|p| p.reported_status(self.mpio.policy()));
-            let changed = self.mpio.set_oper_status(
-                id,
-                OperStatus::Failed {
-                    reason: reason.clone(),
-                },
-            );
-            match changed {
-                Some(t) => self.log_transition(&t, &reason),
-                // Already Failed (it failed first, then came back as another volume): the status
-                // does not change, but the new cause must still be seen — once per new reason.
-                None if before.as_ref().is_some_and(|(_, r)| *r != reason) => {
-                    let (status, _) = before.expect("checked");
+            self.refuse_other_volume(index, reason);
+            return Admission::RetryAfter(IDENTITY_RETRY);
+        }
+        let generation = self.install(index, connection);
+        let h = &mut self.health[index];
+        h.info = Some(info);
+        let failback = if h.ever_online && in_hold.is_none() {
+            self.shared.settings.failback
+        } else {
+            Failback::Immediate
+        };
+        h.ever_online = true;
+        if h.hold_until.is_some_and(|t| t <= now) {
+            h.hold_until = None; // served its hold-down; the level stays, so the next one is longer
+        }
+        let cause = if in_hold.is_some() {
+            self.start_failback(index, generation, Failback::Immediate);
+            "reconnected and answering; marginal (in hold-down), but no other path is usable or every \
+             usable one failed a request"
+                .to_string()
+        } else {
+            self.start_failback(index, generation, failback)
+        };
+        self.set_oper_with_cause(index, OperStatus::Online, &cause);
+        self.update_multi_path_safety();
+        self.publish();
+        Admission::Installed
+    }
+
+    /// Whether a marginal path in hold-down must come back anyway. It is held out while the LUN has
+    /// another usable path, not *instead of* having a path (multipath-tools' marginal groups are a
+    /// last resort too); it checks back every `check_interval`, so when the other paths go, it is
+    /// there. "Usable" means usable and not under suspicion right now: a path that keeps answering
+    /// EIO or timing out does not keep a healthy marginal path out, nor does a request that every
+    /// usable path answered with an error.
+    fn needs_marginal_path(&self, index: usize) -> bool {
+        let others_usable =
+            self.mpio.paths().iter().enumerate().any(|(i, p)| {
+                i != index && p.is_usable() && !self.shared.slots[i].load.is_unusable()
+            });
+        let wanted =
+            self.shared.path_wanted_until_ns.load(Ordering::Acquire) > self.shared.now_ns();
+        !others_usable || wanted
+    }
+
+    /// A path that leads to another volume stays Failed with the reason; a new reason is an event
+    /// even when the status does not change (it failed first, then came back as another volume).
+    fn refuse_other_volume(&mut self, index: usize, reason: String) {
+        let id = self.shared.slots[index].id;
+        let before = self
+            .mpio
+            .path(id)
+            .map(|p| p.reported_status(self.mpio.policy()));
+        let failed = OperStatus::Failed {
+            reason: reason.clone(),
+        };
+        match self.mpio.set_oper_status(id, failed) {
+            Some(t) => self.log_transition(&t, &reason),
+            None => {
+                if let Some((status, old_reason)) = before
+                    && old_reason != reason
+                {
                     let name = self.shared.slots[index].name.clone();
                     self.shared.events.push(
                         &self.shared.name,
@@ -589,33 +638,24 @@ impl ControlTask {
                         reason,
                     );
                 }
-                None => {}
             }
-            self.publish_state_only();
-            return Admission::RetryAfter(IDENTITY_RETRY);
         }
-        let generation = self.install(index, connection);
-        let h = &mut self.health[index];
-        h.info = Some(info);
-        let failback = if h.ever_online && !admitted_in_hold {
-            self.shared.settings.failback
-        } else {
-            Failback::Immediate
-        };
-        h.ever_online = true;
-        if h.hold_until.is_some_and(|t| t <= now) {
-            h.hold_until = None; // served its hold-down; the level stays, so the next one is longer
-        }
+        self.publish_state_only();
+    }
+
+    /// Puts a returning path's failback in motion (now, by hand, or after a delay: a timer that
+    /// sends `FailbackDue` for this connection); the cause for its event.
+    fn start_failback(&mut self, index: usize, generation: u64, failback: Failback) -> String {
         let id = self.shared.slots[index].id;
+        self.mpio
+            .set_failback_pending(id, failback != Failback::Immediate);
         match failback {
-            Failback::Immediate => {
-                self.mpio.set_failback_pending(id, false);
-            }
+            Failback::Immediate => "reconnected, identity verified, probe answered".to_string(),
             Failback::Manual => {
-                self.mpio.set_failback_pending(id, true);
+                "reconnected and healthy; waiting for a manual reinstate (failback = manual)"
+                    .to_string()
             }
             Failback::After(delay) => {
-                self.mpio.set_failback_pending(id, true);
                 let shared = Arc::clone(&self.shared);
                 tokio::spawn(async move {
                     tokio::select! {
@@ -623,23 +663,12 @@ impl ControlTask {
                         _ = tokio::time::sleep(delay) => shared.send(Control::FailbackDue { index, generation }),
                     }
                 });
+                format!(
+                    "reconnected and healthy; failback in {}",
+                    format_duration(delay)
+                )
             }
         }
-        let cause = match failback {
-            _ if admitted_in_hold => "reconnected and answering; marginal (in hold-down), but no \
-                                      other path is usable or every usable one failed a request"
-                .to_string(),
-            Failback::Immediate => "reconnected, identity verified, probe answered".to_string(),
-            Failback::Manual => {
-                "reconnected and healthy; waiting for a manual reinstate (failback = manual)"
-                    .to_string()
-            }
-            Failback::After(d) => format!("reconnected and healthy; failback in {}", humanize(d)),
-        };
-        self.set_oper_with_cause(index, OperStatus::Online, &cause);
-        self.update_multi_path_safety();
-        self.publish();
-        Admission::Installed
     }
 
     fn install(&mut self, index: usize, connection: PathConnection) -> u64 {
@@ -656,7 +685,7 @@ impl ControlTask {
         generation
     }
 
-    fn identity_mismatch(&self, info: &TransportInfo) -> Option<String> {
+    fn identity_mismatch(&self, info: &Geometry) -> Option<String> {
         identity::refusal(info, &self.shared.geometry.load())
     }
 
@@ -668,19 +697,13 @@ impl ControlTask {
                 .health
                 .iter()
                 .filter_map(|h| h.info.as_ref())
-                .all(TransportInfo::can_multi_conn);
+                .all(Geometry::can_multi_conn);
         if let Some(old) = self.mpio.set_multi_path_safe(safe) {
-            self.shared.events.push(
-                &self.shared.name,
-                None,
-                None,
-                None,
-                format!(
+            self.lun_event(format!(
                     "policy {} is not safe here: a path does not advertise CAN_MULTI_CONN and shared_backing \
                      is not set; only Failover is supported (now in force)",
                     old.config_name()
-                ),
-            );
+                ));
         }
     }
 
@@ -715,24 +738,23 @@ impl ControlTask {
         );
     }
 
-    fn on_manage(&mut self, manage: Manage) {
+    async fn on_manage(&mut self, manage: Manage) {
         match manage {
             Manage::Policy {
                 policy,
                 paths,
                 reply,
             } => {
-                let result =
-                    self.change(|mpio| mpio.set_load_balance_policy(policy, &paths).map(|_| ()));
+                let result = self
+                    .change(|mpio| mpio.set_load_balance_policy(policy, &paths).map(|_| ()))
+                    .await;
                 if result.is_ok() {
                     let p = self.mpio.policy();
-                    self.shared.events.push(
-                        &self.shared.name,
-                        None,
-                        None,
-                        None,
-                        format!("policy set to {} ({})", p.config_name(), p.vds_name()),
-                    );
+                    self.lun_event(format!(
+                        "policy set to {} ({})",
+                        p.config_name(),
+                        p.vds_name()
+                    ));
                 }
                 let _ = reply.send(result);
             }
@@ -741,13 +763,15 @@ impl ControlTask {
                 status,
                 reply,
             } => {
-                let result = self.change(|mpio| {
-                    mpio.set_path_admin_status(path, status)?;
-                    if status == PathStatus::Online as i32 {
-                        mpio.set_failback_pending(path, false); // an administrator's reinstate is the failback
-                    }
-                    Ok(())
-                });
+                let result = self
+                    .change(|mpio| {
+                        mpio.set_path_admin_status(path, status)?;
+                        if status == PathStatus::Online as i32 {
+                            mpio.set_failback_pending(path, false); // an administrator's reinstate is the failback
+                        }
+                        Ok(())
+                    })
+                    .await;
                 if result.is_ok()
                     && status == PathStatus::Online as i32
                     && let Some(index) = self.mpio.path_index(path)
@@ -765,25 +789,29 @@ impl ControlTask {
                 reply,
             } => {
                 let mut outcome = None;
-                let result = self.change(|mpio| {
-                    outcome = Some(mpio.set_hba_port_statuses(&port, status)?);
-                    Ok(())
-                });
+                let result = self
+                    .change(|mpio| {
+                        outcome = Some(mpio.set_hba_port_statuses(&port, status)?);
+                        Ok(())
+                    })
+                    .await;
                 let _ = reply.send(result.map(|_| outcome.unwrap_or_default()));
             }
         }
     }
 
     /// Applies a management change all-or-nothing: on a validation error nothing changed (vds
-    /// guarantees it); if the change cannot be persisted, it is rolled back and the call fails.
-    fn change(
+    /// guarantees it); if the change cannot be persisted, it is rolled back and the call fails. The
+    /// file is written (with its fsyncs) on a blocking thread; this task waits for it, so Set calls
+    /// stay ordered and a Get never sees a change that is not on disk.
+    async fn change(
         &mut self,
         apply: impl FnOnce(&mut LunMpio) -> Result<(), VdsError>,
     ) -> Result<(), VdsError> {
         let before = self.mpio.clone();
         apply(&mut self.mpio)?;
         if let Some(file) = &self.state_file
-            && let Err(e) = persist::save(file, &LunState::capture(&self.mpio))
+            && let Err(e) = save_state_blocking(file.clone(), LunState::capture(&self.mpio)).await
         {
             self.mpio = before;
             return Err(VdsError::internal(format!(
@@ -815,13 +843,9 @@ impl ControlTask {
         match (usable, no_path.down_since().is_some()) {
             (true, true) => {
                 let queued = no_path.queued_ios();
-                self.shared.events.push(
-                    &self.shared.name,
-                    None,
-                    None,
-                    None,
-                    format!("a path is usable again; resuming {queued} queued I/O"),
-                );
+                self.lun_event(format!(
+                    "a path is usable again; resuming {queued} queued I/O"
+                ));
                 no_path.path_available();
             }
             (false, false) => {
@@ -834,16 +858,13 @@ impl ControlTask {
                         "queueing I/O until a path returns (no_path_retry = queue)".to_string()
                     }
                     crate::no_path::NoPathRetry::For(d) => {
-                        format!("queueing I/O for up to {} (no_path_retry)", humanize(d))
+                        format!(
+                            "queueing I/O for up to {} (no_path_retry)",
+                            format_duration(d)
+                        )
                     }
                 };
-                self.shared.events.push(
-                    &self.shared.name,
-                    None,
-                    None,
-                    None,
-                    format!("all paths down; {how}"),
-                );
+                self.lun_event(format!("all paths down; {how}"));
             }
             _ => {}
         }

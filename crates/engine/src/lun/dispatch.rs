@@ -21,6 +21,7 @@
 //!   the reply on the old connection.
 //! - No usable path: `no_path_retry` decides (queue, bounded in time and bytes, or fail).
 
+use lunmpio_human::format_duration;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
 
-use super::{Control, Installed, Lun, OutstandingWrite, PathSlot, Shared, humanize};
+use super::{Control, Installed, Lun, OutstandingWrite, PathSlot, Shared};
 use crate::in_doubt::NewCopy;
 use crate::latency::THROUGHPUT_SAMPLE_BYTES_MIN;
 use crate::no_path::NoPathError;
@@ -105,7 +106,7 @@ async fn watch_copy(shared: Arc<Shared>, index: usize, generation: u64, id: u64,
                 generation,
                 cause: format!(
                     "a write in doubt got no reply after {} (io_timeout); path failed",
-                    humanize(hard)
+                    format_duration(hard)
                 ),
             });
             sent.await
@@ -215,9 +216,18 @@ fn changes_data(request: &Request) -> bool {
     )
 }
 
+/// One attempt as sent: on which path, when, and how many bytes it and the data ahead of it carry.
+struct OnPath {
+    index: usize,
+    started: Instant,
+    transfer: u64,
+    bytes: u32,
+}
+
 /// Where one request stands across its attempts.
 #[derive(Default)]
 struct Progress {
+    /// Paths already tried, one bit per path index (`PATHS_PER_LUN_MAX` ≤ 64 bits, asserted there).
     excluded_slots: u64,
     error_replies: u32,
     last_error: Option<PathError>,
@@ -321,47 +331,65 @@ impl Lun {
                     p,
                 )
                 .await;
-            match outcome {
-                Ok(reply) => {
-                    let latency = started.elapsed();
-                    slot.load
-                        .on_complete(bytes, latency.as_nanos() as u64, s.now_ns());
-                    learn(s, slot, transfer, latency);
-                    room_released(slot);
-                    count_success(s, slot, &installed, &request);
-                    return Ok(reply);
-                }
-                Err(Attempt::Request(e)) => {
-                    slot.load
-                        .on_complete(bytes, started.elapsed().as_nanos() as u64, s.now_ns());
-                    room_released(slot);
-                    slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(IoError::new(e.errno(), e.message));
-                }
-                Err(Attempt::ErrorReply(e)) => {
-                    slot.load
-                        .on_complete(bytes, started.elapsed().as_nanos() as u64, s.now_ns());
-                    room_released(slot);
-                    slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    p.error_replies += 1;
-                    p.excluded_slots |= 1 << index;
-                    p.last_error = Some(e);
-                }
-                Err(Attempt::Slow(e)) => {
-                    slot.load.on_abandon(bytes);
-                    room_released(slot);
-                    p.excluded_slots |= 1 << index;
-                    p.last_error = Some(e);
-                }
-                Err(Attempt::Fault(e)) => {
-                    slot.load.on_abandon(bytes);
-                    room_released(slot);
-                    slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    p.excluded_slots |= 1 << index;
-                    p.last_error = Some(e);
-                }
+            let sent = OnPath {
+                index,
+                started,
+                transfer,
+                bytes,
+            };
+            if let Some(result) = self.book(slot, &installed, &request, sent, outcome, p) {
+                return result;
             }
         }
+    }
+
+    /// Books one attempt's outcome on its path. `Some`: the request's answer (a reply, or an error
+    /// that belongs to the request); `None`: the path is excluded and the request is re-driven.
+    fn book(
+        &self,
+        slot: &PathSlot,
+        installed: &Installed,
+        request: &Request,
+        sent: OnPath,
+        outcome: Result<Reply, Attempt>,
+        p: &mut Progress,
+    ) -> Option<Result<Reply, IoError>> {
+        let s = &*self.shared;
+        let elapsed_ns = || sent.started.elapsed().as_nanos() as u64;
+        room_released(slot);
+        let error = match outcome {
+            Ok(reply) => {
+                let latency = sent.started.elapsed();
+                slot.load
+                    .on_complete(sent.bytes, latency.as_nanos() as u64, s.now_ns());
+                learn(s, slot, sent.transfer, latency);
+                count_success(s, slot, installed, request);
+                return Some(Ok(reply));
+            }
+            Err(Attempt::Request(e)) => {
+                slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
+                slot.counters.errors.fetch_add(1, Ordering::Relaxed);
+                return Some(Err(IoError::new(e.errno(), e.message)));
+            }
+            Err(Attempt::ErrorReply(e)) => {
+                slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
+                slot.counters.errors.fetch_add(1, Ordering::Relaxed);
+                p.error_replies += 1;
+                e
+            }
+            Err(Attempt::Slow(e)) => {
+                slot.load.on_abandon(sent.bytes);
+                e
+            }
+            Err(Attempt::Fault(e)) => {
+                slot.load.on_abandon(sent.bytes);
+                slot.counters.errors.fetch_add(1, Ordering::Relaxed);
+                e
+            }
+        };
+        p.excluded_slots |= 1 << sent.index;
+        p.last_error = Some(error);
+        None
     }
 
     /// No path can take the request now: give the error replies a short grace, then either return the
@@ -501,13 +529,16 @@ impl Lun {
                 "the path was taken out of service while the request waited",
             )
         } else if soft < hard {
-            let cause = format!("no reply after {} (adaptive timeout)", humanize(soft));
+            let cause = format!(
+                "no reply after {} (adaptive timeout)",
+                format_duration(soft)
+            );
             self.suspect(slot, index, installed.generation, cause.clone());
             PathError::new(PathErrorKind::Timeout, cause)
         } else {
             let cause = format!(
                 "no reply after {} (io_timeout); path failed",
-                humanize(hard)
+                format_duration(hard)
             );
             self.report_fault(slot, index, installed, &cause);
             PathError::new(PathErrorKind::Timeout, cause)

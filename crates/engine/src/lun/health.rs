@@ -6,6 +6,7 @@
 //! fresh connection, and hand it to the control task, which checks identity, hold-down and failback
 //! before it may carry I/O.
 
+use lunmpio_human::format_duration;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use lunmpio_nbd::client::Request;
 use tokio::sync::oneshot;
 
-use super::{Admission, Control, Installed, Shared, humanize};
+use super::{Admission, Control, Installed, Shared};
 use crate::transport::{ConnectLimits, PathConnection};
 
 /// First reconnect delay after a failure; doubles up to the check interval.
@@ -216,6 +217,9 @@ async fn probe(
     match tokio::time::timeout(timeout, connection.submit(request)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(failed)) => Err(format!("probe failed: {}", failed.error)),
-        Err(_) => Err(format!("probe got no reply within {}", humanize(timeout))),
+        Err(_) => Err(format!(
+            "probe got no reply within {}",
+            format_duration(timeout)
+        )),
     }
 }

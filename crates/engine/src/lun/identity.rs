@@ -7,9 +7,8 @@
 use lunmpio_nbd::{BlockSize, TransmissionFlags};
 use lunmpio_vds::VdsError;
 
-use super::Geometry;
 use crate::settings::LunSpec;
-use crate::transport::{PathConnection, TransportInfo};
+use crate::transport::{Geometry, PathConnection};
 
 /// What the export may advertise when no path has answered yet but the config declares a size:
 /// flushes only (FUA, TRIM, WRITE_ZEROES are added only once every path is known to support them).
@@ -34,7 +33,7 @@ pub(super) fn settle(
     spec: &LunSpec,
     first: &[Result<PathConnection, String>],
 ) -> Result<Geometry, VdsError> {
-    let infos: Vec<&TransportInfo> = first
+    let infos: Vec<&Geometry> = first
         .iter()
         .filter_map(|r| r.as_ref().ok())
         .map(|c| c.info())
@@ -52,7 +51,7 @@ pub(super) fn settle(
             }
         },
     };
-    let matching: Vec<&TransportInfo> = infos
+    let matching: Vec<&Geometry> = infos
         .iter()
         .copied()
         .filter(|i| mismatch(i, size_bytes, read_only, spec.wwid.as_deref()).is_none())
@@ -72,7 +71,7 @@ pub fn geometry_of(
     size_bytes: u64,
     read_only: bool,
     identity: Option<String>,
-    paths: &[&TransportInfo],
+    paths: &[&Geometry],
 ) -> Geometry {
     if paths.is_empty() {
         return Geometry {
@@ -108,7 +107,7 @@ pub fn geometry_of(
 /// The strictest constraints of all paths: the largest minimum, the smallest maximum, the largest
 /// preferred size that fits. Each path's own constraints are sanitized first, so a path advertising odd
 /// values (a preferred size above 32 MiB, say) cannot produce an impossible triple.
-fn joint_block_size(paths: &[&TransportInfo]) -> BlockSize {
+fn joint_block_size(paths: &[&Geometry]) -> BlockSize {
     let sane: Vec<BlockSize> = paths
         .iter()
         .map(|i| i.block_size.sanitize().unwrap_or_default())
@@ -148,7 +147,7 @@ fn read_only_flag(read_only: bool) -> TransmissionFlags {
 /// Why a path cannot serve this LUN as exported: a different volume (see [`mismatch`]), or stricter
 /// alignment than the export promised its clients — a path needing 4096-byte alignment cannot take the
 /// 512-byte writes of a LUN settled at 1-byte alignment, so it is refused rather than made to fail them.
-pub fn refusal(info: &TransportInfo, lun: &Geometry) -> Option<String> {
+pub fn refusal(info: &Geometry, lun: &Geometry) -> Option<String> {
     if let Some(reason) = mismatch(info, lun.size_bytes, lun.read_only, lun.identity.as_deref()) {
         return Some(reason);
     }
@@ -169,7 +168,7 @@ pub fn refusal(info: &TransportInfo, lun: &Geometry) -> Option<String> {
 
 /// Why a path's answer does not match the LUN, if it does not.
 pub fn mismatch(
-    info: &TransportInfo,
+    info: &Geometry,
     size_bytes: u64,
     read_only: bool,
     wwid: Option<&str>,
@@ -197,10 +196,7 @@ pub fn mismatch(
 }
 
 /// The value most items agree on; ties go to the earliest (items are in config order).
-fn majority<T: PartialEq + Copy>(
-    infos: &[&TransportInfo],
-    key: impl Fn(&TransportInfo) -> T,
-) -> Option<T> {
+fn majority<T: PartialEq + Copy>(infos: &[&Geometry], key: impl Fn(&Geometry) -> T) -> Option<T> {
     let keys: Vec<T> = infos.iter().map(|i| key(i)).collect();
     let mut best: Option<(T, usize)> = None;
     for k in &keys {
@@ -216,8 +212,8 @@ fn majority<T: PartialEq + Copy>(
 mod tests {
     use super::*;
 
-    fn info(size: u64, flags: TransmissionFlags) -> TransportInfo {
-        TransportInfo {
+    fn info(size: u64, flags: TransmissionFlags) -> Geometry {
+        Geometry {
             size_bytes: size,
             read_only: false,
             flags: TransmissionFlags::HAS_FLAGS | flags,

@@ -59,7 +59,8 @@ impl Journal {
         let Some(file) = self.file.clone() else {
             return;
         };
-        let loaded = tokio::task::spawn_blocking(move || persist::load_in_doubt(&file)).await;
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::state_files::load_in_doubt(&file)).await;
         let journal = match loaded {
             Ok(Ok(Some(journal))) => journal,
             Ok(Ok(None)) => return,
@@ -234,7 +235,7 @@ fn write(file: &Path, journal: &InDoubtJournal) -> Result<(), String> {
             Err(e) => Err(format!("cannot remove {}: {e}", file.display())),
         };
     }
-    persist::save_in_doubt(file, journal).map_err(|e| e.message)
+    crate::state_files::save_in_doubt(file, journal).map_err(|e| e.message)
 }
 
 fn report(shared: &Shared, problem: Option<String>) {

@@ -23,13 +23,13 @@ mod health;
 pub mod identity;
 mod journal;
 
+use lunmpio_human::format_duration;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use lunmpio_nbd::{BlockSize, TransmissionFlags};
 use lunmpio_vds::{
     Guid, HbaPortMatch, HbaPortOutcome, HbaPortProp, HbaPortSpeedFlags, HbaPortStatus, HbaPortType,
     HwProviderType, IpAddress, LbSupportFlags, LoadBalancePolicy, LunMpio, PathEndpoints, PathId,
@@ -43,23 +43,10 @@ use crate::in_doubt::InDoubtTable;
 use crate::latency::{LatencyEstimator, LatencyHistogram, ThroughputEstimator};
 use crate::no_path::NoPathQueue;
 use crate::settings::{LunSettings, LunSpec, PathSpec};
+pub use crate::transport::Geometry;
 use crate::transport::{ConnectLimits, PathConnection, PathTarget};
 
 pub use dispatch::IoError;
-
-/// How the export looks to clients: settled from the LUN's declared identity or its paths' first
-/// answers, the same for every path that is allowed to carry I/O.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Geometry {
-    pub size_bytes: u64,
-    pub read_only: bool,
-    /// What the export advertises: the intersection of what the paths can do.
-    pub flags: TransmissionFlags,
-    pub block_size: BlockSize,
-    pub base_allocation: bool,
-    /// The volume's identity where known (config `wwid`, or reported by the transport).
-    pub identity: Option<String>,
-}
 
 /// Per-path counters (cumulative since start).
 #[derive(Default)]
@@ -425,8 +412,15 @@ impl Lun {
             .state_dir
             .as_ref()
             .map(|dir| lunmpio_vds::persist::state_file_path(dir, &spec.name));
-        if let Some(file) = &state_file {
-            control::restore_state(&mut mpio, file, &events);
+        if let Some(file) = state_file.clone() {
+            // Reading (and perhaps setting aside) the state file is blocking file I/O.
+            let events = Arc::clone(&events);
+            mpio = tokio::task::spawn_blocking(move || {
+                control::restore_state(&mut mpio, &file, &events);
+                mpio
+            })
+            .await
+            .map_err(|e| VdsError::internal(format!("restoring the state file failed: {e}")))?;
         }
         let journal = journal::Journal::new(options.state_dir.as_deref(), &spec.name);
         let in_doubt = InDoubtTable::new();
@@ -450,7 +444,10 @@ impl Lun {
             .map(|r| match r {
                 Ok(Ok(c)) => Ok(c),
                 Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {}", humanize(startup_timeout))),
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    format_duration(startup_timeout)
+                )),
             })
             .collect();
         let geometry = identity::settle(&spec, &results)?;
@@ -809,12 +806,4 @@ async fn futures_join<F: std::future::Future>(
     out.into_iter()
         .map(|v| v.expect("every future completed"))
         .collect()
-}
-
-pub(crate) fn humanize(d: Duration) -> String {
-    if d >= Duration::from_secs(1) && d.subsec_millis() == 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
 }

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use lunmpio_fileio::AlignedBuffer;
 use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
 use tokio::sync::Notify;
 
-use super::{Failed, PathError, PathErrorKind, TransportInfo};
+use super::{Failed, Geometry, PathError, PathErrorKind};
 
 /// Alignment of buffers, offsets and lengths under `O_DIRECT`. 4 KiB satisfies every logical block
 /// size in use (512 and 4096) and every file system we may sit on.
@@ -101,7 +102,7 @@ impl FileTarget {
             ));
         }
         let (file, read_only, direct) = self.open_file(is_block_device).map_err(connect_err)?;
-        let size_bytes = file_size(&file).map_err(connect_err)?;
+        let size_bytes = lunmpio_fileio::size(&file).map_err(connect_err)?;
         let mut flags = TransmissionFlags::HAS_FLAGS
             | TransmissionFlags::SEND_FLUSH
             | TransmissionFlags::SEND_FUA
@@ -117,7 +118,7 @@ impl FileTarget {
             flags |= TransmissionFlags::CAN_MULTI_CONN;
         }
         let min = if direct { DIRECT_ALIGN_BYTES as u32 } else { 1 };
-        let info = TransportInfo {
+        let info = Geometry {
             size_bytes,
             read_only,
             flags,
@@ -167,13 +168,6 @@ impl FileTarget {
     }
 }
 
-fn file_size(file: &File) -> io::Result<u64> {
-    use std::io::Seek;
-    // For a block device metadata().len() is 0; seeking to the end gives its size for both kinds.
-    let mut handle = file;
-    handle.seek(io::SeekFrom::End(0))
-}
-
 /// One open of a file path. Clones share the descriptor.
 #[derive(Clone)]
 pub struct FileConnection {
@@ -183,7 +177,7 @@ pub struct FileConnection {
 struct FileInner {
     calls: Arc<tokio::sync::Semaphore>,
     file: File,
-    info: TransportInfo,
+    info: Geometry,
     direct: bool,
     block_device: bool,
     open: AtomicBool,
@@ -191,7 +185,7 @@ struct FileInner {
 }
 
 impl FileConnection {
-    pub fn info(&self) -> &TransportInfo {
+    pub fn info(&self) -> &Geometry {
         &self.inner.info
     }
 
@@ -376,7 +370,7 @@ impl FileInner {
     }
 
     fn read(&self, offset: u64, length: u32) -> Result<Bytes, PathError> {
-        let mut buffer = AlignedBuffer::zeroed(length as usize, self.alignment())?;
+        let mut buffer = aligned_buffer(length as usize, self.alignment())?;
         read_exact_at(&self.file, buffer.as_mut_slice(), offset)?;
         Ok(Bytes::from_owner(buffer))
     }
@@ -385,7 +379,7 @@ impl FileInner {
         let align = self.alignment();
         if self.direct && !(data.as_ptr() as usize).is_multiple_of(align) {
             // O_DIRECT needs an aligned buffer; the data came off a socket at any address.
-            let mut buffer = AlignedBuffer::zeroed(data.len(), align)?;
+            let mut buffer = aligned_buffer(data.len(), align)?;
             buffer.as_mut_slice().copy_from_slice(data);
             self.file
                 .write_all_at(buffer.as_slice(), offset)
@@ -406,21 +400,12 @@ impl FileInner {
         let result = if self.block_device {
             ioctl_range(&self.file, BLKDISCARD, offset, length)
         } else {
-            fallocate(
-                &self.file,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                length,
-            )
+            lunmpio_fileio::punch_hole(&self.file, offset, u64::from(length))
         };
         match result {
             // TRIM is a hint (NBD spec): a device or file system that cannot discard did nothing
             // wrong by ignoring it.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY)
-                ) => {}
+            Err(e) if lunmpio_fileio::is_unsupported(&e) => {}
             Err(e) => return Err(io_error(e)),
             Ok(()) => {}
         }
@@ -437,12 +422,12 @@ impl FileInner {
         let fast = if self.block_device {
             ioctl_range(&self.file, BLKZEROOUT, offset, length)
         } else {
-            fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE, offset, length)
+            lunmpio_fileio::zero_range(&self.file, offset, u64::from(length))
         };
         if fast.is_err() {
             // Fall back to writing zeroes, in bounded pieces.
             const PIECE_BYTES: usize = 1 << 20;
-            let piece = AlignedBuffer::zeroed(PIECE_BYTES.min(length as usize), self.alignment())?;
+            let piece = aligned_buffer(PIECE_BYTES.min(length as usize), self.alignment())?;
             let mut done = 0u64;
             while done < u64::from(length) {
                 let n = (u64::from(length) - done).min(piece.len() as u64) as usize;
@@ -465,40 +450,23 @@ impl FileInner {
         length: u32,
         req_one: bool,
     ) -> Result<Vec<Extent>, PathError> {
-        let end = offset + u64::from(length);
         if self.block_device || length == 0 {
             return Ok(vec![Extent { length, flags: 0 }]);
         }
-        let fd = self.file.as_raw_fd();
-        let mut extents = Vec::new();
-        let mut at = offset;
-        while at < end && extents.len() < EXTENTS_PER_REPLY_MAX {
-            // SAFETY: lseek on a descriptor we own.
-            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-            let (next, flags) = if data < 0 || data as u64 >= end {
-                (end, STATE_HOLE | STATE_ZERO) // ENXIO: only a hole remains up to the end of file
-            } else if data as u64 > at {
-                (data as u64, STATE_HOLE | STATE_ZERO)
-            } else {
-                // SAFETY: as above.
-                let hole = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_HOLE) };
-                let hole = if hole < 0 {
-                    end
-                } else {
-                    (hole as u64).min(end)
-                };
-                (hole.max(at + 1), 0)
-            };
-            extents.push(Extent {
-                length: (next - at) as u32,
-                flags,
-            });
-            at = next;
-            if req_one {
-                break;
-            }
-        }
+        let extents_max = if req_one { 1 } else { EXTENTS_PER_REPLY_MAX };
+        let extents: Vec<Extent> =
+            lunmpio_fileio::extents(&self.file, offset, u64::from(length), extents_max)
+                .into_iter()
+                .map(|e| Extent {
+                    // A run never exceeds the `length` (a u32) it was asked for.
+                    length: e.length as u32,
+                    flags: if e.hole { STATE_HOLE | STATE_ZERO } else { 0 },
+                })
+                .collect();
         debug_assert!(!extents.is_empty());
+        debug_assert!(
+            extents.iter().map(|e| u64::from(e.length)).sum::<u64>() <= u64::from(length)
+        );
         Ok(extents)
     }
 
@@ -540,23 +508,6 @@ fn ioctl_range(file: &File, request: libc::c_ulong, offset: u64, length: u32) ->
     }
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u32) -> io::Result<()> {
-    // SAFETY: plain syscall on a descriptor we own.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            libc::off_t::from(length),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn invalid(message: impl Into<String>) -> PathError {
     PathError::new(PathErrorKind::Invalid, message)
 }
@@ -578,58 +529,10 @@ fn io_error(e: io::Error) -> PathError {
     PathError::new(kind, e.to_string())
 }
 
-/// A heap buffer with a chosen alignment (O_DIRECT), handed to `Bytes` without a copy.
-struct AlignedBuffer {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-    layout: std::alloc::Layout,
-}
-
-// SAFETY: the buffer is uniquely owned heap memory; nothing is shared between threads.
-unsafe impl Send for AlignedBuffer {}
-// SAFETY: shared access is read-only (`as_slice`); mutation needs `&mut self`.
-unsafe impl Sync for AlignedBuffer {}
-
-impl AlignedBuffer {
-    fn zeroed(len: usize, align: usize) -> Result<AlignedBuffer, PathError> {
-        assert!(align.is_power_of_two());
-        // A zero-sized allocation is not allowed; keep at least one alignment unit.
-        let layout = std::alloc::Layout::from_size_align(len.max(align), align)
-            .map_err(|_| invalid("buffer layout"))?;
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| {
-            PathError::new(PathErrorKind::Reply(NbdErrno::NoMem), "out of memory")
-        })?;
-        Ok(AlignedBuffer { ptr, len, layout })
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr is valid for layout.size() >= len bytes, initialised (zeroed), owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl AsRef<[u8]> for AlignedBuffer {
-    fn as_ref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl Drop for AlignedBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `zeroed` with exactly this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
+/// An aligned buffer for O_DIRECT; out of memory is `ENOMEM` for the request, not an abort.
+fn aligned_buffer(len: usize, align: usize) -> Result<AlignedBuffer, PathError> {
+    AlignedBuffer::zeroed(len, align)
+        .map_err(|_| PathError::new(PathErrorKind::Reply(NbdErrno::NoMem), "out of memory"))
 }
 
 #[cfg(test)]
@@ -637,11 +540,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn aligned_buffer_is_aligned_and_zeroed() {
-        let b = AlignedBuffer::zeroed(8192, 4096).unwrap();
-        assert_eq!(b.as_slice().as_ptr() as usize % 4096, 0);
-        assert!(b.as_slice().iter().all(|&x| x == 0));
+    fn aligned_buffers_become_bytes_without_a_copy() {
+        let b = aligned_buffer(8192, 4096).unwrap();
+        let at = b.as_slice().as_ptr();
         let bytes = Bytes::from_owner(b);
+        assert_eq!(bytes.as_ptr(), at);
         assert_eq!(bytes.len(), 8192);
     }
 

@@ -27,24 +27,27 @@ pub use lunmpio_nbd::{BlockSize, TransmissionFlags};
 pub use self::file::{FileConnection, FileTarget};
 pub use self::nbd::NbdConnection;
 
-/// What a connected path says about the volume behind it. Compared across the paths of one LUN
-/// (docs/OPERATIONS.md, paths (identity)): size, read-only flag and, where the transport reports one, identity.
+/// The geometry of a volume, in one type for both sides of the LUN: what a connected path reports of
+/// the volume behind it (compared across the LUN's paths: size, read-only flag and, where the
+/// transport reports one, identity), and what the export shows its clients (settled from the LUN's
+/// declared identity or its paths' first answers; its flags the intersection of what the paths can do).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TransportInfo {
+pub struct Geometry {
     pub size_bytes: u64,
     pub read_only: bool,
     /// Capabilities in NBD terms (SEND_FLUSH, SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, SEND_CACHE,
     /// CAN_MULTI_CONN, ...), whatever the transport.
     pub flags: TransmissionFlags,
     pub block_size: BlockSize,
-    /// Whether BLOCK_STATUS with `base:allocation` can be asked of this path.
+    /// Whether BLOCK_STATUS with `base:allocation` can be asked.
     pub base_allocation: bool,
-    /// A stable identity of the volume (a WWID), where the transport reports one.
+    /// A stable identity of the volume (a WWID): from the config's `wwid`, or reported by the
+    /// transport.
     pub identity: Option<String>,
 }
 
-impl TransportInfo {
-    /// Whether several connections may carry I/O to this volume at once (docs/OPERATIONS.md, paths (consistency)).
+impl Geometry {
+    /// Whether several connections may carry I/O to this volume at once (CAN_MULTI_CONN).
     pub fn can_multi_conn(&self) -> bool {
         self.flags.contains(TransmissionFlags::CAN_MULTI_CONN)
     }
@@ -255,7 +258,7 @@ pub enum PathConnection {
 }
 
 impl PathConnection {
-    pub fn info(&self) -> &TransportInfo {
+    pub fn info(&self) -> &Geometry {
         match self {
             PathConnection::Nbd(c) => c.info(),
             PathConnection::File(c) => c.info(),

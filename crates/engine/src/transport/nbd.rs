@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use lunmpio_nbd::client::{Client, ClientError, ConnectOptions, Endpoint, Reply, Request};
 
-use super::{ConnectLimits, Failed, PathError, PathErrorKind, TransportInfo};
+use super::{ConnectLimits, Failed, Geometry, PathError, PathErrorKind};
 
 /// One NBD connection of a path. Clones share the connection.
 #[derive(Clone)]
 pub struct NbdConnection {
     client: Client,
-    info: Arc<TransportInfo>,
+    info: Arc<Geometry>,
 }
 
 impl NbdConnection {
@@ -27,7 +27,7 @@ impl NbdConnection {
         options.request_timeout = None;
         let client = Client::connect(options).await.map_err(path_error)?;
         let export = client.info();
-        let info = TransportInfo {
+        let info = Geometry {
             size_bytes: export.size,
             read_only: export
                 .flags
@@ -43,7 +43,7 @@ impl NbdConnection {
         })
     }
 
-    pub fn info(&self) -> &TransportInfo {
+    pub fn info(&self) -> &Geometry {
         &self.info
     }
 

@@ -81,6 +81,10 @@ impl ReadAsm {
         }
         ranges.insert(rel, end);
         self.covered += u64::from(len);
+        debug_assert!(
+            self.covered <= u64::from(length),
+            "chunks never cover more than the request"
+        );
         Ok(())
     }
 
@@ -527,7 +531,7 @@ impl Shared {
             st.next_cookie = st.next_cookie.wrapping_add(1);
             // From here on the writer may put it on the wire.
             sent.store(true, Ordering::Release);
-            st.pending.insert(
+            let earlier = st.pending.insert(
                 cookie,
                 Pending {
                     kind,
@@ -536,6 +540,8 @@ impl Shared {
                     error: None,
                 },
             );
+            // A cookie names one request: in-flight requests are bounded far below 2^64.
+            debug_assert!(earlier.is_none(), "cookie {cookie} reused while in flight");
             cookie
         };
         let header = RequestHeader {

@@ -146,58 +146,88 @@ where
         buf: BytesMut::with_capacity(4096),
         out: BytesMut::with_capacity(512),
     };
-    let greeting = loop {
-        match Greeting::decode(&c.buf) {
-            Ok(Some(g)) => break g,
-            Ok(None) => c.more().await?,
-            Err(e) => return Err(hs(e.to_string())),
+    let no_zeroes = c.greet().await?;
+    let structured = c.structured_replies(options.structured_replies).await?;
+    let base_allocation = if structured && options.base_allocation {
+        c.base_allocation(&options.export).await?
+    } else {
+        None
+    };
+    let (size, flags, block_size, negotiated_with) = match c.go(&options.export).await? {
+        Some((size, flags, block_size)) => (size, flags, block_size, Negotiation::Go),
+        // An old server: EXPORT_NAME, which says nothing of block sizes.
+        None => {
+            let (size, flags) = c.export_name(&options.export, no_zeroes).await?;
+            (size, flags, None, Negotiation::ExportName)
         }
     };
-    c.buf.advance(GREETING_BYTES);
-    if !greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
-        return Err(hs("server does not support fixed newstyle negotiation"));
-    }
-    let no_zeroes = greeting.flags.contains(HandshakeFlags::NO_ZEROES);
-    let mut cflags = ClientFlags::FIXED_NEWSTYLE;
-    if no_zeroes {
-        cflags |= ClientFlags::NO_ZEROES;
-    }
-    encode_client_flags(cflags, &mut c.out);
+    let info = ExportInfo {
+        name: options.export.clone(),
+        size,
+        flags,
+        block_size: sanitize_block_size(block_size)?,
+        structured_replies: structured,
+        base_allocation,
+        negotiated_with,
+    };
+    Ok((info, c.buf))
+}
 
-    let mut structured = false;
-    if options.structured_replies {
-        c.send_option(&ClientOption::StructuredReply).await?;
-        match c.reply(NBD_OPT_STRUCTURED_REPLY).await? {
-            OptionReply::Ack => structured = true,
-            OptionReply::Error { .. } => {}
-            other => {
-                return Err(hs(format!(
-                    "unexpected reply to STRUCTURED_REPLY: {other:?}"
-                )));
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
+    /// Reads the server's greeting and queues our flags; whether the zero padding is off.
+    async fn greet(&mut self) -> Result<bool, ClientError> {
+        let greeting = loop {
+            match Greeting::decode(&self.buf) {
+                Ok(Some(g)) => break g,
+                Ok(None) => self.more().await?,
+                Err(e) => return Err(hs(e.to_string())),
             }
+        };
+        self.buf.advance(GREETING_BYTES);
+        if !greeting.flags.contains(HandshakeFlags::FIXED_NEWSTYLE) {
+            return Err(hs("server does not support fixed newstyle negotiation"));
         }
-    } else {
-        c.send().await?;
+        let no_zeroes = greeting.flags.contains(HandshakeFlags::NO_ZEROES);
+        let mut flags = ClientFlags::FIXED_NEWSTYLE;
+        if no_zeroes {
+            flags |= ClientFlags::NO_ZEROES;
+        }
+        encode_client_flags(flags, &mut self.out);
+        Ok(no_zeroes)
     }
 
-    let mut base_allocation = None;
-    if structured && options.base_allocation {
-        c.send_option(&ClientOption::SetMetaContext {
-            export: options.export.clone(),
+    /// STRUCTURED_REPLY when `wanted`; whether the server agreed. Sends the queued client flags either way.
+    async fn structured_replies(&mut self, wanted: bool) -> Result<bool, ClientError> {
+        if !wanted {
+            self.send().await?;
+            return Ok(false);
+        }
+        self.send_option(&ClientOption::StructuredReply).await?;
+        match self.reply(NBD_OPT_STRUCTURED_REPLY).await? {
+            OptionReply::Ack => Ok(true),
+            OptionReply::Error { .. } => Ok(false),
+            other => Err(hs(format!(
+                "unexpected reply to STRUCTURED_REPLY: {other:?}"
+            ))),
+        }
+    }
+
+    /// SET_META_CONTEXT `base:allocation`: its context id, if the server has it.
+    async fn base_allocation(&mut self, export: &str) -> Result<Option<u32>, ClientError> {
+        self.send_option(&ClientOption::SetMetaContext {
+            export: export.to_owned(),
             queries: vec![BASE_ALLOCATION.to_string()],
         })
         .await?;
+        let mut id = None;
         for _ in 0..OPTION_REPLIES_MAX {
-            match c.reply(NBD_OPT_SET_META_CONTEXT).await? {
-                OptionReply::MetaContext { id, name } if name == BASE_ALLOCATION => {
-                    base_allocation = Some(id)
+            match self.reply(NBD_OPT_SET_META_CONTEXT).await? {
+                OptionReply::MetaContext { id: got, name } if name == BASE_ALLOCATION => {
+                    id = Some(got)
                 }
                 OptionReply::MetaContext { .. } => {}
-                OptionReply::Ack => break,
-                OptionReply::Error { .. } => {
-                    base_allocation = None;
-                    break;
-                }
+                OptionReply::Ack => return Ok(id),
+                OptionReply::Error { .. } => return Ok(None),
                 other => {
                     return Err(hs(format!(
                         "unexpected reply to SET_META_CONTEXT: {other:?}"
@@ -205,81 +235,75 @@ where
                 }
             }
         }
+        Ok(id)
     }
 
-    c.send_option(&ClientOption::Go {
-        name: options.export.clone(),
-        requests: vec![NBD_INFO_BLOCK_SIZE],
-    })
-    .await?;
-    let mut export: Option<(u64, TransmissionFlags)> = None;
-    let mut block_size: Option<BlockSize> = None;
-    let mut negotiated_with = Negotiation::Go;
-    let mut fallback = false;
-    for _ in 0..OPTION_REPLIES_MAX {
-        match c.reply(NBD_OPT_GO).await? {
-            OptionReply::Info(Info::Export { size, flags }) => export = Some((size, flags)),
-            OptionReply::Info(Info::BlockSize(b)) => block_size = Some(b),
-            OptionReply::Info(_) => {}
-            OptionReply::Ack => break,
-            OptionReply::Error {
-                error: OptionError::Unsup,
-                ..
-            } => {
-                fallback = true;
-                break;
-            }
-            OptionReply::Error { error, message } => {
-                return Err(hs(format!(
-                    "server refused export {:?}: {}{}",
-                    options.export,
-                    error.name(),
-                    if message.is_empty() {
+    /// GO: size, flags and block size of `export`; `None` when the server does not know GO.
+    async fn go(
+        &mut self,
+        export: &str,
+    ) -> Result<Option<(u64, TransmissionFlags, Option<BlockSize>)>, ClientError> {
+        self.send_option(&ClientOption::Go {
+            name: export.to_owned(),
+            requests: vec![NBD_INFO_BLOCK_SIZE],
+        })
+        .await?;
+        let mut size_and_flags = None;
+        let mut block_size = None;
+        for _ in 0..OPTION_REPLIES_MAX {
+            match self.reply(NBD_OPT_GO).await? {
+                OptionReply::Info(Info::Export { size, flags }) => {
+                    size_and_flags = Some((size, flags))
+                }
+                OptionReply::Info(Info::BlockSize(b)) => block_size = Some(b),
+                OptionReply::Info(_) => {}
+                OptionReply::Ack => break,
+                OptionReply::Error {
+                    error: OptionError::Unsup,
+                    ..
+                } => return Ok(None),
+                OptionReply::Error { error, message } => {
+                    let detail = if message.is_empty() {
                         String::new()
                     } else {
                         format!(" ({message})")
-                    }
-                )));
+                    };
+                    return Err(hs(format!(
+                        "server refused export {export:?}: {}{detail}",
+                        error.name()
+                    )));
+                }
+                other => return Err(hs(format!("unexpected reply to GO: {other:?}"))),
             }
-            other => return Err(hs(format!("unexpected reply to GO: {other:?}"))),
         }
+        let Some((size, flags)) = size_and_flags else {
+            return Err(hs("GO finished without NBD_INFO_EXPORT"));
+        };
+        Ok(Some((size, flags, block_size)))
     }
-    if fallback {
-        negotiated_with = Negotiation::ExportName;
-        block_size = None;
-        c.send_option(&ClientOption::ExportName(options.export.clone()))
+
+    /// EXPORT_NAME, for servers without GO: size and flags, or the connection closes.
+    async fn export_name(
+        &mut self,
+        export: &str,
+        no_zeroes: bool,
+    ) -> Result<(u64, TransmissionFlags), ClientError> {
+        self.send_option(&ClientOption::ExportName(export.to_owned()))
             .await?;
-        let r = loop {
-            match ExportNameReply::decode(&c.buf, no_zeroes) {
+        let reply = loop {
+            match ExportNameReply::decode(&self.buf, no_zeroes) {
                 Ok(Some(r)) => break r,
                 Ok(None) => {
-                    if let Err(e) = c.more().await {
-                        return Err(hs(format!(
-                            "export {:?} refused (EXPORT_NAME): {e}",
-                            options.export
-                        )));
+                    if let Err(e) = self.more().await {
+                        return Err(hs(format!("export {export:?} refused (EXPORT_NAME): {e}")));
                     }
                 }
                 Err(e) => return Err(hs(e.to_string())),
             }
         };
-        c.buf.advance(ExportNameReply::wire_len(no_zeroes));
-        export = Some((r.size, r.flags));
+        self.buf.advance(ExportNameReply::wire_len(no_zeroes));
+        Ok((reply.size, reply.flags))
     }
-    let Some((size, flags)) = export else {
-        return Err(hs("GO finished without NBD_INFO_EXPORT"));
-    };
-    let block_size = sanitize_block_size(block_size)?;
-    let info = ExportInfo {
-        name: options.export.clone(),
-        size,
-        flags,
-        block_size,
-        structured_replies: structured,
-        base_allocation,
-        negotiated_with,
-    };
-    Ok((info, c.buf))
 }
 
 /// Checks the server's constraints and makes them safe to use (see [`BlockSize::sanitize`]).

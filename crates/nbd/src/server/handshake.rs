@@ -111,6 +111,7 @@ impl<B: Backend> Server<B> {
         }
     }
 
+    /// One option of the handshake: its replies go to `out`; the step says what follows.
     fn handle_option(
         &self,
         raw: &RawOption,
@@ -118,38 +119,19 @@ impl<B: Backend> Server<B> {
         out: &mut BytesMut,
     ) -> Result<Step<B>, ServerError> {
         let code = raw.option;
-        let err = |out: &mut BytesMut, error: OptionError, message: &str| {
-            OptionReply::Error {
-                error,
-                message: message.to_string(),
-            }
-            .encode(code, out);
-        };
         let parsed = match ClientOption::parse(raw) {
             Ok(p) => p,
+            Err(e) if code == NBD_OPT_EXPORT_NAME => {
+                // EXPORT_NAME cannot fail politely.
+                return Err(ServerError::Protocol(e));
+            }
             Err(e) => {
-                if code == NBD_OPT_EXPORT_NAME {
-                    // EXPORT_NAME cannot fail politely.
-                    return Err(ServerError::Protocol(e));
-                }
-                err(out, OptionError::Invalid, &e.to_string());
+                error_reply(code, OptionError::Invalid, &e.to_string(), out);
                 return Ok(Step::Continue);
             }
         };
         if self.shutdown.is_cancelled() {
-            match parsed {
-                ClientOption::Abort => {
-                    OptionReply::Ack.encode(code, out);
-                    return Ok(Step::Abort);
-                }
-                ClientOption::ExportName(_) => {
-                    return Err(ServerError::Handshake("server is shutting down".into()));
-                }
-                _ => {
-                    err(out, OptionError::Shutdown, "server is shutting down");
-                    return Ok(Step::Continue);
-                }
-            }
+            return shutting_down(code, parsed, out);
         }
         match parsed {
             ClientOption::Abort => {
@@ -173,79 +155,15 @@ impl<B: Backend> Server<B> {
                 Ok(Step::Continue)
             }
             ClientOption::ListMetaContext { export, queries } => {
-                if !st.structured {
-                    err(
-                        out,
-                        OptionError::Invalid,
-                        "structured replies not negotiated",
-                    );
-                } else if self.find_export(&export).is_none() {
-                    err(out, OptionError::Unknown, "unknown export");
-                } else {
-                    let any = queries.is_empty()
-                        || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION);
-                    if any {
-                        OptionReply::MetaContext {
-                            id: 0,
-                            name: BASE_ALLOCATION.into(),
-                        }
-                        .encode(code, out);
-                    }
-                    OptionReply::Ack.encode(code, out);
-                }
+                self.list_meta_context(code, &export, &queries, st, out);
                 Ok(Step::Continue)
             }
             ClientOption::SetMetaContext { export, queries } => {
-                // A SET replaces whatever an earlier SET chose.
-                st.meta_export = None;
-                if !st.structured {
-                    err(
-                        out,
-                        OptionError::Invalid,
-                        "structured replies not negotiated",
-                    );
-                } else if self.find_export(&export).is_none() {
-                    err(out, OptionError::Unknown, "unknown export");
-                } else {
-                    if queries.iter().any(|q| q == BASE_ALLOCATION) {
-                        OptionReply::MetaContext {
-                            id: BASE_ALLOCATION_ID,
-                            name: BASE_ALLOCATION.into(),
-                        }
-                        .encode(code, out);
-                        st.meta_export = Some(export);
-                    }
-                    OptionReply::Ack.encode(code, out);
-                }
+                self.set_meta_context(code, export, &queries, st, out);
                 Ok(Step::Continue)
             }
             ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
-                let Some(export) = self.find_export(&name).cloned() else {
-                    err(out, OptionError::Unknown, "unknown export");
-                    return Ok(Step::Continue);
-                };
-                let flags = advertised_flags(&export.config.flags, st.structured);
-                let cfg = &export.config;
-                OptionReply::Info(Info::Export {
-                    size: cfg.size,
-                    flags,
-                })
-                .encode(code, out);
-                if requests.contains(&NBD_INFO_NAME) {
-                    OptionReply::Info(Info::Name(cfg.name.clone())).encode(code, out);
-                }
-                if requests.contains(&NBD_INFO_DESCRIPTION)
-                    && let Some(d) = &cfg.description
-                {
-                    OptionReply::Info(Info::Description(d.clone())).encode(code, out);
-                }
-                // Always sent: a client that did not ask may ignore it, one that did must obey.
-                OptionReply::Info(Info::BlockSize(cfg.block_size)).encode(code, out);
-                OptionReply::Ack.encode(code, out);
-                if code == NBD_OPT_INFO {
-                    return Ok(Step::Continue);
-                }
-                Ok(Step::Transmit(self.negotiated(export, flags, st, &name)))
+                Ok(self.info_or_go(code, &name, &requests, st, out))
             }
             ClientOption::ExportName(name) => {
                 let Some(export) = self.find_export(&name).cloned() else {
@@ -260,14 +178,115 @@ impl<B: Backend> Server<B> {
                 Ok(Step::Transmit(self.negotiated(export, flags, st, &name)))
             }
             ClientOption::StartTls => {
-                err(out, OptionError::Unsup, "TLS is not supported");
+                error_reply(code, OptionError::Unsup, "TLS is not supported", out);
                 Ok(Step::Continue)
             }
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
-                err(out, OptionError::Unsup, "option not supported");
+                error_reply(code, OptionError::Unsup, "option not supported", out);
                 Ok(Step::Continue)
             }
         }
+    }
+
+    /// LIST_META_CONTEXT: `base:allocation` when the queries ask for it (or for everything).
+    fn list_meta_context(
+        &self,
+        code: u32,
+        export: &str,
+        queries: &[String],
+        st: &OptState,
+        out: &mut BytesMut,
+    ) {
+        if let Err((error, message)) = self.meta_context_allowed(export, st) {
+            return error_reply(code, error, message, out);
+        }
+        let any =
+            queries.is_empty() || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION);
+        if any {
+            OptionReply::MetaContext {
+                id: 0,
+                name: BASE_ALLOCATION.into(),
+            }
+            .encode(code, out);
+        }
+        OptionReply::Ack.encode(code, out);
+    }
+
+    /// SET_META_CONTEXT: replaces whatever an earlier SET chose; only `base:allocation` exists.
+    fn set_meta_context(
+        &self,
+        code: u32,
+        export: String,
+        queries: &[String],
+        st: &mut OptState,
+        out: &mut BytesMut,
+    ) {
+        st.meta_export = None;
+        if let Err((error, message)) = self.meta_context_allowed(&export, st) {
+            return error_reply(code, error, message, out);
+        }
+        if queries.iter().any(|q| q == BASE_ALLOCATION) {
+            OptionReply::MetaContext {
+                id: BASE_ALLOCATION_ID,
+                name: BASE_ALLOCATION.into(),
+            }
+            .encode(code, out);
+            st.meta_export = Some(export);
+        }
+        OptionReply::Ack.encode(code, out);
+    }
+
+    /// Meta contexts need structured replies and an export we have.
+    fn meta_context_allowed(
+        &self,
+        export: &str,
+        st: &OptState,
+    ) -> Result<(), (OptionError, &'static str)> {
+        if !st.structured {
+            Err((OptionError::Invalid, "structured replies not negotiated"))
+        } else if self.find_export(export).is_none() {
+            Err((OptionError::Unknown, "unknown export"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// INFO and GO: the export's information (size and flags, the block size always, name and
+    /// description when asked); GO then ends the handshake.
+    fn info_or_go(
+        &self,
+        code: u32,
+        name: &str,
+        requests: &[u16],
+        st: &OptState,
+        out: &mut BytesMut,
+    ) -> Step<B> {
+        let Some(export) = self.find_export(name).cloned() else {
+            error_reply(code, OptionError::Unknown, "unknown export", out);
+            return Step::Continue;
+        };
+        let flags = advertised_flags(&export.config.flags, st.structured);
+        let cfg = &export.config;
+        OptionReply::Info(Info::Export {
+            size: cfg.size,
+            flags,
+        })
+        .encode(code, out);
+        if requests.contains(&NBD_INFO_NAME) {
+            OptionReply::Info(Info::Name(cfg.name.clone())).encode(code, out);
+        }
+        if requests.contains(&NBD_INFO_DESCRIPTION)
+            && let Some(d) = &cfg.description
+        {
+            OptionReply::Info(Info::Description(d.clone())).encode(code, out);
+        }
+        // Always sent: a client that did not ask may ignore it, one that did must obey.
+        OptionReply::Info(Info::BlockSize(cfg.block_size)).encode(code, out);
+        OptionReply::Ack.encode(code, out);
+        if code == NBD_OPT_INFO {
+            return Step::Continue;
+        }
+        Step::Transmit(self.negotiated(export, flags, st, name))
     }
 
     fn negotiated(
@@ -290,6 +309,36 @@ impl<B: Backend> Server<B> {
             context_id,
         }
     }
+}
+
+/// While the server shuts down: ABORT is honoured, EXPORT_NAME (which cannot fail politely) ends the
+/// connection, anything else gets `NBD_REP_ERR_SHUTDOWN`.
+fn shutting_down<B>(
+    code: u32,
+    parsed: ClientOption,
+    out: &mut BytesMut,
+) -> Result<Step<B>, ServerError> {
+    match parsed {
+        ClientOption::Abort => {
+            OptionReply::Ack.encode(code, out);
+            Ok(Step::Abort)
+        }
+        ClientOption::ExportName(_) => {
+            Err(ServerError::Handshake("server is shutting down".into()))
+        }
+        _ => {
+            error_reply(code, OptionError::Shutdown, "server is shutting down", out);
+            Ok(Step::Continue)
+        }
+    }
+}
+
+fn error_reply(code: u32, error: OptionError, message: &str, out: &mut BytesMut) {
+    OptionReply::Error {
+        error,
+        message: message.to_string(),
+    }
+    .encode(code, out);
 }
 
 /// The flags actually sent for an export.

@@ -222,7 +222,7 @@ impl<B: Backend> Server<B> {
                         _bytes: bytes,
                         connection: Arc::clone(connection),
                     };
-                    self.dispatch(&n, &check, h, data, held, &tx);
+                    self.spawn_request(&n, &check, h, data, held, &tx);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -290,7 +290,8 @@ impl<B: Backend> Server<B> {
         result
     }
 
-    fn dispatch(
+    /// Checks one request and runs it on its own task; its reply goes to the writer in completion order.
+    fn spawn_request(
         &self,
         n: &Negotiated<B>,
         check: &RequestCheck,
@@ -311,6 +312,10 @@ impl<B: Backend> Server<B> {
             let _ = tx.send(reply(body_err(e), Some(held)));
             return;
         }
+        debug_assert!(
+            h.command != Command::Write || data.len() == h.length as usize,
+            "a WRITE carries exactly its length (read_request reads it so)"
+        );
         // Zero-length data commands need no backend call.
         if h.length == 0
             && matches!(
@@ -402,6 +407,14 @@ fn clip_extents(ext: Vec<Extent>, length: u32, flags: CommandFlags) -> Vec<Exten
     if flags.contains(CommandFlags::REQ_ONE) {
         out.truncate(1);
     }
+    debug_assert!(
+        !out.is_empty(),
+        "a BLOCK_STATUS reply has at least one extent"
+    );
+    debug_assert!(
+        out.iter().map(|e| u64::from(e.length)).sum::<u64>() <= u64::from(length),
+        "extents never describe more than the request"
+    );
     out
 }
 

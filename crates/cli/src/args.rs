@@ -1,0 +1,206 @@
+//! Command-line interface: every subcommand and flag, with help text meant to teach.
+//!
+//! Values are parsed here (sizes, durations, fault commands) so a typo is reported by clap with the
+//! flag's name before anything starts.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::rpc_commands::{HbaPortAction, PathAction, PolicyAction, SocketOptions};
+pub use lunmpio_array::args::{TargetAction, TargetCommand};
+pub use lunmpio_daemon::serve::ServeArgs;
+pub use lunmpio_demo::args::DemoArgs;
+
+const ABOUT: &str = "User-space multipath I/O for block storage";
+
+// One line per paragraph: clap wraps to the terminal width itself.
+const LONG_ABOUT: &str = "lunmpio joins several paths to one LUN (NBD connections through different controller ports, or local devices) into one logical LUN, spreads I/O over them by a load-balance policy, hides path failures from the application, and is managed through an interface with the semantics of the Windows VDS IVdsLunMpio.\n\nOne binary: the multipath daemon (`lunmpio serve`), the management commands that wrap every call of its control socket, the built-in simulated storage array with live fault injection per controller port (`lunmpio target`), and a self-contained showcase (`lunmpio demo`).";
+
+const AFTER_HELP: &str = "\
+Examples:
+  # Run the self-contained showcase (no configuration, no external programs):
+  lunmpio demo
+
+  # Run the daemon, then look at it:
+  lunmpio serve --config /etc/lunmpio/lunmpio.toml
+  lunmpio topology
+  lunmpio policy set lun0 least-queue-depth
+
+  # Serve a 1 GiB sparse RAM disk over 4 controller ports on free TCP ports:
+  lunmpio target --memory 1GiB --ports 4 --listen 127.0.0.1:0 --control /tmp/array.sock
+
+  # Make controller port 1 slow, then look at every port's counters:
+  lunmpio target fault --control /tmp/array.sock --port 1 delay=200ms
+  lunmpio target status --control /tmp/array.sock
+
+Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lunmpio",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for machines.
+    #[arg(long, value_enum, global = true, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the built-in simulated storage array: one LUN served over N NBD controller ports, with
+    /// live fault injection per port.
+    #[command(after_help = lunmpio_array::args::AFTER_HELP)]
+    Target(TargetCommand),
+
+    /// Run the self-contained showcase against an in-process simulated array.
+    #[command(after_help = lunmpio_demo::args::AFTER_HELP)]
+    Demo(DemoArgs),
+
+    /// Run the multipath daemon in the foreground; SIGTERM/SIGINT drain in-flight I/O and stop it.
+    #[command(after_help = SERVE_AFTER_HELP)]
+    Serve(ServeArgs),
+
+    /// List the LUNs of the running daemon (ListLuns).
+    Luns(SocketOptions),
+
+    /// A tree of LUNs and their paths with status, role and load, like `multipath -ll`.
+    Topology(SocketOptions),
+
+    /// The paths of a LUN with their VDS type and status (GetPathInfo).
+    Paths(LunArgs),
+
+    /// Get or set a LUN's load-balance policy (GetLoadBalancePolicy / SetLoadBalancePolicy).
+    Policy(PolicyCommand),
+
+    /// The load-balance policies a LUN supports (GetSupportedLbPolicies).
+    Policies(LunArgs),
+
+    /// Administratively fail, stand by or reinstate one path (SetPathStatus). PATH is a name or an id.
+    Path(PathCommand),
+
+    /// Set the status of every path through one initiator port (SetAllPathStatusesFromHbaPort).
+    HbaPort(HbaPortCommand),
+
+    /// Per-path I/O counters, latency and in-flight requests of a LUN (GetStatistics).
+    Stats(LunArgs),
+
+    /// Path status changes with their causes, oldest first (GetEvents).
+    Events(EventsArgs),
+
+    /// Print shell completions for bash, zsh, fish, elvish or powershell.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+const SERVE_AFTER_HELP: &str = "\
+The configuration is TOML (docs/OPERATIONS.md lists every key; packaging/lunmpio.toml is an example).
+A bad configuration stops start-up with a message naming the key and the line. Each [[lun]] is exported
+over NBD under its name; the control socket (mode 0600) takes the management commands below; metrics
+are served at http://METRICS_LISTEN/metrics.
+
+Examples:
+  lunmpio serve --config /etc/lunmpio/lunmpio.toml
+  lunmpio topology --socket /run/lunmpio/control.sock
+  lunmpio policy set lun0 failover --primary ctrlA-port0
+  lunmpio path fail lun0 ctrlB-port1";
+
+#[derive(Debug, Args)]
+pub struct LunArgs {
+    /// The LUN's name.
+    pub lun: String,
+    #[command(flatten)]
+    pub options: SocketOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyCommand {
+    #[command(subcommand)]
+    pub action: PolicyAction,
+    #[command(flatten)]
+    pub options: SocketOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct PathCommand {
+    #[command(subcommand)]
+    pub action: PathAction,
+    #[command(flatten)]
+    pub options: SocketOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct HbaPortCommand {
+    #[command(subcommand)]
+    pub action: HbaPortAction,
+    #[command(flatten)]
+    pub options: SocketOptions,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this LUN's events.
+    #[arg(long)]
+    pub lun: Option<String>,
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// Keep printing new events as they happen.
+    #[arg(long, short)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub options: SocketOptions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn fault_subcommand_does_not_need_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "lunmpio",
+            "target",
+            "fault",
+            "--control",
+            "/tmp/x",
+            "--port",
+            "1",
+            "delay=5ms",
+        ])
+        .unwrap();
+        let Command::Target(t) = cli.command else {
+            panic!("not target")
+        };
+        assert!(matches!(t.action, Some(TargetAction::Fault(_))));
+    }
+
+    #[test]
+    fn serve_needs_a_backing() {
+        let err = Cli::try_parse_from(["lunmpio", "target", "--ports", "2"]).unwrap_err();
+        assert!(err.to_string().contains("--image"), "{err}");
+        assert!(
+            Cli::try_parse_from(["lunmpio", "target", "--memory", "1M", "--image", "x"]).is_err()
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! `lunmpio serve` given bad input: a path to another volume, bad configurations, HTTP requests off the
+//! metrics route, and a SIGTERM with I/O stuck in flight.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lunmpio_testkit::*;
+use serde_json::json;
+
+#[test]
+fn a_path_to_a_volume_of_another_size_is_refused_and_never_used() {
+    let right = TargetSpec::memory("32MiB", 2).spawn();
+    let wrong = TargetSpec::memory("16MiB", 1).spawn();
+    let uris = vec![
+        right.uri(0).to_string(),
+        right.uri(1).to_string(),
+        wrong.uri(0).to_string(),
+    ];
+    let daemon = Daemon::spawn(&format!(
+        "[defaults]\ncheck_interval = \"100ms\"\n\n{}",
+        lun_toml("lun0", "round-robin", &uris)
+    ));
+    daemon.wait_path_status("lun0", "p2", "VDS_MPS_FAILED", Duration::from_secs(10));
+    let info = daemon.rpc_ok("GetPathInfo", json!({ "lun": "lun0" }));
+    let p2 = info["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "p2")
+        .unwrap();
+    let reason = p2["statusReason"].as_str().unwrap_or_default();
+    assert!(reason.contains("identity mismatch"), "reason: {p2}");
+    let luns = daemon.rpc_ok("ListLuns", json!({}));
+    assert_eq!(
+        luns["luns"][0]["size"],
+        32 << 20,
+        "the majority's size: {luns}"
+    );
+    assert_eq!(luns["luns"][0]["usablePaths"], 2, "{luns}");
+    let events = daemon.rpc_ok("GetEvents", json!({ "lun": "lun0" }));
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["path"] == "p2"
+                && e["cause"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("identity mismatch")),
+        "the refusal is in the event log: {events}"
+    );
+
+    // Writes and reads through the export, across several health-check rounds of the refused path.
+    block_on(async {
+        let client = nbd_connect(&daemon.nbd, "lun0").await;
+        let data = bytes::Bytes::from(pseudo_random(64 << 10, 5));
+        for i in 0..64u64 {
+            client
+                .write(
+                    i * (64 << 10),
+                    data.clone(),
+                    lunmpio_nbd::CommandFlags::empty(),
+                )
+                .await
+                .unwrap();
+            client.read(i * (64 << 10), 64 << 10).await.unwrap();
+        }
+        client.flush().await.unwrap();
+        client.disconnect().await;
+    });
+    // The refused path is retried by its health check (a reconnect after the one at start) and refused
+    // again.
+    let retried = wait_until(Duration::from_secs(10), || {
+        wrong.status()["ports"][0]["connectionsTotal"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    });
+    assert!(
+        retried,
+        "the refused path was never retried: {}",
+        wrong.status()
+    );
+    wait_until(Duration::from_secs(2), || {
+        wrong.status()["ports"][0]["connections"] == 0
+    });
+    let stats = daemon.stats("lun0");
+    assert_eq!(
+        path_counter(&stats, "p2", "ios"),
+        0,
+        "the refused path carried I/O: {stats}"
+    );
+    assert_eq!(daemon.path_status("lun0", "p2"), "VDS_MPS_FAILED");
+    assert!(path_counter(&stats, "p0", "writes") + path_counter(&stats, "p1", "writes") >= 64);
+    let port = &wrong.status()["ports"][0];
+    for counter in ["writes", "bytesWritten"] {
+        assert_eq!(port[counter], 0, "the wrong volume saw {counter}: {port}");
+    }
+    // Not even the health check's read probe may touch it: a reconnected path's handshake already
+    // tells its size, so identity is checked before any request goes to the volume.
+    for counter in ["reads", "bytesRead", "requests"] {
+        assert_eq!(
+            port[counter], 0,
+            "the wrong volume saw {counter} (a probe read before the identity check?): {port}"
+        );
+    }
+}
+
+/// Runs `lunmpio serve` on a config that must be refused; returns stderr.
+fn refused(config_text: Option<&str>) -> (String, std::path::PathBuf) {
+    let dir = tempdir();
+    let config = dir.path().join("lunmpio.toml");
+    let socket = dir.path().join("control.sock");
+    if let Some(text) = config_text {
+        let text = text
+            .replace("SOCKET", &socket.display().to_string())
+            .replace("STATE", &dir.path().join("state").display().to_string());
+        std::fs::write(&config, text).unwrap();
+    }
+    let mut c = Command::new(lunmpio_bin());
+    c.arg("serve").arg("--config").arg(&config);
+    let started = Instant::now();
+    let out = run(&mut c, Duration::from_secs(20));
+    assert!(
+        !out.status.success(),
+        "serve accepted a bad config:\n{}",
+        stderr_text(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "refusal took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !socket.exists(),
+        "the control socket was created before the config was checked"
+    );
+    assert!(
+        stdout_text(&out).is_empty(),
+        "no ready line: {}",
+        stdout_text(&out)
+    );
+    (stderr_text(&out), config)
+}
+
+const HEAD: &str = "[daemon]\nnbd_listen = \"127.0.0.1:0\"\ncontrol_socket = \"SOCKET\"\nmetrics_listen = \"\"\nstate_dir = \"STATE\"\n";
+
+#[test]
+fn a_bad_config_stops_startup_naming_the_key_and_the_line() {
+    // Unknown key (line 7).
+    let (err, file) = refused(Some(&format!("{HEAD}[defaults]\ncolour = \"blue\"\n")));
+    assert!(
+        err.contains("colour") && err.contains(&format!("{}:7:", file.display())),
+        "{err}"
+    );
+    // Unknown key in a path table (line 10).
+    let (err, file) = refused(Some(&format!(
+        "{HEAD}[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://127.0.0.1:1/a\"\nwieght = 3\n"
+    )));
+    assert!(
+        err.contains("wieght") && err.contains(&format!("{}:10:", file.display())),
+        "{err}"
+    );
+    // Bad value (line 7).
+    let (err, file) = refused(Some(&format!("{HEAD}[defaults]\nio_timeout = \"soon\"\n")));
+    assert!(
+        err.contains("defaults.io_timeout") && err.contains(&format!("{}:7:", file.display())),
+        "{err}"
+    );
+    let (err, _) = refused(Some(&format!("{HEAD}[defaults]\npolicy = \"fastest\"\n")));
+    assert!(
+        err.contains("defaults.policy") && err.contains("fastest"),
+        "{err}"
+    );
+    // A bad [daemon] value.
+    let (err, _) = refused(Some(
+        "[daemon]\nnbd_listen = \"nowhere\"\ncontrol_socket = \"SOCKET\"\nstate_dir = \"STATE\"\n",
+    ));
+    assert!(err.contains("daemon.nbd_listen"), "{err}");
+    // Duplicate LUN name (line 11).
+    let (err, file) = refused(Some(&format!(
+        "{HEAD}[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://127.0.0.1:1/a\"\n[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://127.0.0.1:1/b\"\n"
+    )));
+    assert!(
+        err.contains("lun[1].name")
+            && err.contains("duplicate")
+            && err.contains(&format!("{}:11:", file.display())),
+        "{err}"
+    );
+    // Not TOML at all.
+    let (err, file) = refused(Some("[daemon\n"));
+    assert!(err.contains(&format!("{}:1:", file.display())), "{err}");
+    // Missing file.
+    let (err, file) = refused(None);
+    assert!(
+        err.contains(&file.display().to_string()) && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &target.uris));
+    let addr = daemon
+        .metrics
+        .clone()
+        .expect("metrics address in the ready line");
+    drive_reads(&daemon.nbd, "lun0", 20);
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    for family in [
+        "# TYPE lunmpio_path_ios_total counter",
+        "# TYPE lunmpio_path_read_bytes_total counter",
+        "# TYPE lunmpio_path_written_bytes_total counter",
+        "# TYPE lunmpio_path_errors_total counter",
+        "# TYPE lunmpio_path_in_flight gauge",
+        "# TYPE lunmpio_path_status gauge",
+        "# TYPE lunmpio_path_failovers_total counter",
+        "# TYPE lunmpio_path_latency_seconds histogram",
+        "# TYPE lunmpio_lun_queued_ios gauge",
+        "# TYPE lunmpio_lun_policy gauge",
+    ] {
+        assert!(body.contains(family), "missing {family:?} in:\n{body}");
+    }
+    for line in [
+        "lunmpio_path_ios_total{lun=\"lun0\",path=\"p0\",op=\"read\"} 10",
+        "lunmpio_path_ios_total{lun=\"lun0\",path=\"p1\",op=\"read\"} 10",
+        "lunmpio_path_status{lun=\"lun0\",path=\"p1\"} 1",
+        "lunmpio_path_read_bytes_total{lun=\"lun0\",path=\"p0\"} 40960",
+        "lunmpio_path_latency_seconds_count{lun=\"lun0\",path=\"p0\"} 10",
+        "lunmpio_path_latency_seconds_bucket{lun=\"lun0\",path=\"p0\",le=\"+Inf\"} 10",
+        "lunmpio_lun_queued_ios{lun=\"lun0\"} 0",
+        "lunmpio_lun_policy{lun=\"lun0\"} 2",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    // Every sample line parses as NAME{LABELS} VALUE.
+    for l in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (_, value) = l
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {l:?}"));
+        assert!(value.parse::<f64>().is_ok(), "bad value in {l:?}");
+    }
+    for path in ["/", "/metricsx", "/favicon.ico", "/metrics/x"] {
+        let (status, _) = http_get(&addr, path);
+        assert_eq!(status, 404, "GET {path}");
+    }
+}
+
+#[test]
+fn sigterm_with_io_stuck_in_flight_exits_within_shutdown_timeout() {
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let mut daemon = Daemon::spawn_with(
+        "shutdown_timeout = \"2s\"",
+        &format!(
+            "[defaults]\nio_timeout = \"60s\"\nadaptive_timeout = false\ncheck_interval = \"30s\"\n\n{}",
+            lun_toml("lun0", "round-robin", &target.uris)
+        ),
+    );
+    target.fault(0, "hang");
+    target.fault(1, "hang");
+    let addr = daemon.nbd.clone();
+    let reader = std::thread::spawn(move || {
+        block_on(async {
+            let client = nbd_connect(&addr, "lun0").await;
+            let reads: Vec<_> = (0..8u64).map(|i| client.read(i * 4096, 4096)).collect();
+            futures::future::join_all(reads).await
+        })
+    });
+    let stuck = wait_until(Duration::from_secs(10), || {
+        daemon.stats("lun0")["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["inFlight"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 8
+    });
+    assert!(
+        stuck,
+        "reads never got stuck on the hung paths: {}",
+        daemon.stats("lun0")
+    );
+    let started = Instant::now();
+    let status = daemon.terminate(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert!(
+        took <= Duration::from_millis(2000 + 1500),
+        "exit took {took:?} with shutdown_timeout 2s"
+    );
+    assert!(
+        took >= Duration::from_millis(1500),
+        "exit took {took:?}: did it wait for the drain at all?"
+    );
+    assert!(
+        status.success(),
+        "exit status {status}\nlog:\n{}",
+        daemon.log()
+    );
+    // The client is not left hanging: its requests fail (or its connection ends).
+    let results = reader.join().unwrap();
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+}
