@@ -690,6 +690,27 @@ fn protocol_errors_are_answered_and_the_connection_stays_usable() {
     let again = parse(c.raw("}}}").unwrap());
     assert_eq!(again["error"]["code"], -32700);
     assert!(c.call("GetPathInfo", json!({ "lun": "lun0" })).is_ok());
+
+    // A line longer than the bound is refused without being held whole, and that connection ends
+    // (the rest of the line cannot be told from a new request); the daemon answers the next one.
+    let long = format!("\"{}\"", "x".repeat(lunmpio_rpc::LINE_BYTES_MAX + 16));
+    let refused = parse(c.raw(&long).unwrap());
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("longer than"),
+        "{refused}"
+    );
+    assert!(
+        c.call("ListLuns", json!({})).is_err(),
+        "that connection is closed"
+    );
+    assert!(
+        d.rpc("ListLuns", json!({})).is_ok(),
+        "the daemon still answers"
+    );
 }
 
 #[test]

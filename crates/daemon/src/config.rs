@@ -139,6 +139,10 @@ impl LunTable {
     }
 }
 
+/// The longest `-N` suffix `to_spec` adds to a derived path name (N < PATHS_PER_LUN_MAX).
+const DEDUP_SUFFIX_BYTES_MAX: usize = 4;
+const _: () = assert!(PATHS_PER_LUN_MAX <= 999);
+
 /// `10.0.1.10:10809`, `ctrl-a.sock`, `sdb`: the part of a URI that tells paths apart.
 fn default_path_name(uri: &str, index: usize) -> String {
     let tail = if let Some(rest) = uri.strip_prefix("nbd://") {
@@ -150,10 +154,13 @@ fn default_path_name(uri: &str, index: usize) -> String {
     } else {
         uri.rsplit('/').next().unwrap_or("").to_string()
     };
-    let clean: String = tail
+    let mut clean: String = tail
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
         .collect();
+    // Within the name limit, with room for the `-N` that tells equal names apart (ASCII: any byte
+    // is a character boundary).
+    clean.truncate(NAME_BYTES_MAX - DEDUP_SUFFIX_BYTES_MAX);
     if clean.is_empty() {
         format!("path{index}")
     } else {
@@ -919,6 +926,18 @@ weight = 10
             "ctrl-a.sock"
         );
         assert_eq!(default_path_name("file:///dev/sdb", 0), "sdb");
+    }
+
+    #[test]
+    fn derived_path_names_stay_within_the_name_limit() {
+        let long = "d".repeat(300);
+        let text = format!(
+            "[[lun]]\nname = \"l\"\n[[lun.path]]\nuri = \"file:///x/{long}\"\n[[lun.path]]\nuri = \"file:///y/{long}\"\n"
+        );
+        let spec = Config::parse(&text, "t.toml").unwrap().luns[0].to_spec();
+        let names: Vec<&str> = spec.paths.iter().map(|p| p.name.as_str()).collect();
+        assert!(names.iter().all(|n| n.len() <= NAME_BYTES_MAX), "{names:?}");
+        assert_ne!(names[0], names[1], "equal derived names are told apart");
     }
 
     #[test]

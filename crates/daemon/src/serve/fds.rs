@@ -162,6 +162,15 @@ impl Backoff {
     }
 }
 
+/// Takes the spare descriptor back when dropped.
+struct RestoreSpare(std::sync::Arc<Spare>);
+
+impl Drop for RestoreSpare {
+    fn drop(&mut self) {
+        self.0.restore();
+    }
+}
+
 /// A listener of the daemon's own services (the control socket, /metrics).
 pub trait Listener {
     type Stream: Send + 'static;
@@ -224,15 +233,20 @@ pub async fn accept_loop<L, F, Fut>(
                 continue;
             }
         };
-        let Ok(permit) = std::sync::Arc::clone(&slots).acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = std::sync::Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
         let served = serve(stream);
-        let spare = std::sync::Arc::clone(&spare);
+        let spare = RestoreSpare(std::sync::Arc::clone(&spare));
         tokio::spawn(async move {
             served.await;
-            // Its descriptor was just closed: take it as the spare before an export client does.
-            spare.restore();
+            // The connection's descriptor is closed by now; `spare` takes it as the spare before an
+            // export client does (also if serving panicked), then the slot is free.
+            drop(spare);
             drop(permit);
         });
     }

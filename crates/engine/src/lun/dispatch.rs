@@ -356,36 +356,42 @@ impl Lun {
     ) -> Option<Result<Reply, IoError>> {
         let s = &*self.shared;
         let elapsed_ns = || sent.started.elapsed().as_nanos() as u64;
-        room_released(slot);
-        let error = match outcome {
+        // The path's in-flight counters drop first, then waiters for room are woken: a waiter woken
+        // before the drop would see no room and sleep through it.
+        let answer = match outcome {
             Ok(reply) => {
                 let latency = sent.started.elapsed();
                 slot.load
                     .on_complete(sent.bytes, latency.as_nanos() as u64, s.now_ns());
                 learn(s, slot, sent.transfer, latency);
                 count_success(s, slot, installed, request);
-                return Some(Ok(reply));
+                Ok(Ok(reply))
             }
             Err(Attempt::Request(e)) => {
                 slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
                 slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                return Some(Err(IoError::new(e.errno(), e.message)));
+                Ok(Err(IoError::new(e.errno(), e.message)))
             }
             Err(Attempt::ErrorReply(e)) => {
                 slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
                 slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                 p.error_replies += 1;
-                e
+                Err(e)
             }
             Err(Attempt::Slow(e)) => {
                 slot.load.on_abandon(sent.bytes);
-                e
+                Err(e)
             }
             Err(Attempt::Fault(e)) => {
                 slot.load.on_abandon(sent.bytes);
                 slot.counters.errors.fetch_add(1, Ordering::Relaxed);
-                e
+                Err(e)
             }
+        };
+        room_released(slot);
+        let error = match answer {
+            Ok(answer) => return Some(answer),
+            Err(error) => error,
         };
         p.excluded_slots |= 1 << sent.index;
         p.last_error = Some(error);

@@ -50,12 +50,7 @@ impl Greeting {
         if src.len() >= 8 {
             let mut c = Cursor::new(src, WHAT);
             let magic = c.u64()?;
-            if magic != NBDMAGIC {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic,
-                });
-            }
+            ProtoError::check_magic(WHAT, magic, NBDMAGIC)?;
         }
         if src.len() >= 16 {
             let mut c = Cursor::new(&src[8..], WHAT);
@@ -66,12 +61,7 @@ impl Greeting {
                     "oldstyle negotiation is not supported",
                 ));
             }
-            if magic != IHAVEOPT {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic,
-                });
-            }
+            ProtoError::check_magic(WHAT, magic, IHAVEOPT)?;
         }
         if src.len() < GREETING_BYTES {
             return Ok(None);
@@ -111,12 +101,7 @@ impl RawOption {
         const WHAT: &str = "option";
         if buf.len() >= 8 {
             let magic = Cursor::new(buf, WHAT).u64()?;
-            if magic != IHAVEOPT {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic,
-                });
-            }
+            ProtoError::check_magic(WHAT, magic, IHAVEOPT)?;
         }
         if buf.len() < OPTION_HEADER_BYTES {
             return Ok(None);
@@ -124,13 +109,7 @@ impl RawOption {
         let mut c = Cursor::new(&buf[8..], WHAT);
         let option = c.u32()?;
         let length = c.u32()?;
-        if length > OPTION_DATA_BYTES_MAX {
-            return Err(ProtoError::TooLarge {
-                what: WHAT,
-                length: length as u64,
-                limit: OPTION_DATA_BYTES_MAX as u64,
-            });
-        }
+        ProtoError::check_length(WHAT, u64::from(length), u64::from(OPTION_DATA_BYTES_MAX))?;
         let total = OPTION_HEADER_BYTES + length as usize;
         if buf.len() < total {
             return Ok(None);
@@ -211,13 +190,11 @@ impl ClientOption {
             NBD_OPT_INFO | NBD_OPT_GO => {
                 let name = c.string32()?;
                 let n = c.u16()? as u32;
-                if n > OPTION_ITEMS_MAX {
-                    return Err(ProtoError::TooLarge {
-                        what: "information requests",
-                        length: n as u64,
-                        limit: OPTION_ITEMS_MAX as u64,
-                    });
-                }
+                ProtoError::check_length(
+                    "information requests",
+                    n as u64,
+                    OPTION_ITEMS_MAX as u64,
+                )?;
                 // n <= remaining/2 is checked by the reads; allocate no more than what is there.
                 let mut requests = Vec::with_capacity((n as usize).min(c.remaining() / 2));
                 for _ in 0..n {
@@ -232,13 +209,11 @@ impl ClientOption {
             NBD_OPT_LIST_META_CONTEXT | NBD_OPT_SET_META_CONTEXT => {
                 let export = c.string32()?;
                 let n = c.u32()?;
-                if n > OPTION_ITEMS_MAX {
-                    return Err(ProtoError::TooLarge {
-                        what: "metadata context queries",
-                        length: n as u64,
-                        limit: OPTION_ITEMS_MAX as u64,
-                    });
-                }
+                ProtoError::check_length(
+                    "metadata context queries",
+                    n as u64,
+                    OPTION_ITEMS_MAX as u64,
+                )?;
                 let mut queries = Vec::with_capacity((n as usize).min(c.remaining() / 4));
                 for _ in 0..n {
                     queries.push(c.string32()?);
@@ -311,12 +286,7 @@ impl RawOptionReply {
         const WHAT: &str = "option reply";
         if buf.len() >= 8 {
             let magic = Cursor::new(buf, WHAT).u64()?;
-            if magic != NBD_REP_MAGIC {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic,
-                });
-            }
+            ProtoError::check_magic(WHAT, magic, NBD_REP_MAGIC)?;
         }
         if buf.len() < OPTION_REPLY_HEADER_BYTES {
             return Ok(None);
@@ -325,13 +295,7 @@ impl RawOptionReply {
         let option = c.u32()?;
         let reply_type = c.u32()?;
         let length = c.u32()?;
-        if length > OPTION_DATA_BYTES_MAX {
-            return Err(ProtoError::TooLarge {
-                what: WHAT,
-                length: length as u64,
-                limit: OPTION_DATA_BYTES_MAX as u64,
-            });
-        }
+        ProtoError::check_length(WHAT, u64::from(length), u64::from(OPTION_DATA_BYTES_MAX))?;
         if buf.len() < OPTION_REPLY_HEADER_BYTES + length as usize {
             return Ok(None);
         }

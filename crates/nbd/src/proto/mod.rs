@@ -33,6 +33,36 @@ pub enum ProtoError {
 }
 
 impl ProtoError {
+    /// A magic number from the wire against the one expected.
+    pub(crate) fn check_magic(
+        what: &'static str,
+        found: u64,
+        expected: u64,
+    ) -> Result<(), ProtoError> {
+        if found == expected {
+            Ok(())
+        } else {
+            Err(ProtoError::BadMagic { what, found })
+        }
+    }
+
+    /// A length from the wire against its named limit, before anything is allocated for it.
+    pub(crate) fn check_length(
+        what: &'static str,
+        length: u64,
+        limit: u64,
+    ) -> Result<(), ProtoError> {
+        if length <= limit {
+            Ok(())
+        } else {
+            Err(ProtoError::TooLarge {
+                what,
+                length,
+                limit,
+            })
+        }
+    }
+
     pub(crate) fn malformed(what: &'static str, detail: impl Into<String>) -> Self {
         ProtoError::Malformed {
             what,

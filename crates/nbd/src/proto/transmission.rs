@@ -115,12 +115,7 @@ impl RequestHeader {
         const WHAT: &str = "request";
         if src.len() >= 4 {
             let magic = Cursor::new(src, WHAT).u32()?;
-            if magic != NBD_REQUEST_MAGIC {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic as u64,
-                });
-            }
+            ProtoError::check_magic(WHAT, u64::from(magic), u64::from(NBD_REQUEST_MAGIC))?;
         }
         if src.len() < REQUEST_HEADER_BYTES {
             return Ok(None);
@@ -143,13 +138,11 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<(RequestHeader, Bytes
         return Ok(None);
     };
     let payload = header.payload_len();
-    if payload > MAX_PAYLOAD_BYTES {
-        return Err(ProtoError::TooLarge {
-            what: "write payload",
-            length: payload as u64,
-            limit: MAX_PAYLOAD_BYTES as u64,
-        });
-    }
+    ProtoError::check_length(
+        "write payload",
+        u64::from(payload),
+        u64::from(MAX_PAYLOAD_BYTES),
+    )?;
     if buf.len() < REQUEST_HEADER_BYTES + payload as usize {
         return Ok(None);
     }
@@ -181,12 +174,7 @@ impl SimpleReply {
         const WHAT: &str = "simple reply";
         if src.len() >= 4 {
             let magic = Cursor::new(src, WHAT).u32()?;
-            if magic != NBD_SIMPLE_REPLY_MAGIC {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic as u64,
-                });
-            }
+            ProtoError::check_magic(WHAT, u64::from(magic), u64::from(NBD_SIMPLE_REPLY_MAGIC))?;
         }
         if src.len() < SIMPLE_REPLY_BYTES {
             return Ok(None);
@@ -233,12 +221,11 @@ impl ChunkHeader {
         const WHAT: &str = "structured reply chunk";
         if src.len() >= 4 {
             let magic = Cursor::new(src, WHAT).u32()?;
-            if magic != NBD_STRUCTURED_REPLY_MAGIC {
-                return Err(ProtoError::BadMagic {
-                    what: WHAT,
-                    found: magic as u64,
-                });
-            }
+            ProtoError::check_magic(
+                WHAT,
+                u64::from(magic),
+                u64::from(NBD_STRUCTURED_REPLY_MAGIC),
+            )?;
         }
         if src.len() < CHUNK_HEADER_BYTES {
             return Ok(None);
@@ -250,13 +237,11 @@ impl ChunkHeader {
             cookie: c.u64()?,
             length: c.u32()?,
         };
-        if h.length > CHUNK_PAYLOAD_BYTES_MAX {
-            return Err(ProtoError::TooLarge {
-                what: WHAT,
-                length: h.length as u64,
-                limit: CHUNK_PAYLOAD_BYTES_MAX as u64,
-            });
-        }
+        ProtoError::check_length(
+            WHAT,
+            u64::from(h.length),
+            u64::from(CHUNK_PAYLOAD_BYTES_MAX),
+        )?;
         Ok(Some(h))
     }
 }
