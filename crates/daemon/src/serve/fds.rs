@@ -8,13 +8,13 @@
 //! 2. The control socket keeps one spare descriptor (`/dev/null`): when `accept` fails with EMFILE or
 //!    ENFILE, the spare is given up so the pending management connection can be accepted, and taken
 //!    again when possible. An operator can always ask the daemon what is wrong.
-//! 3. Every accept loop backs off on errors (10 ms doubling to 1 s) instead of spinning, counts them
+//! 3. Every accept loop backs off on errors (`lunmpio_nbd::server::AcceptBackoff`: 10 ms doubling to
+//!    1 s) instead of spinning, counts them
 //!    (`lunmpio_accept_errors_total`) and logs at most one warning per 10 s per listener.
 
 use std::fs::File;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
 
 /// Descriptors kept for everything but export connections: the listeners, log and state files, and
 /// management connections.
@@ -115,53 +115,6 @@ pub struct AcceptErrors {
     pub metrics: AtomicU64,
 }
 
-/// Backoff of one accept loop.
-pub struct Backoff {
-    listener: &'static str,
-    delay: Duration,
-    last_log: Option<Instant>,
-    unlogged: u64,
-}
-
-const BACKOFF_MIN: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-const LOG_EVERY: Duration = Duration::from_secs(10);
-
-impl Backoff {
-    pub fn new(listener: &'static str) -> Backoff {
-        Backoff {
-            listener,
-            delay: BACKOFF_MIN,
-            last_log: None,
-            unlogged: 0,
-        }
-    }
-
-    /// An accept succeeded: the next failure starts from the shortest delay.
-    pub fn reset(&mut self) {
-        self.delay = BACKOFF_MIN;
-    }
-
-    /// An accept failed: counts it, logs now and then, and sleeps (longer each time in a row).
-    pub async fn failed(&mut self, e: &std::io::Error, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-        self.unlogged += 1;
-        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-            tracing::warn!(
-                listener = self.listener,
-                error = %e,
-                failures = self.unlogged,
-                out_of_descriptors = out_of_descriptors(e),
-                "accept failed; backing off"
-            );
-            self.last_log = Some(Instant::now());
-            self.unlogged = 0;
-        }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(BACKOFF_MAX);
-    }
-}
-
 /// Takes the spare descriptor back when dropped.
 struct RestoreSpare(std::sync::Arc<Spare>);
 
@@ -209,7 +162,7 @@ pub async fn accept_loop<L, F, Fut>(
 {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(connections_max));
     let spare = std::sync::Arc::new(Spare::new());
-    let mut backoff = Backoff::new(what);
+    let mut backoff = lunmpio_nbd::server::AcceptBackoff::new(what);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,

@@ -371,7 +371,7 @@ impl<B: Backend> Server<B> {
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
     ) -> std::io::Result<()> {
-        let mut backoff = AcceptBackoff::default();
+        let mut backoff = AcceptBackoff::new("nbd");
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
@@ -392,7 +392,7 @@ impl<B: Backend> Server<B> {
         self: Arc<Self>,
         listener: tokio::net::UnixListener,
     ) -> std::io::Result<()> {
-        let mut backoff = AcceptBackoff::default();
+        let mut backoff = AcceptBackoff::new("nbd");
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
@@ -429,32 +429,51 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// Accept errors (EMFILE, ECONNABORTED...) are transient: back off (10 ms doubling to 1 s) instead of
-/// spinning, count them, and warn at most every 10 s.
-#[derive(Default)]
-struct AcceptBackoff {
+/// Backoff of an accept loop: a failed accept (out of descriptors, above all) is counted, logged at
+/// most once per 10 s, and followed by a sleep that doubles from 10 ms up to 1 s while accepts keep
+/// failing, so a loop cannot spin. Shared with the daemon's own listeners.
+pub struct AcceptBackoff {
+    listener: &'static str,
     delay: Duration,
     logged: Option<std::time::Instant>,
     unlogged: u64,
 }
 
 impl AcceptBackoff {
-    fn reset(&mut self) {
+    const DELAY_MIN: Duration = Duration::from_millis(10);
+    const DELAY_MAX: Duration = Duration::from_secs(1);
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    /// The backoff of the listener named `listener` in the logs.
+    pub fn new(listener: &'static str) -> AcceptBackoff {
+        AcceptBackoff {
+            listener,
+            delay: Duration::ZERO,
+            logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// An accept succeeded: the next failure starts from the shortest delay.
+    pub fn reset(&mut self) {
         self.delay = Duration::ZERO;
     }
 
-    async fn failed(&mut self, e: &std::io::Error, counter: &std::sync::atomic::AtomicU64) {
+    /// An accept failed: counts it in `counter`, logs now and then, and sleeps.
+    pub async fn failed(&mut self, e: &std::io::Error, counter: &std::sync::atomic::AtomicU64) {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.unlogged += 1;
-        if self
-            .logged
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-        {
-            tracing::warn!(error = %e, failures = self.unlogged, "nbd accept failed; backing off");
+        if self.logged.is_none_or(|t| t.elapsed() >= Self::LOG_EVERY) {
+            tracing::warn!(
+                listener = self.listener,
+                error = %e,
+                failures = self.unlogged,
+                "accept failed; backing off"
+            );
             self.logged = Some(std::time::Instant::now());
             self.unlogged = 0;
         }
-        self.delay = (self.delay * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        self.delay = (self.delay * 2).clamp(Self::DELAY_MIN, Self::DELAY_MAX);
         tokio::time::sleep(self.delay).await;
     }
 }
