@@ -16,9 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::task::AtomicWaker;
-use lunmpio_nbd::{Backend, CommandFlags, Extent, NbdErrno};
+use lunmpio_nbd::{Backend, NbdErrno, Reply, Request};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -383,79 +382,77 @@ impl PortBackend {
     pub fn new(port: Arc<Port>, store: Arc<Store>) -> PortBackend {
         PortBackend { port, store }
     }
-
-    fn count_error<T>(&self, r: &Result<T, NbdErrno>) {
-        if r.is_err() {
-            bump(&self.port.counters.io_errors, 1);
-        }
-    }
 }
 
 impl Backend for PortBackend {
-    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdErrno> {
-        self.port.admit(length as u64).await?;
-        bump(&self.port.counters.reads, 1);
-        let r = self.store.read(offset, length).await;
-        match &r {
-            Ok(data) => bump(&self.port.counters.bytes_read, data.len() as u64),
-            Err(_) => bump(&self.port.counters.io_errors, 1),
+    /// One request through the port: its request-level faults first (`hang`, `delay`, `rate`,
+    /// `error-rate`), then the store; counted per port.
+    async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
+        let payload = match &request {
+            Request::Read { length, .. } => u64::from(*length),
+            Request::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        self.port.admit(payload).await?;
+        let counters = &self.port.counters;
+        let result = match request {
+            Request::Read { offset, length } => {
+                bump(&counters.reads, 1);
+                let r = self.store.read(offset, length).await;
+                if let Ok(data) = &r {
+                    bump(&counters.bytes_read, data.len() as u64);
+                }
+                r.map(Reply::Read)
+            }
+            Request::Write {
+                offset,
+                data,
+                flags,
+            } => {
+                bump(&counters.writes, 1);
+                let r = self.store.write(offset, data, flags).await;
+                if r.is_ok() {
+                    bump(&counters.bytes_written, payload);
+                }
+                r.map(|()| Reply::Done)
+            }
+            Request::Flush { .. } => self.store.flush().await.map(|()| Reply::Done),
+            Request::Trim {
+                offset,
+                length,
+                flags,
+            } => self
+                .store
+                .trim(offset, length, flags)
+                .await
+                .map(|()| Reply::Done),
+            Request::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => self
+                .store
+                .write_zeroes(offset, length, flags)
+                .await
+                .map(|()| Reply::Done),
+            Request::BlockStatus {
+                offset,
+                length,
+                flags,
+            } => self
+                .store
+                .block_status(offset, length, flags)
+                .await
+                .map(Reply::BlockStatus),
+            // A prefetch hint: its failure is not an I/O error of the port.
+            Request::Cache { offset, length } => {
+                return self.store.cache(offset, length).await.map(|()| Reply::Done);
+            }
+        };
+        if result.is_err() {
+            bump(&counters.io_errors, 1);
         }
-        r
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, flags: CommandFlags) -> Result<(), NbdErrno> {
-        let len = data.len() as u64;
-        self.port.admit(len).await?;
-        bump(&self.port.counters.writes, 1);
-        let r = self.store.write(offset, data, flags).await;
-        match &r {
-            Ok(()) => bump(&self.port.counters.bytes_written, len),
-            Err(_) => bump(&self.port.counters.io_errors, 1),
-        }
-        r
-    }
-
-    async fn flush(&self) -> Result<(), NbdErrno> {
-        self.port.admit(0).await?;
-        let r = self.store.flush().await;
-        self.count_error(&r);
-        r
-    }
-
-    async fn trim(&self, offset: u64, length: u32, flags: CommandFlags) -> Result<(), NbdErrno> {
-        self.port.admit(0).await?;
-        let r = self.store.trim(offset, length, flags).await;
-        self.count_error(&r);
-        r
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> Result<(), NbdErrno> {
-        self.port.admit(0).await?;
-        let r = self.store.write_zeroes(offset, length, flags).await;
-        self.count_error(&r);
-        r
-    }
-
-    async fn block_status(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> Result<Vec<Extent>, NbdErrno> {
-        self.port.admit(0).await?;
-        let r = self.store.block_status(offset, length, flags).await;
-        self.count_error(&r);
-        r
-    }
-
-    async fn cache(&self, offset: u64, length: u32) -> Result<(), NbdErrno> {
-        self.port.admit(0).await?;
-        self.store.cache(offset, length).await
+        result
     }
 }
 

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use lunmpio_nbd::server::{Backend, ExportConfig, Server, ServerOptions};
-use lunmpio_nbd::{CommandFlags, NbdErrno, TransmissionFlags};
+use lunmpio_nbd::{NbdErrno, Reply, Request, TransmissionFlags};
 use std::sync::{Arc, RwLock};
 
 /// Sharded so concurrent 4 KiB requests rarely contend.
@@ -44,41 +44,34 @@ impl Mem {
 }
 
 impl Backend for Mem {
-    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdErrno> {
-        let mut out = vec![0u8; length as usize];
-        self.each(offset, length as u64, |s, at, n, done| {
-            let g = s.read().unwrap_or_else(|p| p.into_inner());
-            out[done..done + n].copy_from_slice(&g[at..at + n]);
-        });
-        Ok(Bytes::from(out))
-    }
-
-    async fn write(&self, offset: u64, data: Bytes, _flags: CommandFlags) -> Result<(), NbdErrno> {
-        self.each(offset, data.len() as u64, |s, at, n, done| {
-            let mut g = s.write().unwrap_or_else(|p| p.into_inner());
-            g[at..at + n].copy_from_slice(&data[done..done + n]);
-        });
-        Ok(())
-    }
-
-    async fn flush(&self) -> Result<(), NbdErrno> {
-        Ok(())
-    }
-
-    async fn trim(&self, offset: u64, length: u32, flags: CommandFlags) -> Result<(), NbdErrno> {
-        self.write_zeroes(offset, length, flags).await
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u32,
-        _flags: CommandFlags,
-    ) -> Result<(), NbdErrno> {
-        self.each(offset, length as u64, |s, at, n, _| {
-            s.write().unwrap_or_else(|p| p.into_inner())[at..at + n].fill(0);
-        });
-        Ok(())
+    async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
+        Ok(match request {
+            Request::Read { offset, length } => {
+                let mut out = vec![0u8; length as usize];
+                self.each(offset, length as u64, |s, at, n, done| {
+                    let g = s.read().unwrap_or_else(|p| p.into_inner());
+                    out[done..done + n].copy_from_slice(&g[at..at + n]);
+                });
+                Reply::Read(Bytes::from(out))
+            }
+            Request::Write { offset, data, .. } => {
+                self.each(offset, data.len() as u64, |s, at, n, done| {
+                    let mut g = s.write().unwrap_or_else(|p| p.into_inner());
+                    g[at..at + n].copy_from_slice(&data[done..done + n]);
+                });
+                Reply::Done
+            }
+            Request::Trim { offset, length, .. } | Request::WriteZeroes { offset, length, .. } => {
+                self.each(offset, length as u64, |s, at, n, _| {
+                    s.write().unwrap_or_else(|p| p.into_inner())[at..at + n].fill(0);
+                });
+                Reply::Done
+            }
+            Request::BlockStatus { length, .. } => {
+                Reply::BlockStatus(vec![lunmpio_nbd::Extent { length, flags: 0 }])
+            }
+            Request::Flush { .. } | Request::Cache { .. } => Reply::Done,
+        })
     }
 }
 

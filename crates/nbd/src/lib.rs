@@ -10,14 +10,15 @@
 pub mod client;
 mod io_util;
 pub mod proto;
+mod request;
 pub mod server;
 mod types;
 pub mod uri;
 
 pub use client::{
-    Client, ClientError, ConnectOptions, Endpoint, ExportInfo, Negotiation, Reply, Request,
-    RequestError,
+    Client, ClientError, ConnectOptions, Endpoint, ExportInfo, Negotiation, RequestError,
 };
+pub use request::{Reply, Request};
 pub use server::{Backend, ExportConfig, Server, ServerError, ServerOptions};
 pub use types::{BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
 pub use uri::{NbdUri, UriError};

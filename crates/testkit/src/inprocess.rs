@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lunmpio_nbd::server::{Backend, ExportConfig, Server, ServerOptions};
-use lunmpio_nbd::{CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use lunmpio_nbd::{Extent, NbdErrno, Reply, Request, TransmissionFlags};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -31,42 +31,28 @@ impl Memory {
 }
 
 impl Backend for Memory {
-    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdErrno> {
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        let m = self.data.lock().unwrap();
-        Ok(Bytes::copy_from_slice(
-            &m[offset as usize..offset as usize + length as usize],
-        ))
-    }
-    async fn write(&self, offset: u64, data: Bytes, _flags: CommandFlags) -> Result<(), NbdErrno> {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        let mut m = self.data.lock().unwrap();
-        m[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-        Ok(())
-    }
-    async fn flush(&self) -> Result<(), NbdErrno> {
-        Ok(())
-    }
-    async fn trim(&self, _offset: u64, _length: u32, _flags: CommandFlags) -> Result<(), NbdErrno> {
-        Ok(())
-    }
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u32,
-        _flags: CommandFlags,
-    ) -> Result<(), NbdErrno> {
-        let mut m = self.data.lock().unwrap();
-        m[offset as usize..offset as usize + length as usize].fill(0);
-        Ok(())
-    }
-    async fn block_status(
-        &self,
-        _offset: u64,
-        length: u32,
-        _flags: CommandFlags,
-    ) -> Result<Vec<Extent>, NbdErrno> {
-        Ok(vec![Extent { length, flags: 0 }])
+    async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
+        let range = |offset: u64, length: usize| offset as usize..offset as usize + length;
+        Ok(match request {
+            Request::Read { offset, length } => {
+                self.reads.fetch_add(1, Ordering::Relaxed);
+                let m = self.data.lock().unwrap();
+                Reply::Read(Bytes::copy_from_slice(&m[range(offset, length as usize)]))
+            }
+            Request::Write { offset, data, .. } => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                self.data.lock().unwrap()[range(offset, data.len())].copy_from_slice(&data);
+                Reply::Done
+            }
+            Request::WriteZeroes { offset, length, .. } => {
+                self.data.lock().unwrap()[range(offset, length as usize)].fill(0);
+                Reply::Done
+            }
+            Request::BlockStatus { length, .. } => {
+                Reply::BlockStatus(vec![Extent { length, flags: 0 }])
+            }
+            Request::Flush { .. } | Request::Trim { .. } | Request::Cache { .. } => Reply::Done,
+        })
     }
 }
 

@@ -26,7 +26,7 @@ pub struct ControlService {
     pub luns: Vec<Lun>,
     pub events: Arc<EventLog>,
     /// The export server (connection counts for the metrics).
-    pub server: Arc<lunmpio_nbd::Server<super::export::LunBackend>>,
+    pub server: Arc<lunmpio_nbd::Server<Lun>>,
     pub accept_errors: Arc<super::fds::AcceptErrors>,
 }
 

@@ -7,7 +7,6 @@
 //! live paths finish — all within `shutdown_timeout` — then close the paths and exit.
 
 pub mod control_socket;
-pub mod export;
 pub mod fds;
 pub mod metrics;
 
@@ -20,7 +19,6 @@ use lunmpio_engine::{EventLog, Lun, LunOptions};
 use lunmpio_nbd::server::{Server, ServerOptions};
 
 use crate::config::{Config, ListenAddr};
-use export::LunBackend;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -35,7 +33,7 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// A running daemon (in this process). Dropping it does not stop it; call [`Daemon::stop`].
 pub struct Daemon {
     config: Config,
-    server: Arc<Server<LunBackend>>,
+    server: Arc<Server<Lun>>,
     luns: Vec<Lun>,
     events: Arc<EventLog>,
     stop: tokio_util::sync::CancellationToken,
@@ -81,9 +79,9 @@ impl Daemon {
                         e.hresult.name()
                     )
                 })?;
-            let backend = LunBackend::new(lun.clone());
+            // The LUN is the export's backend: NBD requests go straight to the engine.
             server
-                .add_export(backend.export_config(), Arc::new(backend))
+                .add_export(lun.export_config(), Arc::new(lun.clone()))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             tracing::info!(
                 lun = %lun.name(), paths = lun_config.paths.len(), usable = lun.mpio().usable_path_count(),

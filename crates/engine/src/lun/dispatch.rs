@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
+use lunmpio_nbd::{Reply, Request};
 
 use super::{Control, Installed, Lun, OutstandingWrite, PathSlot, Shared};
 use crate::in_doubt::NewCopy;

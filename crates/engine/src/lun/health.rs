@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use lunmpio_nbd::client::Request;
+use lunmpio_nbd::Request;
 use tokio::sync::oneshot;
 
 use super::{Admission, Control, Installed, Shared};

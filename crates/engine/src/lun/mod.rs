@@ -18,6 +18,7 @@
 
 mod control;
 mod dispatch;
+mod export;
 mod fence;
 mod health;
 pub mod identity;

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use lunmpio_fileio::AlignedBuffer;
-use lunmpio_nbd::client::{Reply, Request};
 use lunmpio_nbd::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use lunmpio_nbd::{Reply, Request};
 use tokio::sync::Notify;
 
 use super::{Failed, Geometry, PathError, PathErrorKind};

@@ -21,8 +21,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lunmpio_nbd::NbdErrno;
-pub use lunmpio_nbd::client::{Reply, Request};
 pub use lunmpio_nbd::{BlockSize, TransmissionFlags};
+pub use lunmpio_nbd::{Reply, Request};
 
 pub use self::file::{FileConnection, FileTarget};
 pub use self::nbd::NbdConnection;

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use lunmpio_nbd::client::{Client, ClientError, ConnectOptions, Endpoint, Reply, Request};
+use lunmpio_nbd::client::{Client, ClientError, ConnectOptions, Endpoint};
+use lunmpio_nbd::{Reply, Request};
 
 use super::{ConnectLimits, Failed, Geometry, PathError, PathErrorKind};
 
@@ -75,8 +76,12 @@ impl NbdConnection {
     }
 }
 
+/// An NBD client error as the engine's path error. Whether it is a path fault is the nbd client's
+/// call (`ClientError::is_path_fault`), not a second opinion here: a server answering `ESHUTDOWN` is
+/// going away, so that path is failed and reconnected rather than probed like an EIO.
 fn path_error(error: ClientError) -> PathError {
     let kind = match &error {
+        ClientError::Server { .. } if error.is_path_fault() => PathErrorKind::Closed,
         ClientError::Server { errno, .. } => PathErrorKind::Reply(*errno),
         ClientError::Connection(_) => PathErrorKind::Broken,
         ClientError::Protocol(_) => PathErrorKind::Protocol,
@@ -85,5 +90,46 @@ fn path_error(error: ClientError) -> PathError {
         ClientError::Invalid(_) => PathErrorKind::Invalid,
         ClientError::Handshake(_) => PathErrorKind::Connect,
     };
-    PathError::new(kind, error.to_string())
+    let mapped = PathError::new(kind, error.to_string());
+    debug_assert_eq!(mapped.is_path_fault(), error.is_path_fault());
+    mapped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lunmpio_nbd::NbdErrno;
+
+    #[test]
+    fn path_faults_are_classified_once_by_the_nbd_client() {
+        let server = |errno| ClientError::Server {
+            errno,
+            message: None,
+        };
+        let all = [
+            server(NbdErrno::Io),
+            server(NbdErrno::Inval),
+            server(NbdErrno::NoSpc),
+            server(NbdErrno::Shutdown),
+            ClientError::Connection("reset".into()),
+            ClientError::Protocol("bad magic".into()),
+            ClientError::Timeout,
+            ClientError::Closed,
+            ClientError::Invalid("too long".into()),
+            ClientError::Handshake("refused".into()),
+        ];
+        for e in all {
+            let mapped = path_error(e.clone());
+            assert_eq!(
+                mapped.is_path_fault(),
+                e.is_path_fault(),
+                "{e:?} -> {mapped:?}"
+            );
+        }
+        let shutdown = path_error(server(NbdErrno::Shutdown));
+        assert!(
+            shutdown.is_path_fault() && !shutdown.belongs_to_request(),
+            "a server going away fails its path: {shutdown:?}"
+        );
+    }
 }

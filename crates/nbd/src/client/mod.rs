@@ -9,7 +9,6 @@
 mod conn;
 mod negotiate;
 
-use crate::proto::Command;
 use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
 use bytes::{Bytes, BytesMut};
 use conn::Shared;
@@ -101,110 +100,7 @@ pub struct ExportInfo {
     pub negotiated_with: Negotiation,
 }
 
-/// One logical request. Above the server's maximum payload the client splits it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Request {
-    Read {
-        offset: u64,
-        length: u32,
-    },
-    Write {
-        offset: u64,
-        data: Bytes,
-        flags: CommandFlags,
-    },
-    Flush {
-        flags: CommandFlags,
-    },
-    Trim {
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    },
-    WriteZeroes {
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    },
-    BlockStatus {
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    },
-    Cache {
-        offset: u64,
-        length: u32,
-    },
-}
-
-impl Request {
-    pub fn command(&self) -> Command {
-        match self {
-            Request::Read { .. } => Command::Read,
-            Request::Write { .. } => Command::Write,
-            Request::Flush { .. } => Command::Flush,
-            Request::Trim { .. } => Command::Trim,
-            Request::WriteZeroes { .. } => Command::WriteZeroes,
-            Request::BlockStatus { .. } => Command::BlockStatus,
-            Request::Cache { .. } => Command::Cache,
-        }
-    }
-
-    pub fn offset(&self) -> u64 {
-        match self {
-            Request::Flush { .. } => 0,
-            Request::Read { offset, .. }
-            | Request::Write { offset, .. }
-            | Request::Trim { offset, .. }
-            | Request::WriteZeroes { offset, .. }
-            | Request::BlockStatus { offset, .. }
-            | Request::Cache { offset, .. } => *offset,
-        }
-    }
-
-    /// Length in bytes (for WRITE, of the data; saturates at u32::MAX).
-    pub fn length(&self) -> u32 {
-        match self {
-            Request::Flush { .. } => 0,
-            Request::Write { data, .. } => u32::try_from(data.len()).unwrap_or(u32::MAX),
-            Request::Read { length, .. }
-            | Request::Trim { length, .. }
-            | Request::WriteZeroes { length, .. }
-            | Request::BlockStatus { length, .. }
-            | Request::Cache { length, .. } => *length,
-        }
-    }
-
-    pub fn flags(&self) -> CommandFlags {
-        match self {
-            Request::Read { .. } | Request::Cache { .. } => CommandFlags::empty(),
-            Request::Write { flags, .. }
-            | Request::Flush { flags }
-            | Request::Trim { flags, .. }
-            | Request::WriteZeroes { flags, .. }
-            | Request::BlockStatus { flags, .. } => *flags,
-        }
-    }
-}
-
-impl fmt::Display for Request {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} offset={} length={}",
-            self.command().name(),
-            self.offset(),
-            self.length()
-        )
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reply {
-    Read(Bytes),
-    Done,
-    BlockStatus(Vec<Extent>),
-}
+pub use crate::request::{Reply, Request};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {

@@ -10,8 +10,9 @@ mod handshake;
 mod transmission;
 
 use crate::proto::ProtoError;
-use crate::{BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
-use bytes::{Bytes, BytesMut};
+use crate::request::{Reply, Request};
+use crate::{BlockSize, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
+use bytes::BytesMut;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -23,49 +24,17 @@ use tokio_util::sync::CancellationToken;
 pub use admission::IDLE_EVICT_AFTER;
 pub use transmission::{RequestCheck, check_request};
 
-/// The storage behind an export. Every method may run concurrently with the others.
+/// The storage behind an export: one method, one request in, one reply out. Requests run
+/// concurrently; each has passed [`check_request`] against the export (bounds, alignment, flags the
+/// export advertises) before it gets here.
+///
+/// The reply a request expects: `Read` answers [`Reply::Read`] with exactly `length` bytes (anything
+/// else is sent to the client as EIO); `BlockStatus` answers [`Reply::BlockStatus`] with
+/// `base:allocation` extents from `offset` (the server clips them to the request, honours REQ_ONE
+/// and replaces an empty list by one allocated extent); every other command answers [`Reply::Done`].
+/// An `Err` is the NBD error the client gets.
 pub trait Backend: Send + Sync + 'static {
-    /// Returns exactly `length` bytes.
-    fn read(
-        &self,
-        offset: u64,
-        length: u32,
-    ) -> impl Future<Output = Result<Bytes, NbdErrno>> + Send;
-    fn write(
-        &self,
-        offset: u64,
-        data: Bytes,
-        flags: CommandFlags,
-    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
-    fn flush(&self) -> impl Future<Output = Result<(), NbdErrno>> + Send;
-    fn trim(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> impl Future<Output = Result<(), NbdErrno>> + Send;
-    /// `base:allocation` extents from `offset`. The server clips them to the request, honours
-    /// REQ_ONE, and replaces an empty list by one allocated extent.
-    fn block_status(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> impl Future<Output = Result<Vec<Extent>, NbdErrno>> + Send {
-        let _ = (offset, flags);
-        async move { Ok(vec![Extent { length, flags: 0 }]) }
-    }
-    /// A prefetch hint.
-    fn cache(&self, offset: u64, length: u32) -> impl Future<Output = Result<(), NbdErrno>> + Send {
-        let _ = (offset, length);
-        async { Ok(()) }
-    }
+    fn handle(&self, request: Request) -> impl Future<Output = Result<Reply, NbdErrno>> + Send;
 }
 
 /// One export.

@@ -6,6 +6,7 @@ use super::handshake::Negotiated;
 use super::{Backend, Server, ServerError};
 use crate::io_util::{fill, reserve_total};
 use crate::proto::*;
+use crate::request::{Reply, Request};
 use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -339,24 +340,30 @@ impl<B: Backend> Server<B> {
         let tx = tx.clone();
         let context_id = n.context_id.unwrap_or(0);
         tokio::spawn(async move {
-            let (offset, length, flags) = (h.offset, h.length, h.flags);
-            let body = match h.command {
-                Command::Read => match backend.read(offset, length).await {
-                    Ok(d) if d.len() == length as usize => Body::Read(d),
-                    Ok(_) => Body::Err(NbdErrno::Io),
-                    Err(e) => body_err(e),
-                },
-                Command::Write => done(backend.write(offset, data, flags).await),
-                Command::Flush => done(backend.flush().await),
-                Command::Trim => done(backend.trim(offset, length, flags).await),
-                Command::WriteZeroes => done(backend.write_zeroes(offset, length, flags).await),
-                Command::Cache => done(backend.cache(offset, length).await),
-                Command::BlockStatus => match backend.block_status(offset, length, flags).await {
-                    Ok(ext) => Body::BlockStatus(context_id, clip_extents(ext, length, flags)),
-                    Err(e) => body_err(e),
-                },
+            let (offset, length) = (h.offset, h.length);
+            let body = match request_of(&h, data) {
                 // Filtered out by check_request.
-                Command::Disc | Command::Resize | Command::Unknown(_) => Body::Err(NbdErrno::Inval),
+                None => Body::Err(NbdErrno::Inval),
+                Some(request) => match (h.command, backend.handle(request).await) {
+                    (_, Err(e)) => body_err(e),
+                    (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => {
+                        Body::Read(d)
+                    }
+                    (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
+                        Body::BlockStatus(context_id, clip_extents(ext, length, h.flags))
+                    }
+                    (
+                        Command::Write
+                        | Command::Flush
+                        | Command::Trim
+                        | Command::WriteZeroes
+                        | Command::Cache,
+                        Ok(Reply::Done),
+                    ) => Body::Ok,
+                    // A reply of the wrong kind (or a short read) is the backend's bug: the client
+                    // gets EIO, never a malformed reply.
+                    (_, Ok(_)) => Body::Err(NbdErrno::Io),
+                },
             };
             let _ = tx.send(Out {
                 cookie: h.cookie,
@@ -382,11 +389,36 @@ fn body_err(e: NbdErrno) -> Body {
     }
 }
 
-fn done(r: Result<(), NbdErrno>) -> Body {
-    match r {
-        Ok(()) => Body::Ok,
-        Err(e) => body_err(e),
-    }
+/// The backend's request for a checked header (and the WRITE's payload); `None` for commands that
+/// never reach a backend (DISC, RESIZE, unknown ones: check_request refuses them).
+fn request_of(h: &RequestHeader, data: Bytes) -> Option<Request> {
+    let (offset, length, flags) = (h.offset, h.length, h.flags);
+    Some(match h.command {
+        Command::Read => Request::Read { offset, length },
+        Command::Write => Request::Write {
+            offset,
+            data,
+            flags,
+        },
+        Command::Flush => Request::Flush { flags },
+        Command::Trim => Request::Trim {
+            offset,
+            length,
+            flags,
+        },
+        Command::WriteZeroes => Request::WriteZeroes {
+            offset,
+            length,
+            flags,
+        },
+        Command::BlockStatus => Request::BlockStatus {
+            offset,
+            length,
+            flags,
+        },
+        Command::Cache => Request::Cache { offset, length },
+        Command::Disc | Command::Resize | Command::Unknown(_) => return None,
+    })
 }
 
 /// Clips extents to the request, drops empty ones, honours REQ_ONE, never returns none.

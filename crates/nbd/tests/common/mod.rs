@@ -4,7 +4,9 @@
 
 use bytes::Bytes;
 use lunmpio_nbd::server::{Backend, ExportConfig, Server, ServerOptions};
-use lunmpio_nbd::{Client, CommandFlags, ConnectOptions, Endpoint, Extent, NbdErrno};
+use lunmpio_nbd::{
+    Client, CommandFlags, ConnectOptions, Endpoint, Extent, NbdErrno, Reply, Request,
+};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,54 +140,71 @@ impl MemBackend {
 }
 
 impl Backend for MemBackend {
-    async fn read(&self, offset: u64, length: u32) -> Result<Bytes, NbdErrno> {
+    async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
+        Ok(match request {
+            Request::Read { offset, length } => Reply::Read(self.read(offset, length).await),
+            Request::Write { offset, data, .. } => {
+                self.write(offset, data).await;
+                Reply::Done
+            }
+            Request::Flush { .. } => {
+                self.flush().await;
+                Reply::Done
+            }
+            Request::Trim { offset, length, .. } => {
+                self.trim(offset, length).await;
+                Reply::Done
+            }
+            Request::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => {
+                self.write_zeroes(offset, length, flags).await;
+                Reply::Done
+            }
+            Request::BlockStatus { offset, length, .. } => {
+                Reply::BlockStatus(self.block_status(offset, length).await)
+            }
+            Request::Cache { .. } => Reply::Done,
+        })
+    }
+}
+
+/// The model's commands, called by `handle`.
+impl MemBackend {
+    async fn read(&self, offset: u64, length: u32) -> Bytes {
         self.enter_len(offset, length as u64).await;
         let d = self.data.lock().unwrap();
-        Ok(Bytes::copy_from_slice(
-            &d[offset as usize..offset as usize + length as usize],
-        ))
+        Bytes::copy_from_slice(&d[offset as usize..offset as usize + length as usize])
     }
 
-    async fn write(&self, offset: u64, data: Bytes, _flags: CommandFlags) -> Result<(), NbdErrno> {
+    async fn write(&self, offset: u64, data: Bytes) {
         self.enter_len(offset, data.len() as u64).await;
         self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
             .copy_from_slice(&data);
         self.mark(offset, data.len() as u64, true);
-        Ok(())
     }
 
-    async fn flush(&self) -> Result<(), NbdErrno> {
+    async fn flush(&self) {
         self.enter(0).await;
         self.flushes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
     }
 
-    async fn trim(&self, offset: u64, length: u32, _flags: CommandFlags) -> Result<(), NbdErrno> {
+    async fn trim(&self, offset: u64, length: u32) {
         self.enter(offset).await;
         self.data.lock().unwrap()[offset as usize..offset as usize + length as usize].fill(0);
         self.mark(offset, length as u64, false);
-        Ok(())
     }
 
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        length: u32,
-        flags: CommandFlags,
-    ) -> Result<(), NbdErrno> {
+    async fn write_zeroes(&self, offset: u64, length: u32, flags: CommandFlags) {
         self.enter(offset).await;
         self.data.lock().unwrap()[offset as usize..offset as usize + length as usize].fill(0);
         let keep = flags.contains(CommandFlags::NO_HOLE);
         self.mark(offset, length as u64, keep);
-        Ok(())
     }
 
-    async fn block_status(
-        &self,
-        offset: u64,
-        length: u32,
-        _flags: CommandFlags,
-    ) -> Result<Vec<Extent>, NbdErrno> {
+    async fn block_status(&self, offset: u64, length: u32) -> Vec<Extent> {
         self.enter(offset).await;
         let a = self.allocated.lock().unwrap();
         let mut out: Vec<Extent> = Vec::new();
@@ -206,7 +225,7 @@ impl Backend for MemBackend {
             }
             pos = next;
         }
-        Ok(out)
+        out
     }
 }
 

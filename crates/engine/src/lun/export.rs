@@ -1,0 +1,92 @@
+//! The LUN as an NBD export: the engine is the export's `Backend`, so a request the NBD server reads
+//! goes straight to [`Lun::submit`] (no adapter between the protocol and the multipath layer).
+
+use lunmpio_nbd::server::{Backend, ExportConfig};
+use lunmpio_nbd::{CommandFlags, NbdErrno, Reply, Request};
+
+use super::Lun;
+
+impl Lun {
+    /// What the export advertises: the LUN's settled geometry under the LUN's name.
+    pub fn export_config(&self) -> ExportConfig {
+        let g = self.geometry();
+        let paths = self.get_path_info().len();
+        let mut config = ExportConfig::new(self.name(), g.size_bytes);
+        config.description = Some(format!("lunmpio multipath LUN over {paths} paths"));
+        config.flags = g.flags;
+        config.block_size = g.block_size;
+        config
+    }
+}
+
+/// Keeps the flags a path may act on and drops the rest (DF, REQ_ONE on commands that do not take
+/// them are the export's business, not the path's).
+fn path_request(request: Request) -> Request {
+    match request {
+        Request::Write {
+            offset,
+            data,
+            flags,
+        } => Request::Write {
+            offset,
+            data,
+            flags: flags & CommandFlags::FUA,
+        },
+        Request::Flush { .. } => Request::Flush {
+            flags: CommandFlags::empty(),
+        },
+        Request::Trim {
+            offset,
+            length,
+            flags,
+        } => Request::Trim {
+            offset,
+            length,
+            flags: flags & CommandFlags::FUA,
+        },
+        Request::WriteZeroes {
+            offset,
+            length,
+            flags,
+        } => Request::WriteZeroes {
+            offset,
+            length,
+            flags: flags & (CommandFlags::FUA | CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO),
+        },
+        Request::BlockStatus {
+            offset,
+            length,
+            flags,
+        } => Request::BlockStatus {
+            offset,
+            length,
+            flags: flags & CommandFlags::REQ_ONE,
+        },
+        other @ (Request::Read { .. } | Request::Cache { .. }) => other,
+    }
+}
+
+impl Backend for Lun {
+    async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
+        let request = path_request(request);
+        let length = request.length();
+        let hint = matches!(request, Request::Cache { .. });
+        let status = matches!(request, Request::BlockStatus { .. });
+        match self.submit(request).await {
+            Ok(reply) => Ok(reply),
+            // A prefetch hint: a path that cannot prefetch is no reason to fail the client.
+            Err(_) if hint => Ok(Reply::Done),
+            Err(e) => {
+                tracing::debug!(lun = %self.name(), errno = e.errno.name(), error = %e, "request failed");
+                Err(e.errno)
+            }
+        }
+        .map(|reply| match reply {
+            // No allocation map from the paths: everything is data, which is always safe.
+            Reply::BlockStatus(extents) if status && extents.is_empty() => {
+                Reply::BlockStatus(vec![lunmpio_nbd::Extent { length, flags: 0 }])
+            }
+            other => other,
+        })
+    }
+}
