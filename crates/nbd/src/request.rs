@@ -85,6 +85,19 @@ impl Request {
         }
     }
 
+    /// The same request, keeping only the flags in `keep`.
+    pub fn with_flags_within(mut self, keep: CommandFlags) -> Request {
+        match &mut self {
+            Request::Write { flags, .. }
+            | Request::Flush { flags }
+            | Request::Trim { flags, .. }
+            | Request::WriteZeroes { flags, .. }
+            | Request::BlockStatus { flags, .. } => *flags &= keep,
+            Request::Read { .. } | Request::Cache { .. } => {}
+        }
+        self
+    }
+
     pub fn flags(&self) -> CommandFlags {
         match self {
             Request::Read { .. } | Request::Cache { .. } => CommandFlags::empty(),
@@ -114,4 +127,27 @@ pub enum Reply {
     Read(Bytes),
     Done,
     BlockStatus(Vec<Extent>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_outside_the_mask_are_dropped() {
+        let write = Request::Write {
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+            flags: CommandFlags::FUA | CommandFlags::DF,
+        };
+        assert_eq!(
+            write.with_flags_within(CommandFlags::FUA).flags(),
+            CommandFlags::FUA
+        );
+        let read = Request::Read {
+            offset: 8,
+            length: 4,
+        };
+        assert_eq!(read.clone().with_flags_within(CommandFlags::empty()), read);
+    }
 }

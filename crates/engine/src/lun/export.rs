@@ -19,51 +19,20 @@ impl Lun {
     }
 }
 
-/// Keeps the flags a path may act on and drops the rest (DF, REQ_ONE on commands that do not take
-/// them are the export's business, not the path's).
+/// Keeps the flags a path may act on and drops the rest (DF, and flags a command does not take,
+/// are the export's business, not the path's).
 fn path_request(request: Request) -> Request {
-    match request {
-        Request::Write {
-            offset,
-            data,
-            flags,
-        } => Request::Write {
-            offset,
-            data,
-            flags: flags & CommandFlags::FUA,
-        },
-        Request::Flush { .. } => Request::Flush {
-            flags: CommandFlags::empty(),
-        },
-        Request::Trim {
-            offset,
-            length,
-            flags,
-        } => Request::Trim {
-            offset,
-            length,
-            flags: flags & CommandFlags::FUA,
-        },
-        Request::WriteZeroes {
-            offset,
-            length,
-            flags,
-        } => Request::WriteZeroes {
-            offset,
-            length,
-            flags: flags & (CommandFlags::FUA | CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO),
-        },
-        Request::BlockStatus {
-            offset,
-            length,
-            flags,
-        } => Request::BlockStatus {
-            offset,
-            length,
-            flags: flags & CommandFlags::REQ_ONE,
-        },
-        other @ (Request::Read { .. } | Request::Cache { .. }) => other,
-    }
+    let keep = match &request {
+        Request::Write { .. } | Request::Trim { .. } => CommandFlags::FUA,
+        Request::WriteZeroes { .. } => {
+            CommandFlags::FUA | CommandFlags::NO_HOLE | CommandFlags::FAST_ZERO
+        }
+        Request::BlockStatus { .. } => CommandFlags::REQ_ONE,
+        Request::Read { .. } | Request::Flush { .. } | Request::Cache { .. } => {
+            CommandFlags::empty()
+        }
+    };
+    request.with_flags_within(keep)
 }
 
 impl Backend for Lun {
