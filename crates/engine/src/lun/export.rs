@@ -36,11 +36,10 @@ fn path_request(request: Request) -> Request {
 }
 
 impl Backend for Lun {
+    /// An empty allocation map needs no care here: the server answers it as one allocated extent.
     async fn handle(&self, request: Request) -> Result<Reply, NbdErrno> {
         let request = path_request(request);
-        let length = request.length();
         let hint = matches!(request, Request::Cache { .. });
-        let status = matches!(request, Request::BlockStatus { .. });
         match self.submit(request).await {
             Ok(reply) => Ok(reply),
             // A prefetch hint: a path that cannot prefetch is no reason to fail the client.
@@ -50,12 +49,5 @@ impl Backend for Lun {
                 Err(e.errno)
             }
         }
-        .map(|reply| match reply {
-            // No allocation map from the paths: everything is data, which is always safe.
-            Reply::BlockStatus(extents) if status && extents.is_empty() => {
-                Reply::BlockStatus(vec![lunmpio_nbd::Extent { length, flags: 0 }])
-            }
-            other => other,
-        })
     }
 }
