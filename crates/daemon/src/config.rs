@@ -45,7 +45,13 @@ pub struct DaemonConfig {
     /// Export connections served at once (NBD clients); at the bound an idle one makes room, else a
     /// new one is refused.
     pub max_connections: usize,
+    /// Threads that run the data path (each LUN, its paths and its export connections on one of
+    /// them); 0: one per LUN, at most one per CPU.
+    pub data_threads: usize,
 }
+
+/// Bound of `data_threads`.
+pub const DATA_THREADS_MAX: usize = 256;
 
 /// Default and bound of `max_connections`.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
@@ -188,6 +194,7 @@ struct RawDaemon {
     state_dir: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
+    data_threads: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -335,6 +342,7 @@ impl Context<'_> {
             state_dir: None,
             shutdown_timeout: None,
             max_connections: None,
+            data_threads: None,
         });
         let nbd_listen = match &raw.nbd_listen {
             None => ListenAddr::Tcp("127.0.0.1:10809".parse().expect("constant")),
@@ -372,6 +380,22 @@ impl Context<'_> {
                     )
                 })?,
         };
+        let data_threads = match &raw.data_threads {
+            None => 0,
+            Some(v) => usize::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| *n <= DATA_THREADS_MAX)
+                .ok_or_else(|| {
+                    self.error(
+                        v.span(),
+                        "daemon.data_threads".into(),
+                        format!(
+                            "{} is not in 0..={DATA_THREADS_MAX} (0: one per LUN, at most one per CPU)",
+                            v.get_ref()
+                        ),
+                    )
+                })?,
+        };
         let path = |v: &Option<Spanned<String>>,
                     default: &str,
                     key: &str|
@@ -395,6 +419,7 @@ impl Context<'_> {
             state_dir: path(&raw.state_dir, "/var/lib/lunmpio", "daemon.state_dir")?,
             shutdown_timeout,
             max_connections,
+            data_threads,
         })
     }
 
@@ -847,6 +872,12 @@ weight = 10
         );
         let e = err("[daemon]\nnbd_listen = \"nowhere\"\n");
         assert_eq!(e.key, "daemon.nbd_listen");
+        let e = err("[daemon]\ndata_threads = -1\n");
+        assert_eq!((e.line, e.key.as_str()), (2, "daemon.data_threads"), "{e}");
+        let e = err("[daemon]\ndata_threads = 257\n");
+        assert!(e.to_string().contains("0..=256"), "{e}");
+        let ok = Config::parse("[daemon]\ndata_threads = 4\n", "t.toml").unwrap();
+        assert_eq!(ok.daemon.data_threads, 4);
         let e = err("[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://x/y\"\nweight = -1\n");
         assert_eq!(
             (e.line, e.key.as_str()),

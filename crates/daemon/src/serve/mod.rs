@@ -7,6 +7,7 @@
 //! live paths finish — all within `shutdown_timeout` — then close the paths and exit.
 
 pub mod control_socket;
+pub mod data_threads;
 pub mod fds;
 pub mod metrics;
 
@@ -19,6 +20,7 @@ use lunmpio_engine::{EventLog, Lun, LunOptions};
 use lunmpio_nbd::server::{Server, ServerOptions};
 
 use crate::config::{Config, ListenAddr};
+use data_threads::DataThreads;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -35,6 +37,7 @@ pub struct Daemon {
     config: Config,
     server: Arc<Server<Lun>>,
     luns: Vec<Lun>,
+    data_threads: DataThreads,
     events: Arc<EventLog>,
     stop: tokio_util::sync::CancellationToken,
     serving: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -63,14 +66,23 @@ impl Daemon {
             max_connections,
             ..ServerOptions::default()
         });
-        for lun_config in &config.luns {
+        let data_threads = DataThreads::start(data_threads::thread_count(
+            config.daemon.data_threads,
+            config.luns.len(),
+        ))
+        .context("cannot start the data threads")?;
+        for (i, lun_config) in config.luns.iter().enumerate() {
             let spec = lun_config.to_spec();
             let options = LunOptions {
                 state_dir: Some(config.daemon.state_dir.clone()),
                 startup_timeout: None,
             };
-            let lun = Lun::start(spec, options, Arc::clone(&events))
+            // Started on its data thread, so the LUN's tasks and path connections live there.
+            let runtime = data_threads.for_lun(i).clone();
+            let lun = runtime
+                .spawn(Lun::start(spec, options, Arc::clone(&events)))
                 .await
+                .context("a data thread stopped while a LUN started")?
                 .map_err(|e| {
                     anyhow::anyhow!(
                         "LUN {:?}: {} ({})",
@@ -81,7 +93,7 @@ impl Daemon {
                 })?;
             // The LUN is the export's backend: NBD requests go straight to the engine.
             server
-                .add_export(lun.export_config(), Arc::new(lun.clone()))
+                .add_export_on(lun.export_config(), Arc::new(lun.clone()), runtime)
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             tracing::info!(
                 lun = %lun.name(), paths = lun_config.paths.len(), usable = lun.mpio().usable_path_count(),
@@ -140,6 +152,7 @@ impl Daemon {
             config,
             server,
             luns,
+            data_threads,
             events,
             stop,
             serving,
@@ -193,6 +206,7 @@ impl Daemon {
         if let ListenAddr::Unix(path) = &self.config.daemon.nbd_listen {
             let _ = std::fs::remove_file(path);
         }
+        self.data_threads.stop().await;
         tracing::info!("stopped");
     }
 }

@@ -651,6 +651,8 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 _ = token.cancelled() => return Ok(()),
                 m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
             };
+            // Let the other callers that are ready queue theirs first, so they share this write.
+            tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(m) = next {
                 out.extend_from_slice(&m.header);

@@ -3,7 +3,9 @@
 //! One task per connection reads and validates requests, each request runs in its own task,
 //! and a writer task coalesces the replies (in completion order, so replies go out of order)
 //! into few socket writes. In-flight requests per connection are bounded: the reader stops
-//! reading when the bound is reached.
+//! reading when the bound is reached. An export added with [`Server::add_export_on`] has its
+//! connections moved, after the handshake, to the runtime it names (the daemon's data thread for
+//! that LUN), so all of that happens on one thread.
 
 mod admission;
 mod handshake;
@@ -123,6 +125,30 @@ pub enum ServerError {
 pub(crate) struct ExportEntry<B> {
     pub(crate) config: ExportConfig,
     pub(crate) backend: Arc<B>,
+    /// Where the export's connections run once the handshake chose it (see [`Server::add_export_on`]).
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Moves an accepted socket to another runtime's reactor, so that its readiness wakes that runtime's
+/// thread rather than the one that accepted it.
+type Rehome<S> = fn(S, &tokio::runtime::Handle) -> std::io::Result<S>;
+
+fn rehome_tcp(
+    stream: tokio::net::TcpStream,
+    runtime: &tokio::runtime::Handle,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let stream = stream.into_std()?;
+    let _entered = runtime.enter();
+    tokio::net::TcpStream::from_std(stream)
+}
+
+fn rehome_unix(
+    stream: tokio::net::UnixStream,
+    runtime: &tokio::runtime::Handle,
+) -> std::io::Result<tokio::net::UnixStream> {
+    let stream = stream.into_std()?;
+    let _entered = runtime.enter();
+    tokio::net::UnixStream::from_std(stream)
 }
 
 pub struct Server<B: Backend> {
@@ -173,6 +199,29 @@ impl<B: Backend> Server<B> {
     }
 
     pub fn add_export(&mut self, config: ExportConfig, backend: Arc<B>) -> Result<(), ServerError> {
+        self.add_export_entry(config, backend, None)
+    }
+
+    /// Like [`Server::add_export`], and the export's connections run on `runtime` after the handshake:
+    /// a connection accepted by [`Server::serve_tcp`] or [`Server::serve_unix`] moves its socket there,
+    /// so its requests, the backend's work and its replies share that runtime's thread (no wake-up
+    /// crosses threads on the data path). Connections given to [`Server::serve_connection`] stay on
+    /// the runtime that serves them.
+    pub fn add_export_on(
+        &mut self,
+        config: ExportConfig,
+        backend: Arc<B>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<(), ServerError> {
+        self.add_export_entry(config, backend, Some(runtime))
+    }
+
+    fn add_export_entry(
+        &mut self,
+        config: ExportConfig,
+        backend: Arc<B>,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Result<(), ServerError> {
         let invalid = |reason: String| ServerError::InvalidExport {
             name: config.name.clone(),
             reason,
@@ -207,7 +256,11 @@ impl<B: Backend> Server<B> {
         }
         self.exports.insert(
             config.name.clone(),
-            Arc::new(ExportEntry { config, backend }),
+            Arc::new(ExportEntry {
+                config,
+                backend,
+                runtime,
+            }),
         );
         Ok(())
     }
@@ -243,7 +296,7 @@ impl<B: Backend> Server<B> {
     {
         let admitted = self.admit()?;
         let guard = ConnGuard::new(&self.active);
-        let r = self.serve_inner(stream, &admitted).await;
+        let r = self.serve_inner(stream, &admitted, None).await;
         drop(guard);
         r
     }
@@ -274,6 +327,7 @@ impl<B: Backend> Server<B> {
         self: &Arc<Self>,
         stream: S,
         admitted: &Arc<admission::Admitted>,
+        rehome: Option<Rehome<S>>,
     ) -> Result<(), ServerError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -295,10 +349,25 @@ impl<B: Backend> Server<B> {
             return Ok(());
         };
         admitted.transmission_started();
-        self.transmission(rd, wr, buf, negotiated, admitted).await
+        let (Some(runtime), Some(rehome)) = (negotiated.export.runtime.clone(), rehome) else {
+            return self.transmission(rd, wr, buf, negotiated, admitted).await;
+        };
+        let stream = rehome(rd.unsplit(wr), &runtime)?;
+        let (rd, wr) = tokio::io::split(stream);
+        let (server, admitted) = (Arc::clone(self), Arc::clone(admitted));
+        let moved = runtime.spawn(async move {
+            server
+                .transmission(rd, wr, buf, negotiated, &admitted)
+                .await
+        });
+        moved.await.map_err(|e| {
+            ServerError::Io(std::io::Error::other(format!(
+                "the export's runtime ended the connection: {e}"
+            )))
+        })?
     }
 
-    fn spawn_connection<S>(self: &Arc<Self>, stream: S)
+    fn spawn_connection<S>(self: &Arc<Self>, stream: S, rehome: Rehome<S>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -309,7 +378,7 @@ impl<B: Backend> Server<B> {
         let guard = ConnGuard::new(&self.active);
         let server = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = server.serve_inner(stream, &admitted).await {
+            if let Err(e) = server.serve_inner(stream, &admitted, Some(rehome)).await {
                 tracing::debug!(error = %e, "nbd connection ended with an error");
             }
             drop(guard);
@@ -348,7 +417,7 @@ impl<B: Backend> Server<B> {
                     Ok((stream, _peer)) => {
                         backoff.reset();
                         let _ = stream.set_nodelay(true);
-                        self.spawn_connection(stream);
+                        self.spawn_connection(stream, rehome_tcp);
                     }
                     Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },
@@ -368,7 +437,7 @@ impl<B: Backend> Server<B> {
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
                         backoff.reset();
-                        self.spawn_connection(stream);
+                        self.spawn_connection(stream, rehome_unix);
                     }
                     Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },

@@ -485,6 +485,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut held: Vec<Held> = Vec::new();
     let r = async {
         while let Some(first) = rx.recv().await {
+            // Let the other requests that are ready finish first, so their replies share this write.
+            tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(mut reply) = next {
                 held.extend(reply._held.take());

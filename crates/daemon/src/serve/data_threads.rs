@@ -1,0 +1,135 @@
+//! The threads that run the data path.
+//!
+//! Each LUN lives on one data thread: its control task, its path connections (their reader and writer
+//! tasks, probes, reconnects) and, once the handshake has chosen it, every export connection of the
+//! LUN. A request then goes from the client's socket through the engine to a path's socket and back
+//! without a wake-up crossing threads, and the replies that complete together leave in one write
+//! (docs/BENCHMARKS.md, "Where the CPU goes"). Each thread runs a current-thread runtime: a woken task
+//! waits behind the tasks already ready, so a writer finds the whole batch queued. The accept loops,
+//! the handshakes, the control socket and the metrics endpoint stay on the main runtime.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How long `stop` waits for a data thread to leave its runtime.
+const JOIN_GRACE: Duration = Duration::from_secs(2);
+
+/// One data thread: a current-thread runtime driven until `stop`.
+struct DataThread {
+    handle: tokio::runtime::Handle,
+    stop: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The daemon's data threads.
+pub struct DataThreads {
+    threads: Vec<DataThread>,
+}
+
+/// Threads for `luns` LUNs when the config asks for `configured` (0: one per LUN, at most one per CPU).
+pub fn thread_count(configured: usize, luns: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    luns.clamp(1, cpus.max(1))
+}
+
+impl DataThreads {
+    /// Starts `count` data threads (at least one).
+    pub fn start(count: usize) -> std::io::Result<DataThreads> {
+        let mut threads = Vec::with_capacity(count.max(1));
+        for i in 0..count.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            let stop = CancellationToken::new();
+            let until = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("lunmpio-data-{i}"))
+                .spawn(move || {
+                    runtime.block_on(until.cancelled());
+                    // Dropping the runtime here drops what is left of its tasks on their own thread.
+                })?;
+            threads.push(DataThread {
+                handle,
+                stop,
+                thread,
+            });
+        }
+        debug_assert!(!threads.is_empty(), "there is always a data thread");
+        Ok(DataThreads { threads })
+    }
+
+    pub fn len(&self) -> usize {
+        self.threads.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.threads.is_empty()
+    }
+
+    /// The runtime of the data thread that runs LUN number `lun` (in config order).
+    pub fn for_lun(&self, lun: usize) -> &tokio::runtime::Handle {
+        &self.threads[lun % self.threads.len()].handle
+    }
+
+    /// Stops every data thread; what still runs on them is dropped. Call once the LUNs are shut down.
+    pub async fn stop(mut self) {
+        let threads = std::mem::take(&mut self.threads);
+        for t in &threads {
+            t.stop.cancel();
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.thread.join();
+            }
+        });
+        if tokio::time::timeout(JOIN_GRACE, joined).await.is_err() {
+            tracing::warn!("a data thread did not stop within {JOIN_GRACE:?}; leaving it");
+        }
+    }
+}
+
+impl Drop for DataThreads {
+    /// A daemon that failed to start drops its threads without `stop`: they end all the same.
+    fn drop(&mut self) {
+        for t in &self.threads {
+            t.stop.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_per_lun_at_most_one_per_cpu_unless_configured() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(thread_count(0, 1), 1);
+        assert_eq!(thread_count(0, 0), 1, "a daemon without LUNs still has one");
+        assert_eq!(thread_count(0, 10_000), cpus);
+        assert_eq!(thread_count(3, 1), 3, "the config wins");
+    }
+
+    #[tokio::test]
+    async fn luns_are_spread_over_the_threads_and_stop_ends_them() {
+        let threads = DataThreads::start(2).unwrap();
+        let name = |lun: usize| {
+            let handle = threads.for_lun(lun).clone();
+            async move {
+                handle
+                    .spawn(async { std::thread::current().name().map(str::to_string) })
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(name(0).await.as_deref(), Some("lunmpio-data-0"));
+        assert_eq!(name(1).await.as_deref(), Some("lunmpio-data-1"));
+        assert_eq!(name(2).await.as_deref(), Some("lunmpio-data-0"));
+        threads.stop().await;
+    }
+}
