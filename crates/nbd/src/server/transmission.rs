@@ -9,6 +9,8 @@ use crate::proto::*;
 use crate::request::{Reply, Request};
 use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
 use bytes::{Bytes, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::future::Future;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -182,68 +184,102 @@ impl<B: Backend> Server<B> {
 
         let mut result = Ok(());
         let mut draining = false;
-        // Normal operation: one slot per request, stop reading when all slots are taken.
+        // The requests running now, polled by this task: a request goes from the client's socket through
+        // the backend to the writer without a task of its own (and without a hand-off between tasks).
+        let mut running = running_set(run_request::<B>);
+        // The in-flight slot for the next request; none free: nothing more is read.
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        // A request read while the connection is at its byte budget (a client that does not read its
+        // replies): it waits for room, and nothing further is read.
+        let mut waiting: Option<(RequestHeader, Bytes, Held)> = None;
+        // Registered once, not per request.
+        let shutdown = self.shutdown.cancelled();
+        let evicted = connection.evicted.cancelled();
+        tokio::pin!(shutdown, evicted);
         loop {
-            let permit = tokio::select! {
+            if slot.is_none() {
+                slot = Arc::clone(&slots).try_acquire_owned().ok();
+            }
+            let reading = slot.is_some() && waiting.is_none();
+            let budget_wanted = waiting
+                .as_ref()
+                .map_or(0, |(h, data, _)| request_bytes(h, data, budget_max));
+            tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => { draining = true; break; }
-                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let req = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => { draining = true; break; }
+                _ = &mut shutdown => { draining = true; break; }
+                Some(out) = running.next(), if !running.is_empty() => { let _ = tx.send(out); }
+                bytes = Arc::clone(&budget).acquire_many_owned(budget_wanted), if waiting.is_some() => {
+                    let (h, data, mut held) = waiting.take().expect("guarded by the branch condition");
+                    held._bytes = bytes.ok();
+                    let run = self.start_request(&n, &check, (h, data), held, &tx);
+                    running.extend(run.map(run_request));
+                }
+                // All slots taken: wait for one (the writer frees them as replies leave).
+                p = Arc::clone(&slots).acquire_owned(), if slot.is_none() && waiting.is_none() => {
+                    match p {
+                        Ok(p) => slot = Some(p),
+                        Err(_) => break,
+                    }
+                }
                 // Only a connection with nothing in flight is ever evicted.
-                _ = connection.evicted.cancelled() => break,
-                r = read_request(&mut rd, &mut buf) => r,
-            };
-            match req {
-                Ok(Some((h, data))) => {
-                    if h.command == Command::Disc {
+                _ = &mut evicted, if reading => break,
+                r = read_request(&mut rd, &mut buf), if reading => match r {
+                    Ok(Some((h, _))) if h.command == Command::Disc => break,
+                    Ok(Some((h, data))) => {
+                        connection.request_started();
+                        let mut held = Held {
+                            _slot: slot.take().expect("guarded by the branch condition"),
+                            _bytes: None,
+                            connection: Arc::clone(connection),
+                        };
+                        // The bytes this request will hold: it starts once the connection has room.
+                        let wanted = request_bytes(&h, &data, budget_max);
+                        match Arc::clone(&budget).try_acquire_many_owned(wanted) {
+                            _ if wanted == 0 => {}
+                            Ok(bytes) => held._bytes = Some(bytes),
+                            Err(_) => {
+                                waiting = Some((h, data, held));
+                                continue;
+                            }
+                        }
+                        let run = self.start_request(&n, &check, (h, data), held, &tx);
+                        running.extend(run.map(run_request));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
                         break;
                     }
-                    connection.request_started();
-                    // The bytes this request will hold; while the connection is at its budget (a
-                    // client that does not read its replies), no further request is read.
-                    let bytes = request_bytes(&h, &data, budget_max);
-                    let bytes = if bytes == 0 {
-                        None
-                    } else {
-                        tokio::select! {
-                            biased;
-                            _ = self.shutdown.cancelled() => {
-                                connection.request_done();
-                                draining = true;
-                                break;
-                            }
-                            p = Arc::clone(&budget).acquire_many_owned(bytes) => p.ok(),
-                        }
-                    };
-                    let held = Held {
-                        _slot: permit,
-                        _bytes: bytes,
-                        connection: Arc::clone(connection),
-                    };
-                    self.spawn_request(&n, &check, h, data, held, &tx);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+                },
             }
+        }
+        drop(slot);
+        if let Some((h, _, held)) = waiting.take() {
+            // Shut down while it waited for room: it never started.
+            let _ = tx.send(Out {
+                cookie: h.cookie,
+                offset: h.offset,
+                body: Body::Err(NbdErrno::Shutdown),
+                chunked_error: n.structured && is_chunked(h.command),
+                _held: Some(held),
+            });
         }
         if draining {
             // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done.
             loop {
                 let req = tokio::select! {
                     biased;
+                    Some(out) = running.next(), if !running.is_empty() => {
+                        let _ = tx.send(out);
+                        continue;
+                    }
                     _ = slots.acquire_many(max as u32) => break,
                     r = read_request(&mut rd, &mut buf) => r,
                 };
                 match req {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, _))) => {
-                        let held = Arc::clone(&slots).acquire_owned().await.ok().map(|slot| {
+                        let held = Arc::clone(&slots).try_acquire_owned().ok().map(|slot| {
                             connection.request_started();
                             Held {
                                 _slot: slot,
@@ -267,8 +303,13 @@ impl<B: Backend> Server<B> {
                 }
             }
         }
-        // In-flight requests hold clones of `tx`: the writer ends after their replies. An evicted
-        // connection's writer may be stuck on a client that does not read: it is not waited for.
+        // Whatever ended the connection, the requests it started run to their end: a write the target
+        // may still execute must be settled by the backend (the engine puts it in doubt), not dropped.
+        while let Some(out) = running.next().await {
+            let _ = tx.send(out);
+        }
+        // Every reply is queued: the writer ends after writing them. An evicted connection's writer may
+        // be stuck on a client that does not read: it is not waited for.
         drop(tx);
         let mut writer = writer;
         let written = tokio::select! {
@@ -291,16 +332,16 @@ impl<B: Backend> Server<B> {
         result
     }
 
-    /// Checks one request and runs it on its own task; its reply goes to the writer in completion order.
-    fn spawn_request(
+    /// Checks one request: the request to run (its reply goes to the writer when it completes), or
+    /// `None` when it was answered at once (refused, or empty).
+    fn start_request(
         &self,
         n: &Negotiated<B>,
         check: &RequestCheck,
-        h: RequestHeader,
-        data: Bytes,
+        (h, data): (RequestHeader, Bytes),
         held: Held,
         tx: &mpsc::UnboundedSender<Out>,
-    ) {
+    ) -> Option<ToRun<B>> {
         let chunked_error = n.structured && is_chunked(h.command);
         let reply = |body: Body, held| Out {
             cookie: h.cookie,
@@ -311,7 +352,7 @@ impl<B: Backend> Server<B> {
         };
         if let Err(e) = check_request(check, &h) {
             let _ = tx.send(reply(body_err(e), Some(held)));
-            return;
+            return None;
         }
         debug_assert!(
             h.command != Command::Write || data.len() == h.length as usize,
@@ -334,45 +375,76 @@ impl<B: Backend> Server<B> {
                 Body::Ok
             };
             let _ = tx.send(reply(body, Some(held)));
-            return;
+            return None;
         }
-        let backend = Arc::clone(&n.export.backend);
-        let tx = tx.clone();
-        let context_id = n.context_id.unwrap_or(0);
-        tokio::spawn(async move {
-            let (offset, length) = (h.offset, h.length);
-            let body = match request_of(&h, data) {
-                // Filtered out by check_request.
-                None => Body::Err(NbdErrno::Inval),
-                Some(request) => match (h.command, backend.handle(request).await) {
-                    (_, Err(e)) => body_err(e),
-                    (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => {
-                        Body::Read(d)
-                    }
-                    (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
-                        Body::BlockStatus(context_id, clip_extents(ext, length, h.flags))
-                    }
-                    (
-                        Command::Write
-                        | Command::Flush
-                        | Command::Trim
-                        | Command::WriteZeroes
-                        | Command::Cache,
-                        Ok(Reply::Done),
-                    ) => Body::Ok,
-                    // A reply of the wrong kind (or a short read) is the backend's bug: the client
-                    // gets EIO, never a malformed reply.
-                    (_, Ok(_)) => Body::Err(NbdErrno::Io),
-                },
-            };
-            let _ = tx.send(Out {
-                cookie: h.cookie,
-                offset,
-                body,
-                chunked_error,
-                _held: Some(held),
-            });
-        });
+        Some(ToRun {
+            backend: Arc::clone(&n.export.backend),
+            h,
+            data,
+            context_id: n.context_id.unwrap_or(0),
+            chunked_error,
+            held,
+        })
+    }
+}
+
+/// A checked request ready for the backend.
+struct ToRun<B> {
+    backend: Arc<B>,
+    h: RequestHeader,
+    data: Bytes,
+    context_id: u32,
+    chunked_error: bool,
+    held: Held,
+}
+
+/// An empty set of running requests, typed by the function that makes them (their future's type has
+/// no name to write).
+fn running_set<B, F: Future<Output = Out>>(_make: fn(ToRun<B>) -> F) -> FuturesUnordered<F> {
+    FuturesUnordered::new()
+}
+
+/// One checked request through the backend, to the reply the writer sends.
+fn run_request<B: Backend>(r: ToRun<B>) -> impl Future<Output = Out> {
+    let ToRun {
+        backend,
+        h,
+        data,
+        context_id,
+        chunked_error,
+        held,
+    } = r;
+    async move {
+        let length = h.length;
+        let body = match request_of(&h, data) {
+            // Filtered out by check_request.
+            None => Body::Err(NbdErrno::Inval),
+            Some(request) => match (h.command, backend.handle(request).await) {
+                (_, Err(e)) => body_err(e),
+                (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => Body::Read(d),
+                (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
+                    Body::BlockStatus(context_id, clip_extents(ext, length, h.flags))
+                }
+                (
+                    Command::Write
+                    | Command::Flush
+                    | Command::Trim
+                    | Command::WriteZeroes
+                    | Command::Cache,
+                    Ok(Reply::Done),
+                ) => Body::Ok,
+                // A reply of the wrong kind (or a short read) is the backend's bug: the client
+                // gets EIO, never a malformed reply.
+                (_, Ok(_)) => Body::Err(NbdErrno::Io),
+            },
+        };
+        Out {
+            cookie: h.cookie,
+            offset: h.offset,
+            body,
+            chunked_error,
+            _held: Some(held),
+        }
     }
 }
 
