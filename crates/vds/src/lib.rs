@@ -74,9 +74,10 @@
 //! 11. **Losing multi-path safety at run time** ([`LunMpio::set_multi_path_safe`]) falls back to
 //!     Failover with the path in use as the only primary, and says so.
 //! 12. **Least Blocks counts bytes** in flight (Q6), per path as this crate sees it (per LUN).
-//! 13. **service-time** is documented in [`select`]: dm historical-service-time's service measure, its
-//!     `(in flight + 1) × service time`, dm service-time's bytes term with a measured throughput, and a
-//!     rate-bounded probe of idle stale paths.
+//! 13. **service-time** is documented in [`select`]: `(in flight + 1) × latency` per path, a bytes term
+//!     for large transfers, and a rate-bounded probe of idle stale paths. The latency is measured per
+//!     request, not as dm historical-service-time's gap between completions, which herds onto the
+//!     busiest of paths that serve requests in parallel.
 //! 14. **Persisted state**: per-LUN file `lun-<escaped name>.json`; corrupt → `VDS_E_PROVIDER_CACHE_CORRUPT`,
 //!     newer version → `VDS_E_NOT_SUPPORTED`, I/O failure → `VDS_E_INTERNAL_ERROR`; unknown fields in a
 //!     version-1 file are ignored.

@@ -35,29 +35,32 @@
 //!
 //! # service-time
 //!
-//! Per path, [`PathLoad::on_complete`] keeps an EWMA of the *service time*, measured the way dm's
-//! historical-service-time does: `now − max(issue time, last completion on this path)`. Overlapping
-//! I/Os are thereby treated as serial, so the value is the path's time per request at its current
-//! concurrency (for a FIFO server: its service time; for a parallel one: the gap between completions,
-//! i.e. 1/throughput) and does not double-count queueing, which the in-flight count adds back. It also
-//! keeps an EWMA of the I/O size, and from both the service time per byte (Q10 fixed point, computed at
-//! completion so that a pick never divides). The expected completion time of a new I/O of `b` bytes is
+//! Per path, [`PathLoad::on_complete`] keeps an EWMA of the issue-to-completion *latency* and of the
+//! I/O size, and from both the latency per byte (Q10 fixed point, computed at completion so that a pick
+//! never divides). The expected completion time of a new I/O of `b` bytes is
 //!
 //! ```text
-//! estimate = max( (requests_in_flight + 1) × service_ns,          -- dm historical-service-time
-//!                 (bytes_in_flight + b)    × service_ns_per_byte ) -- dm service-time, with a measured throughput
+//! estimate = max( (requests_in_flight + 1) × latency_ns,          -- queue depth, weighted by latency
+//!                 (bytes_in_flight + b)    × latency_ns_per_byte ) -- bytes queued, for large transfers
 //! ```
 //!
-//! The first term is right for many small I/Os, the second when large transfers are queued. Ties on the
-//! estimate go to fewer requests in flight, then rotate. A path with no measurement yet estimates 0, so
-//! it gets I/O (spread by its in-flight count) until its first completions measure it.
+//! Among paths of equal latency this is least-queue-depth; a slower path gets fewer requests in
+//! proportion, and a path whose latency rises (because it is loaded, or degraded) sheds load: the
+//! feedback is negative, so the split is stable. The latency is measured per request, not as the gap
+//! between completions (dm historical-service-time's measure): on a path that serves many requests in
+//! parallel — any NBD target — that gap shrinks as the path carries more, so the busiest path looks the
+//! fastest and the selector herds onto it (healthy paths' shares swung between 0% and 90% from one
+//! half-second to the next; the simulation test reproduces it). On a path that serves one request at
+//! a time the latency counts the queue twice, which only spreads the load more evenly. Ties on the
+//! estimate go to fewer requests in flight, then rotate. A path with no measurement yet estimates 0,
+//! so it gets I/O (spread by its in-flight count) until its first completions measure it.
 //!
 //! EWMA weight: 1/8 for a new sample; 1/2 when the path had been quiet for longer than
 //! `PROBE_STALE_FACTOR` × its estimate, because then the history is old news.
 //!
 //! **Probing.** A path that was slow gets little or no I/O, so without help a path that recovered would
 //! never be measured again. When a pick happens, an Active-class candidate that is idle (nothing in
-//! flight) and *stale* — no completion for `max(PROBE_STALE_FACTOR × service_ns, PROBE_STALE_NS_MIN)` —
+//! flight) and *stale* — no completion for `max(PROBE_STALE_FACTOR × latency_ns, PROBE_STALE_NS_MIN)` —
 //! is picked instead of the best, at most once per `PROBE_INTERVAL_NS_MIN` per LUN (a CAS on the
 //! selector's probe clock). The probe's completion refreshes the path (with the 1/2 weight), and a path
 //! in flight is never stale, so each path is probed at most once per stale window, and the LUN at most
@@ -76,10 +79,10 @@ const _: () = assert!(CANDIDATES_MAX <= u64::BITS as usize);
 pub const EWMA_SHIFT: u32 = 3;
 /// EWMA weight of a sample after a quiet period (history is stale), as a shift: 1/2.
 pub const EWMA_STALE_SHIFT: u32 = 1;
-/// Fixed-point fraction bits of the per-byte service time.
+/// Fixed-point fraction bits of the per-byte latency.
 pub const SERVICE_PER_BYTE_SHIFT: u32 = 10;
 
-/// A path is stale when it completed nothing for this many times its service time …
+/// A path is stale when it completed nothing for this many times its latency …
 pub const PROBE_STALE_FACTOR: u64 = 16;
 /// … or for this long, whichever is longer.
 pub const PROBE_STALE_NS_MIN: u64 = 50_000_000;
@@ -105,13 +108,11 @@ pub struct PathLoad {
     unusable: AtomicBool,
     requests_in_flight: AtomicU64,
     bytes_in_flight: AtomicU64,
-    /// Issue-to-completion latency (for timeouts and statistics).
+    /// Issue-to-completion latency (service-time's measure, and statistics).
     latency_ns_ewma: AtomicU64,
-    /// Time per request at the current concurrency (for service-time).
-    service_ns_ewma: AtomicU64,
     io_bytes_ewma: AtomicU64,
-    /// `service_ns_ewma << SERVICE_PER_BYTE_SHIFT / io_bytes_ewma`.
-    service_per_byte_q10: AtomicU64,
+    /// `latency_ns_ewma << SERVICE_PER_BYTE_SHIFT / io_bytes_ewma`.
+    latency_per_byte_q10: AtomicU64,
     completion_last_ns: AtomicU64,
     completions: AtomicU64,
 }
@@ -180,29 +181,18 @@ impl PathLoad {
         saturating_decrement(&self.requests_in_flight, 1, "requests in flight");
         saturating_decrement(&self.bytes_in_flight, u64::from(bytes), "bytes in flight");
 
-        let issued_ns = now_ns.saturating_sub(latency_ns);
         let completion_last_ns = self.completion_last_ns.load(Ordering::Acquire);
-        // dm historical-service-time: overlapping I/Os count as serial.
-        let service_ns = now_ns
-            .saturating_sub(issued_ns.max(completion_last_ns))
-            .max(1);
-        let service_old = self.service_ns_ewma.load(Ordering::Relaxed);
+        let latency_old = self.latency_ns_ewma.load(Ordering::Relaxed);
         let quiet = completion_last_ns == 0
             || now_ns.saturating_sub(completion_last_ns)
                 > PROBE_STALE_FACTOR
-                    .saturating_mul(service_old)
+                    .saturating_mul(latency_old)
                     .max(PROBE_STALE_NS_MIN);
         let shift = if quiet { EWMA_STALE_SHIFT } else { EWMA_SHIFT };
 
         // Load-modify-store, not CAS: two racing completions may lose one sample of an average, which
         // is harmless, and it keeps the completion path wait-free.
-        let service_new = ewma(service_old, service_ns, shift);
-        self.service_ns_ewma.store(service_new, Ordering::Relaxed);
-        let latency_new = ewma(
-            self.latency_ns_ewma.load(Ordering::Relaxed),
-            latency_ns.max(1),
-            shift,
-        );
+        let latency_new = ewma(latency_old, latency_ns.max(1), shift);
         self.latency_ns_ewma.store(latency_new, Ordering::Relaxed);
         let bytes_new = ewma(
             self.io_bytes_ewma.load(Ordering::Relaxed),
@@ -210,8 +200,8 @@ impl PathLoad {
             EWMA_SHIFT,
         );
         self.io_bytes_ewma.store(bytes_new, Ordering::Relaxed);
-        self.service_per_byte_q10.store(
-            (service_new << SERVICE_PER_BYTE_SHIFT) / bytes_new,
+        self.latency_per_byte_q10.store(
+            (latency_new << SERVICE_PER_BYTE_SHIFT) / bytes_new,
             Ordering::Relaxed,
         );
 
@@ -256,11 +246,6 @@ impl PathLoad {
         self.latency_ns_ewma.load(Ordering::Relaxed)
     }
 
-    /// EWMA of the service time (see the module docs); 0 before the first completion.
-    pub fn service_ns_ewma(&self) -> u64 {
-        self.service_ns_ewma.load(Ordering::Relaxed)
-    }
-
     /// Monotonic time of the last completion; 0 before the first.
     pub fn completion_last_ns(&self) -> u64 {
         self.completion_last_ns.load(Ordering::Relaxed)
@@ -274,10 +259,10 @@ impl PathLoad {
     #[inline]
     pub fn estimate_q10(&self, io_bytes: u32) -> u64 {
         let in_flight = self.requests_in_flight.load(Ordering::Relaxed);
-        let service_ns = self.service_ns_ewma.load(Ordering::Relaxed);
-        let by_count = (in_flight + 1).saturating_mul(service_ns) << SERVICE_PER_BYTE_SHIFT;
+        let latency_ns = self.latency_ns_ewma.load(Ordering::Relaxed);
+        let by_count = (in_flight + 1).saturating_mul(latency_ns) << SERVICE_PER_BYTE_SHIFT;
         let bytes = self.bytes_in_flight.load(Ordering::Relaxed) + u64::from(io_bytes);
-        let by_bytes = bytes.saturating_mul(self.service_per_byte_q10.load(Ordering::Relaxed));
+        let by_bytes = bytes.saturating_mul(self.latency_per_byte_q10.load(Ordering::Relaxed));
         by_count.max(by_bytes)
     }
 
@@ -288,7 +273,7 @@ impl PathLoad {
             return false;
         }
         let window = PROBE_STALE_FACTOR
-            .saturating_mul(self.service_ns_ewma())
+            .saturating_mul(self.latency_ns_ewma())
             .max(PROBE_STALE_NS_MIN);
         now_ns.saturating_sub(self.completion_last_ns()) > window
     }
@@ -715,7 +700,7 @@ mod tests {
             fast.on_complete(4096, 100_000, now);
             slow.on_complete(4096, 1_000_000, now);
         }
-        assert!(fast.service_ns_ewma() < slow.service_ns_ewma());
+        assert!(fast.latency_ns_ewma() < slow.latency_ns_ewma());
         let selector = Selector::new();
         // Fill up the fast path until its queue makes it as slow as the idle slow path.
         let mut picks = [0; 2];

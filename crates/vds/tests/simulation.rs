@@ -1,8 +1,9 @@
 //! Deterministic discrete-event simulation of the selectors under load.
 //!
-//! Virtual time in ns; each path is a FIFO server with exponentially distributed service times (seeded);
-//! the workload is a closed loop: a fixed number of I/Os in flight, a new one issued the instant one
-//! completes. Everything goes through the real `LunMpio` snapshot, `Selector::pick` and `PathLoad`
+//! Virtual time in ns; each path is a server with exponentially distributed service times (seeded) and
+//! a number of workers: one (a FIFO server, like a disk behind a single queue) or many (like an NBD
+//! target serving requests in parallel, `qemu-nbd -e 32`); the workload is a closed loop: a fixed number
+//! of I/Os in flight, a new one issued the instant one completes. Everything goes through the real `LunMpio` snapshot, `Selector::pick` and `PathLoad`
 //! bookkeeping.
 
 use lunmpio_vds::*;
@@ -38,7 +39,8 @@ struct Sim {
     rng: Rng,
     /// Mean service time per path, changeable during the run.
     service_ns_mean: Vec<u64>,
-    busy_until_ns: Vec<u64>,
+    /// Per path, when each of its workers is next free (one worker: a FIFO server).
+    workers_free_ns: Vec<Vec<u64>>,
     /// (completion time, sequence, path index, issue time)
     events: BinaryHeap<Reverse<(u64, u64, usize, u64)>>,
     sequence: u64,
@@ -47,6 +49,15 @@ struct Sim {
 
 impl Sim {
     fn new(policy: LoadBalancePolicy, service_ns_mean: Vec<u64>, seed: u64) -> Sim {
+        Sim::with_workers(policy, service_ns_mean, 1, seed)
+    }
+
+    fn with_workers(
+        policy: LoadBalancePolicy,
+        service_ns_mean: Vec<u64>,
+        workers: usize,
+        seed: u64,
+    ) -> Sim {
         let paths = (0..service_ns_mean.len() as u64)
             .map(|id| PathConfig {
                 id,
@@ -79,7 +90,7 @@ impl Sim {
             selector: Selector::new(),
             rng: Rng(seed),
             service_ns_mean,
-            busy_until_ns: vec![0; n],
+            workers_free_ns: vec![vec![0; workers]; n],
             events: BinaryHeap::new(),
             sequence: 0,
             completed: vec![0; n],
@@ -94,9 +105,14 @@ impl Sim {
         let candidate = &self.snap.candidates()[picked];
         let path = candidate.index;
         candidate.load.on_dispatch(IO_BYTES);
-        let start_ns = now_ns.max(self.busy_until_ns[path]);
+        // The worker free first takes it.
+        let workers = &mut self.workers_free_ns[path];
+        let worker = (0..workers.len())
+            .min_by_key(|&w| workers[w])
+            .expect("a path has a worker");
+        let start_ns = now_ns.max(workers[worker]);
         let finish_ns = start_ns + self.rng.exponential(self.service_ns_mean[path]);
-        self.busy_until_ns[path] = finish_ns;
+        workers[worker] = finish_ns;
         self.sequence += 1;
         self.events
             .push(Reverse((finish_ns, self.sequence, path, now_ns)));
@@ -199,11 +215,11 @@ fn service_time_notices_a_recovered_port_within_bounded_time() {
     let recovered_at_ns = NS_PER_S;
     sim.run(1, 0, recovered_at_ns);
     let slow = sim.lun.paths()[3].load().clone();
-    let fast_ns = sim.lun.paths()[0].load().service_ns_ewma();
+    let fast_ns = sim.lun.paths()[0].load().latency_ns_ewma();
     assert!(
-        slow.service_ns_ewma() > 4 * fast_ns,
+        slow.latency_ns_ewma() > 4 * fast_ns,
         "slow {} fast {}",
-        slow.service_ns_ewma(),
+        slow.latency_ns_ewma(),
         fast_ns
     );
     let slow_share_before = sim.completed[3];
@@ -227,7 +243,7 @@ fn service_time_notices_a_recovered_port_within_bounded_time() {
         sim.run(1, now_ns, now_ns + step_ns);
         now_ns += step_ns;
         // Noticed: its estimate is within 2x of the true service time again (it was 10x).
-        if slow.service_ns_ewma() <= 2 * 100_000 {
+        if slow.latency_ns_ewma() <= 2 * 100_000 {
             break now_ns - recovered_at_ns;
         }
         assert!(
@@ -254,6 +270,46 @@ fn service_time_notices_a_recovered_port_within_bounded_time() {
     let total: u64 = during.iter().sum();
     eprintln!("after recovery, under load: {during:?}");
     assert!(during[3] * 5 >= total, "recovered port share {during:?}");
+}
+
+/// Three healthy ports and one 200× slower, each serving 32 requests in parallel (an NBD target, not a
+/// disk queue), at 32 I/Os in flight. The share of each healthy port, interval by interval, stays near
+/// a third: a selector must not herd onto whichever port has carried the most lately. (A completion-gap
+/// service time does herd on such ports: the more a port carries, the shorter the gaps between its
+/// completions and the faster it looks; shares swung between 3% and 90% every few intervals.)
+#[test]
+fn healthy_parallel_ports_keep_even_shares_under_service_time() {
+    for policy in [
+        LoadBalancePolicy::VendorSpecific,
+        LoadBalancePolicy::DynLeastQueueDepth,
+    ] {
+        let mut sim =
+            Sim::with_workers(policy, vec![100_000, 100_000, 100_000, 20_000_000], 32, 13);
+        let interval_ns = NS_PER_S / 20;
+        let mut share_min: f64 = 1.0;
+        let mut shares = Vec::new();
+        let mut total = 0;
+        for i in 0..40 {
+            let before = sim.completed.clone();
+            total += sim.run(32, i * interval_ns, (i + 1) * interval_ns);
+            let during: Vec<u64> = (0..4).map(|p| sim.completed[p] - before[p]).collect();
+            let healthy: u64 = during[..3].iter().sum();
+            for &d in &during[..3] {
+                share_min = share_min.min(d as f64 / healthy.max(1) as f64);
+            }
+            shares.push(during);
+        }
+        eprintln!(
+            "{}: {total} I/Os, smallest healthy share in a 50 ms interval {share_min:.2}; {:?}",
+            policy.config_name(),
+            &shares[..8]
+        );
+        assert!(
+            share_min >= 0.25,
+            "{}: a healthy port's share fell to {share_min:.2} (even is 0.33): {shares:?}",
+            policy.config_name()
+        );
+    }
 }
 
 fn select_probe_stale_ns(service_ns: u64) -> u64 {

@@ -287,7 +287,7 @@ impl Lun {
         let s = &*self.shared;
         let bytes = payload_bytes(&request);
         loop {
-            if s.stop.is_cancelled() {
+            if s.stopped.load(Ordering::Acquire) {
                 return Err(shutting_down());
             }
             let snapshot = s.snapshot.load_full();
@@ -323,11 +323,9 @@ impl Lun {
             let transfer = bytes_ahead + u64::from(bytes);
             let outcome = self
                 .attempt(
-                    slot,
-                    index,
-                    &installed,
+                    (slot, index, &installed),
                     request.clone(),
-                    (transfer, alternatives),
+                    (started, transfer, alternatives),
                     p,
                 )
                 .await;
@@ -355,25 +353,26 @@ impl Lun {
         p: &mut Progress,
     ) -> Option<Result<Reply, IoError>> {
         let s = &*self.shared;
-        let elapsed_ns = || sent.started.elapsed().as_nanos() as u64;
+        // One clock read for everything the completion records.
+        let done = Instant::now();
+        let latency = done.saturating_duration_since(sent.started);
+        let (elapsed_ns, now_ns) = (latency.as_nanos() as u64, s.ns_at(done));
         // The path's in-flight counters drop first, then waiters for room are woken: a waiter woken
         // before the drop would see no room and sleep through it.
         let answer = match outcome {
             Ok(reply) => {
-                let latency = sent.started.elapsed();
-                slot.load
-                    .on_complete(sent.bytes, latency.as_nanos() as u64, s.now_ns());
-                learn(s, slot, sent.transfer, latency);
+                slot.load.on_complete(sent.bytes, elapsed_ns, now_ns);
+                learn(slot, sent.transfer, latency, now_ns);
                 count_success(s, slot, installed, request);
                 Ok(Ok(reply))
             }
             Err(Attempt::Request(e)) => {
-                slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
+                slot.load.on_complete(sent.bytes, elapsed_ns, now_ns);
                 slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                 Ok(Err(IoError::new(e.errno(), e.message)))
             }
             Err(Attempt::ErrorReply(e)) => {
-                slot.load.on_complete(sent.bytes, elapsed_ns(), s.now_ns());
+                slot.load.on_complete(sent.bytes, elapsed_ns, now_ns);
                 slot.counters.errors.fetch_add(1, Ordering::Relaxed);
                 p.error_replies += 1;
                 Err(e)
@@ -491,11 +490,9 @@ impl Lun {
     /// `transfer` is the bytes it waits for and moves; `hedge`: another path could take it.
     async fn attempt(
         &self,
-        slot: &PathSlot,
-        index: usize,
-        installed: &Arc<Installed>,
+        (slot, index, installed): (&PathSlot, usize, &Arc<Installed>),
         request: Request,
-        (transfer, hedge): (u64, bool),
+        (started, transfer, hedge): (Instant, u64, bool),
         progress: &mut Progress,
     ) -> Result<Reply, Attempt> {
         let s = &*self.shared;
@@ -507,7 +504,8 @@ impl Lun {
             )));
         }
         let (soft, hard) = deadlines(s, slot, transfer, hedge);
-        let hard_deadline = tokio::time::Instant::now() + hard;
+        let started = tokio::time::Instant::from_std(started);
+        let hard_deadline = started + hard;
         let writes = changes_data(&request);
         let (offset, length) = range(&request);
         let outstanding = writes.then(|| OutstandingWrite::new(installed));
@@ -526,7 +524,7 @@ impl Lun {
                     .await;
             }
             _ = installed.abandoned.cancelled() => false,
-            _ = tokio::time::sleep(soft) => true,
+            _ = tokio::time::sleep_until(started + soft) => true,
         };
         let error = if !timed_out {
             // The control task took the path out of service while this waited.
@@ -815,11 +813,9 @@ impl Lun {
         let transfer = slot.load.bytes_in_flight();
         let result = self
             .attempt(
-                slot,
-                index,
-                installed,
+                (slot, index, installed),
                 request,
-                (transfer, false),
+                (started, transfer, false),
                 &mut progress,
             )
             .await;
@@ -890,7 +886,7 @@ impl Lun {
 /// What a completed request teaches about its path: throughput from the bytes it waited for and moved,
 /// and latency net of that transfer (so the adaptive timeout reflects the path's responsiveness, not
 /// the size of recent requests).
-fn learn(s: &Shared, slot: &PathSlot, transfer: u64, latency: Duration) {
+fn learn(slot: &PathSlot, transfer: u64, latency: Duration, now_ns: u64) {
     slot.throughput.record(transfer, latency);
     slot.histogram.record(latency);
     match slot.throughput.expected(transfer) {
@@ -898,7 +894,7 @@ fn learn(s: &Shared, slot: &PathSlot, transfer: u64, latency: Duration) {
         None if transfer < THROUGHPUT_SAMPLE_BYTES_MIN => slot.latency.record(latency),
         None => {}
     }
-    slot.success_last_ns.fetch_max(s.now_ns(), Ordering::AcqRel);
+    slot.success_last_ns.fetch_max(now_ns, Ordering::AcqRel);
 }
 
 /// A request left the path's in-flight counts: wake requests waiting for room, if any.

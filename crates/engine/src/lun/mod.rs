@@ -274,6 +274,8 @@ pub(crate) struct Shared {
     pub(crate) epoch: Instant,
     pub(crate) stopping: AtomicBool,
     pub(crate) stop: tokio_util::sync::CancellationToken,
+    /// `stop` as an atomic, for the data path's checks (reading the token takes its lock).
+    pub(crate) stopped: AtomicBool,
     /// Until when (`now_ns`) a request is waiting for a path because every usable one failed it:
     /// a healthy path held down as marginal is admitted meanwhile (better marginal than an error).
     pub(crate) path_wanted_until_ns: AtomicU64,
@@ -290,6 +292,11 @@ impl Shared {
     /// Monotonic nanoseconds since the LUN started (the selectors' clock).
     pub(crate) fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// [`Shared::now_ns`] of an instant already read (the data path reads the clock once per step).
+    pub(crate) fn ns_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
     }
 
     pub(crate) fn send(&self, message: Control) {
@@ -475,6 +482,7 @@ impl Lun {
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             stop: tokio_util::sync::CancellationToken::new(),
+            stopped: AtomicBool::new(false),
             path_wanted_until_ns: AtomicU64::new(0),
             paths_changed: Notify::new(),
             journal,
@@ -683,6 +691,7 @@ impl Lun {
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.no_path.shutdown();
+        self.shared.stopped.store(true, Ordering::Release);
         self.shared.stop.cancel();
         for slot in self.shared.slots.iter() {
             if let Some(installed) = slot.installed.swap(None) {
