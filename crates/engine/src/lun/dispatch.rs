@@ -216,6 +216,31 @@ fn changes_data(request: &Request) -> bool {
     )
 }
 
+/// What the completion of a request counts, known before the request goes to a path (a path that
+/// completes it keeps it).
+#[derive(Clone, Copy)]
+struct Shape {
+    read_bytes: Option<u64>,
+    write_bytes: Option<u64>,
+    changes_data: bool,
+}
+
+impl Shape {
+    fn of(request: &Request) -> Shape {
+        Shape {
+            read_bytes: match request {
+                Request::Read { length, .. } => Some(u64::from(*length)),
+                _ => None,
+            },
+            write_bytes: match request {
+                Request::Write { data, .. } => Some(data.len() as u64),
+                _ => None,
+            },
+            changes_data: changes_data(request),
+        }
+    }
+}
+
 /// One attempt as sent: on which path, when, and how many bytes it and the data ahead of it carry.
 struct OnPath {
     index: usize,
@@ -286,6 +311,8 @@ impl Lun {
     ) -> Result<Reply, IoError> {
         let s = &*self.shared;
         let bytes = payload_bytes(&request);
+        let shape = Shape::of(&request);
+        let mut request = request;
         loop {
             if s.stopped.load(Ordering::Acquire) {
                 return Err(shutting_down());
@@ -317,14 +344,12 @@ impl Lun {
                 p.excluded_slots |= 1 << index;
                 continue;
             };
-            // Each attempt sends a clone (a `Bytes` handle, not the data): an abandoned copy stays with
-            // its old path, and we still hold ours for the re-drive.
             let started = Instant::now();
             let transfer = bytes_ahead + u64::from(bytes);
             let outcome = self
                 .attempt(
                     (slot, index, &installed),
-                    request.clone(),
+                    request,
                     (started, transfer, alternatives),
                     p,
                 )
@@ -335,9 +360,16 @@ impl Lun {
                 transfer,
                 bytes,
             };
-            if let Some(result) = self.book(slot, &installed, &request, sent, outcome, p) {
+            // A failed attempt hands the request back: that one is re-driven.
+            let (outcome, back) = match outcome {
+                Ok(reply) => (Ok(reply), None),
+                Err((attempt, back)) => (Err(attempt), Some(back)),
+            };
+            if let Some(result) = self.book(slot, &installed, shape, sent, outcome, p) {
                 return result;
             }
+            request =
+                back.expect("only a failed attempt is re-driven, and it hands its request back");
         }
     }
 
@@ -347,7 +379,7 @@ impl Lun {
         &self,
         slot: &PathSlot,
         installed: &Installed,
-        request: &Request,
+        shape: Shape,
         sent: OnPath,
         outcome: Result<Reply, Attempt>,
         p: &mut Progress,
@@ -363,7 +395,7 @@ impl Lun {
             Ok(reply) => {
                 slot.load.on_complete(sent.bytes, elapsed_ns, now_ns);
                 learn(slot, sent.transfer, latency, now_ns);
-                count_success(s, slot, installed, request);
+                count_success(s, slot, installed, shape);
                 Ok(Ok(reply))
             }
             Err(Attempt::Request(e)) => {
@@ -494,14 +526,12 @@ impl Lun {
         request: Request,
         (started, transfer, hedge): (Instant, u64, bool),
         progress: &mut Progress,
-    ) -> Result<Reply, Attempt> {
+    ) -> Result<Reply, (Attempt, Request)> {
         let s = &*self.shared;
         if installed.is_abandoned() {
             // Out of service since it was picked: nothing was sent, nothing is in doubt.
-            return Err(Attempt::Fault(PathError::new(
-                PathErrorKind::Closed,
-                "the path was taken out of service",
-            )));
+            let error = PathError::new(PathErrorKind::Closed, "the path was taken out of service");
+            return Err((Attempt::Fault(error), request));
         }
         let (soft, hard) = deadlines(s, slot, transfer, hedge);
         let started = tokio::time::Instant::from_std(started);
@@ -514,14 +544,17 @@ impl Lun {
         // and nothing is in doubt.
         let reached = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&reached);
+        // For the one case the path cannot hand the request back: no reply in time, when the copy on
+        // the wire stays with its watcher (or is dropped unsent). A copy of a few integers, or for a
+        // write another handle to the same bytes.
+        let spare = request.clone();
         let mut sent: Sent =
             Box::pin(async move { connection.submit_tracked(request, &flag).await });
         let timed_out = tokio::select! {
             biased;
             result = &mut sent => {
-                return self
-                    .settle(slot, index, installed, result, (offset, length), progress)
-                    .await;
+                let on = (slot, index, installed);
+                return self.settle(on, result, (offset, length), progress).await;
             }
             _ = installed.abandoned.cancelled() => false,
             _ = tokio::time::sleep_until(started + soft) => true,
@@ -561,32 +594,31 @@ impl Lun {
                     .put_in_doubt(index, installed, (offset, length), Some(watch), progress)
                     .await
                 {
-                    return Err(Attempt::Fault(PathError::new(
-                        PathErrorKind::Closed,
-                        "the LUN is shutting down",
-                    )));
+                    let error = PathError::new(PathErrorKind::Closed, "the LUN is shutting down");
+                    return Err((Attempt::Fault(error), spare));
                 }
             }
             // Never handed to the connection: dropped here, it can never reach the storage.
             _ => drop(sent),
         }
-        Err(if timed_out && soft < hard {
-            Attempt::Slow(error)
-        } else {
-            Attempt::Fault(error)
-        })
+        Err((
+            if timed_out && soft < hard {
+                Attempt::Slow(error)
+            } else {
+                Attempt::Fault(error)
+            },
+            spare,
+        ))
     }
 
-    /// What a completed attempt means.
+    /// What a completed attempt means; a failure hands back the request the path returned.
     async fn settle(
         &self,
-        slot: &PathSlot,
-        index: usize,
-        installed: &Arc<Installed>,
+        (slot, index, installed): (&PathSlot, usize, &Arc<Installed>),
         result: Result<Reply, Failed>,
         (offset, length): (u64, u64),
         progress: &mut Progress,
-    ) -> Result<Reply, Attempt> {
+    ) -> Result<Reply, (Attempt, Request)> {
         let failed = match result {
             Ok(reply) => return Ok(reply),
             Err(failed) => failed,
@@ -597,7 +629,7 @@ impl Lun {
             sent,
         } = failed;
         if error.belongs_to_request() {
-            return Err(Attempt::Request(error));
+            return Err((Attempt::Request(error), request));
         }
         if !error.is_path_fault() {
             self.suspect(
@@ -606,7 +638,7 @@ impl Lun {
                 installed.generation,
                 format!("{} on a request", error.kind),
             );
-            return Err(Attempt::ErrorReply(error));
+            return Err((Attempt::ErrorReply(error), request));
         }
         self.report_fault(slot, index, installed, &error.message);
         if sent && changes_data(&request) {
@@ -615,7 +647,7 @@ impl Lun {
             self.put_in_doubt(index, installed, (offset, length), None, progress)
                 .await;
         }
-        Err(Attempt::Fault(error))
+        Err((Attempt::Fault(error), request))
     }
 
     /// Records an old copy of a write that path `index` may still execute, and, while its connection
@@ -830,7 +862,7 @@ impl Lun {
             Err(attempt) => {
                 slot.load.on_abandon(0);
                 room_released(slot);
-                let why = match attempt {
+                let why = match attempt.0 {
                     Attempt::Request(e)
                     | Attempt::ErrorReply(e)
                     | Attempt::Fault(e)
@@ -906,23 +938,18 @@ fn room_released(slot: &PathSlot) {
 
 /// Counts a completed request. A write acknowledged on a connection that has been taken out of
 /// service meanwhile is counted where the control task counts that connection's unflushed writes.
-fn count_success(s: &Shared, slot: &PathSlot, installed: &Installed, request: &Request) {
+fn count_success(s: &Shared, slot: &PathSlot, installed: &Installed, shape: Shape) {
     let c = &slot.counters;
     c.ios.fetch_add(1, Ordering::Relaxed);
-    match request {
-        Request::Read { length, .. } => {
-            c.reads.fetch_add(1, Ordering::Relaxed);
-            c.bytes_read
-                .fetch_add(u64::from(*length), Ordering::Relaxed);
-        }
-        Request::Write { data, .. } => {
-            c.writes.fetch_add(1, Ordering::Relaxed);
-            c.bytes_written
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        _ => {}
+    if let Some(bytes) = shape.read_bytes {
+        c.reads.fetch_add(1, Ordering::Relaxed);
+        c.bytes_read.fetch_add(bytes, Ordering::Relaxed);
     }
-    if changes_data(request) {
+    if let Some(bytes) = shape.write_bytes {
+        c.writes.fetch_add(1, Ordering::Relaxed);
+        c.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+    }
+    if shape.changes_data {
         // SeqCst with `Installed::abandon` and the control task's retirement count: one of the two
         // sees this write (both may; counting twice only makes one flush more careful).
         installed.writes_acked.fetch_add(1, Ordering::SeqCst);
