@@ -270,7 +270,9 @@ impl Lun {
             return Err(IoError::new(NbdErrno::Shutdown, "the LUN is shutting down"));
         }
         match &request {
-            Request::Flush { .. } => return self.flush(request).await,
+            // Boxed, like every rare branch below: a request's future is moved whole when it starts,
+            // so its size is paid on every I/O (docs/BENCHMARKS.md, "Where the CPU goes").
+            Request::Flush { .. } => return Box::pin(self.flush(request)).await,
             Request::BlockStatus { length, .. } if !s.geometry.load().base_allocation => {
                 // Not every path can tell allocation: "allocated, contents unknown" is always true.
                 return Ok(Reply::BlockStatus(vec![Extent {
@@ -296,7 +298,9 @@ impl Lun {
         let mut p = Progress::default();
         let result = self.dispatch_attempts(request, &mut p).await;
         match p.in_doubt_version {
-            Some(version) if !super::journal::ensure_written(&self.shared, version).await => {
+            Some(version)
+                if !Box::pin(super::journal::ensure_written(&self.shared, version)).await =>
+            {
                 // Not on disk (the LUN stops and the write failed): do not acknowledge.
                 result.and(Err(shutting_down()))
             }
@@ -325,7 +329,7 @@ impl Lun {
                 s.selector.pick(&snapshot, bytes, s.now_ns(), exclude)
             };
             let Some(candidate) = picked else {
-                self.no_candidate(p, &snapshot, bytes).await?;
+                Box::pin(self.no_candidate(p, &snapshot, bytes)).await?;
                 continue;
             };
             p.attempts += 1;
@@ -590,8 +594,8 @@ impl Lun {
                     hard_deadline,
                     hard,
                 };
-                if !self
-                    .put_in_doubt(index, installed, (offset, length), Some(watch), progress)
+                let range = (offset, length);
+                if !Box::pin(self.put_in_doubt(index, installed, range, Some(watch), progress))
                     .await
                 {
                     let error = PathError::new(PathErrorKind::Closed, "the LUN is shutting down");
@@ -644,8 +648,7 @@ impl Lun {
         if sent && changes_data(&request) {
             // It may have reached the target, which may still execute it: nothing will answer it
             // now, so only a fence or in_doubt_timeout ends the doubt.
-            self.put_in_doubt(index, installed, (offset, length), None, progress)
-                .await;
+            Box::pin(self.put_in_doubt(index, installed, (offset, length), None, progress)).await;
         }
         Err((Attempt::Fault(error), request))
     }
