@@ -467,6 +467,53 @@ async fn shutdown_drains_and_refuses_new_requests() {
     assert_eq!(b.contents(4096, 4096), vec![0; 4096]);
 }
 
+/// A request read while its connection is at its byte budget (the client has not read the reply
+/// ahead of it) has not started when the server shuts down: it is answered ESHUTDOWN, not dropped
+/// (a client would wait for that reply forever).
+#[tokio::test]
+async fn a_request_waiting_for_the_byte_budget_at_shutdown_is_answered() {
+    let max = MAX_PAYLOAD_BYTES;
+    let b = MemBackend::new(2 * max as usize, Mode::Immediate);
+    let mut arrivals = b.set_arrivals();
+    b.gated.store(true, Ordering::SeqCst);
+    let options = ServerOptions {
+        connection_bytes_max: max as usize,
+        ..ServerOptions::default()
+    };
+    let server = server_with(vec![(export("disk", 2 * max as usize), b.clone())], options);
+    let ts = start_unix(Arc::clone(&server)).await;
+    let Endpoint::Unix { path } = ts.endpoint.clone() else {
+        unreachable!()
+    };
+    let mut raw = Raw::new(tokio::net::UnixStream::connect(&path).await.unwrap());
+    raw.go("disk", false, false).await;
+    // Both in one write, so the server reads them together: the first takes the whole budget, the
+    // second waits for room.
+    let mut both = bytes::BytesMut::new();
+    req(Command::Read, 1, 0, max).encode(&mut both);
+    req(Command::Read, 2, 0, 4096).encode(&mut both);
+    raw.send(&both).await;
+    within(arrivals.recv()).await.unwrap();
+    server.shutdown();
+    b.open_gate();
+    let read_len = |cookie: u64| if cookie == 1 { max as usize } else { 4096 };
+    let mut errors = std::collections::HashMap::new();
+    for _ in 0..2 {
+        match within(raw.any_reply(read_len)).await {
+            Some(AnyReply::Simple(h, _)) => errors.insert(h.cookie, h.error),
+            other => panic!("a simple reply for each request, got {other:?}"),
+        };
+    }
+    assert_eq!(errors[&1], 0, "the first read completes");
+    assert_eq!(
+        errors[&2],
+        NbdErrno::Shutdown.to_wire(),
+        "the waiting one is refused with ESHUTDOWN"
+    );
+    assert!(within(raw.at_eof()).await);
+    within(server.wait_idle()).await;
+}
+
 #[tokio::test]
 async fn garbage_closes_only_that_connection() {
     let b = MemBackend::new(MIB, Mode::Immediate);
