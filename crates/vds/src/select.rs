@@ -177,10 +177,18 @@ impl PathLoad {
     }
 
     /// An I/O of `bytes` dispatched earlier completed after `latency_ns`, at monotonic time `now_ns`.
+    /// Only data transfers (`bytes > 0`) teach the latency estimate.
     pub fn on_complete(&self, bytes: u32, latency_ns: u64, now_ns: u64) {
         saturating_decrement(&self.requests_in_flight, 1, "requests in flight");
         saturating_decrement(&self.bytes_in_flight, u64::from(bytes), "bytes in flight");
 
+        if bytes == 0 {
+            // FLUSH, TRIM, WRITE_ZEROES: their latency says little about how fast this path moves
+            // data (a 5 ms flush would push reads away from it), so only data transfers are learnt.
+            self.completion_last_ns.fetch_max(now_ns, Ordering::AcqRel);
+            self.completions.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
         let completion_last_ns = self.completion_last_ns.load(Ordering::Acquire);
         let latency_old = self.latency_ns_ewma.load(Ordering::Relaxed);
         let quiet = completion_last_ns == 0
@@ -196,7 +204,7 @@ impl PathLoad {
         self.latency_ns_ewma.store(latency_new, Ordering::Relaxed);
         let bytes_new = ewma(
             self.io_bytes_ewma.load(Ordering::Relaxed),
-            u64::from(bytes).max(1),
+            u64::from(bytes),
             EWMA_SHIFT,
         );
         self.io_bytes_ewma.store(bytes_new, Ordering::Relaxed);
@@ -260,7 +268,9 @@ impl PathLoad {
     pub fn estimate_q10(&self, io_bytes: u32) -> u64 {
         let in_flight = self.requests_in_flight.load(Ordering::Relaxed);
         let latency_ns = self.latency_ns_ewma.load(Ordering::Relaxed);
-        let by_count = (in_flight + 1).saturating_mul(latency_ns) << SERVICE_PER_BYTE_SHIFT;
+        let by_count = (in_flight + 1)
+            .saturating_mul(latency_ns)
+            .saturating_mul(1 << SERVICE_PER_BYTE_SHIFT);
         let bytes = self.bytes_in_flight.load(Ordering::Relaxed) + u64::from(io_bytes);
         let by_bytes = bytes.saturating_mul(self.latency_per_byte_q10.load(Ordering::Relaxed));
         by_count.max(by_bytes)
@@ -686,6 +696,22 @@ mod tests {
         let selector = Selector::new();
         assert_eq!(counts(&selector, &snap, 10), [5, 5, 0]);
         assert_eq!(selector.pick(&snap, 0, 0, 0b11), Some(2));
+    }
+
+    #[test]
+    fn only_data_transfers_teach_the_latency_estimate() {
+        let load = PathLoad::new();
+        load.on_dispatch(4096);
+        load.on_complete(4096, 100_000, 1_000_000);
+        let estimate = load.estimate_q10(4096);
+        // A slow FLUSH (no payload) completes: counted, but the path does not look slower for reads.
+        load.on_dispatch(0);
+        load.on_complete(0, 5_000_000, 6_000_000);
+        assert_eq!(load.latency_ns_ewma(), 100_000);
+        assert_eq!(load.estimate_q10(4096), estimate);
+        assert_eq!(load.completions(), 2);
+        assert_eq!(load.completion_last_ns(), 6_000_000);
+        assert_eq!(load.requests_in_flight(), 0);
     }
 
     #[test]

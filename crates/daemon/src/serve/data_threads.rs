@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long `stop` waits for a data thread to leave its runtime.
 const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a data thread's runtime waits for its blocking calls when it stops.
+const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// One data thread: a current-thread runtime driven until `stop`.
 struct DataThread {
@@ -37,30 +39,46 @@ pub fn thread_count(configured: usize, luns: usize) -> usize {
 }
 
 impl DataThreads {
-    /// Starts `count` data threads (at least one).
+    /// Starts `count` data threads (at least one). Each builds its runtime on its own thread (a runtime
+    /// must not be dropped where async code runs, as it would be if the thread failed to start).
     pub fn start(count: usize) -> std::io::Result<DataThreads> {
-        let mut threads = Vec::with_capacity(count.max(1));
+        let mut started = DataThreads {
+            threads: Vec::with_capacity(count.max(1)),
+        };
         for i in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
             let stop = CancellationToken::new();
             let until = stop.clone();
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let thread = std::thread::Builder::new()
                 .name(format!("lunmpio-data-{i}"))
                 .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    let runtime = match runtime {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = handle_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = handle_tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(until.cancelled());
-                    // Dropping the runtime here drops what is left of its tasks on their own thread.
+                    // Bounded: a blocking call stuck on a hung device is not waited for.
+                    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
                 })?;
-            threads.push(DataThread {
+            // On an error here, `started` drops and stops the threads already running.
+            let handle = handle_rx.recv().map_err(|_| {
+                std::io::Error::other("a data thread ended before its runtime started")
+            })??;
+            started.threads.push(DataThread {
                 handle,
                 stop,
                 thread,
             });
         }
-        debug_assert!(!threads.is_empty(), "there is always a data thread");
-        Ok(DataThreads { threads })
+        debug_assert!(!started.threads.is_empty(), "there is always a data thread");
+        Ok(started)
     }
 
     pub fn len(&self) -> usize {
@@ -94,7 +112,8 @@ impl DataThreads {
 }
 
 impl Drop for DataThreads {
-    /// A daemon that failed to start drops its threads without `stop`: they end all the same.
+    /// A daemon that failed to start, or was dropped without `Daemon::stop`, drops its threads
+    /// without `stop`: they end all the same (what runs on them is dropped, without a drain).
     fn drop(&mut self) {
         for t in &self.threads {
             t.stop.cancel();

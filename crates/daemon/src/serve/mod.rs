@@ -32,7 +32,8 @@ pub struct ServeArgs {
 /// Exit bound after the drain: closing paths and tasks takes no longer than this.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
-/// A running daemon (in this process). Dropping it does not stop it; call [`Daemon::stop`].
+/// A running daemon (in this process). Call [`Daemon::stop`] to stop it gracefully; dropping it ends
+/// its data threads at once (no drain, the LUNs' I/O in flight is dropped).
 pub struct Daemon {
     config: Config,
     server: Arc<Server<Lun>>,
@@ -199,6 +200,17 @@ impl Daemon {
         }
         for lun in &self.luns {
             lun.shutdown();
+        }
+        // The LUNs' last journal writes run on their data threads: done before those threads stop.
+        let closed = async {
+            for lun in &self.luns {
+                lun.closed().await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_GRACE, closed).await.is_err() {
+            tracing::warn!(
+                "a LUN's last in-doubt journal write did not finish within {CLOSE_GRACE:?}"
+            );
         }
         self.stop.cancel();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.serving).await;

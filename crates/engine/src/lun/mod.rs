@@ -276,6 +276,8 @@ pub(crate) struct Shared {
     pub(crate) stop: tokio_util::sync::CancellationToken,
     /// `stop` as an atomic, for the data path's checks (reading the token takes its lock).
     pub(crate) stopped: AtomicBool,
+    /// The task that writes the in-doubt journal, last of all when the LUN stops ([`Lun::closed`]).
+    journal_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Until when (`now_ns`) a request is waiting for a path because every usable one failed it:
     /// a healthy path held down as marginal is admitted meanwhile (better marginal than an error).
     pub(crate) path_wanted_until_ns: AtomicU64,
@@ -483,6 +485,7 @@ impl Lun {
             stopping: AtomicBool::new(false),
             stop: tokio_util::sync::CancellationToken::new(),
             stopped: AtomicBool::new(false),
+            journal_task: std::sync::Mutex::new(None),
             path_wanted_until_ns: AtomicU64::new(0),
             paths_changed: Notify::new(),
             journal,
@@ -492,7 +495,11 @@ impl Lun {
         let mut control = control::ControlTask::new(Arc::clone(&shared), mpio, state_file);
         control.admit_initial(results);
         tokio::spawn(control.run(control_rx));
-        tokio::spawn(journal::persist_task(Arc::clone(&shared)));
+        let journal_task = tokio::spawn(journal::persist_task(Arc::clone(&shared)));
+        *shared
+            .journal_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(journal_task);
         for index in 0..shared.slots.len() {
             tokio::spawn(health::run(Arc::clone(&shared), index));
         }
@@ -683,6 +690,20 @@ impl Lun {
     pub fn fail_queued(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.no_path.shutdown();
+    }
+
+    /// Resolves once a stopped LUN ([`Lun::shutdown`]) has written its in-doubt journal for the last
+    /// time: the runtime it lives on may end after that without losing a record.
+    pub async fn closed(&self) {
+        let task = self
+            .shared
+            .journal_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Stops the LUN: queued I/O (no path) fails now, new I/O fails with ESHUTDOWN, health and

@@ -265,34 +265,45 @@ impl<B: Backend> Server<B> {
             });
         }
         if draining {
-            // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done.
+            // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done. Each
+            // answer holds a slot like a request does, so a client that does not read its replies
+            // stops being read from here too.
+            let mut slot: Option<OwnedSemaphorePermit> = None;
             loop {
+                if slot.is_none() {
+                    slot = Arc::clone(&slots).try_acquire_owned().ok();
+                }
+                let spare = u32::from(slot.is_some());
                 let req = tokio::select! {
                     biased;
                     Some(out) = running.next(), if !running.is_empty() => {
                         let _ = tx.send(out);
                         continue;
                     }
-                    _ = slots.acquire_many(max as u32) => break,
-                    r = read_request(&mut rd, &mut buf) => r,
+                    // Asked before "all done" so that it queues first for a slot that comes back.
+                    p = Arc::clone(&slots).acquire_owned(), if slot.is_none() => {
+                        slot = p.ok();
+                        continue;
+                    }
+                    // Everything in flight answered and written (the slot kept for the next aside).
+                    _ = slots.acquire_many(max as u32 - spare) => break,
+                    r = read_request(&mut rd, &mut buf), if slot.is_some() => r,
                 };
                 match req {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, _))) => {
-                        let held = Arc::clone(&slots).try_acquire_owned().ok().map(|slot| {
-                            connection.request_started();
-                            Held {
-                                _slot: slot,
-                                _bytes: None,
-                                connection: Arc::clone(connection),
-                            }
-                        });
+                        connection.request_started();
+                        let held = Held {
+                            _slot: slot.take().expect("read only with a slot"),
+                            _bytes: None,
+                            connection: Arc::clone(connection),
+                        };
                         let _ = tx.send(Out {
                             cookie: h.cookie,
                             offset: h.offset,
                             body: Body::Err(NbdErrno::Shutdown),
                             chunked_error: n.structured && is_chunked(h.command),
-                            _held: held,
+                            _held: Some(held),
                         });
                     }
                     Ok(None) => break,
@@ -419,7 +430,7 @@ fn run_request<B: Backend>(r: ToRun<B>) -> impl Future<Output = Out> {
         let body = match request_of(&h, data) {
             // Filtered out by check_request.
             None => Body::Err(NbdErrno::Inval),
-            Some(request) => match (h.command, backend.handle(request).await) {
+            Some(request) => match (h.command, handle_isolated(&*backend, request).await) {
                 (_, Err(e)) => body_err(e),
                 (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => Body::Read(d),
                 (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
@@ -444,6 +455,22 @@ fn run_request<B: Backend>(r: ToRun<B>) -> impl Future<Output = Out> {
             body,
             chunked_error,
             _held: Some(held),
+        }
+    }
+}
+
+/// Runs one request in the backend; a panic there fails that request with EIO and nothing else (the
+/// connection's other requests run in the same task and must run to their end).
+async fn handle_isolated<B: Backend>(backend: &B, request: Request) -> Result<Reply, NbdErrno> {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(backend.handle(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(reply) => reply,
+        Err(_) => {
+            tracing::error!("the backend panicked on a request; answering it EIO");
+            Err(NbdErrno::Io)
         }
     }
 }
