@@ -732,13 +732,15 @@ const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Daemon {
     /// Starts a daemon whose config is `[daemon]` (generated: free ports, sockets and state in a
-    /// temporary directory, metrics on) plus `rest` (`[defaults]` and `[[lun]]` tables).
+    /// temporary directory, metrics on, two data threads) plus `rest` (`[defaults]` and `[[lun]]`
+    /// tables). Two data threads whatever the machine's CPUs, so that a config with several LUNs
+    /// spreads them over threads (connections moved between runtimes) on every machine.
     pub fn spawn(rest: &str) -> Daemon {
         let dir = tempdir();
         let config = dir.path().join("lunmpio.toml");
         let socket = dir.path().join("control.sock");
         let text = format!(
-            "[daemon]\nnbd_listen = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nshutdown_timeout = \"5s\"\n\n{rest}",
+            "[daemon]\nnbd_listen = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\nshutdown_timeout = \"5s\"\ndata_threads = 2\n\n{rest}",
             socket.display(),
             dir.path().join("state").display()
         );
