@@ -293,7 +293,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// Monotonic nanoseconds since the LUN started (the selectors' clock).
     pub(crate) fn now_ns(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64
+        self.ns_at(Instant::now())
     }
 
     /// [`Shared::now_ns`] of an instant already read (the data path reads the clock once per step).

@@ -123,6 +123,18 @@ struct Held {
     connection: Arc<Admitted>,
 }
 
+impl Held {
+    /// A request read into `slot`: counted as in flight on `connection` until this is dropped.
+    fn started(slot: OwnedSemaphorePermit, connection: &Arc<Admitted>) -> Held {
+        connection.request_started();
+        Held {
+            _slot: slot,
+            _bytes: None,
+            connection: Arc::clone(connection),
+        }
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.connection.request_done();
@@ -137,6 +149,19 @@ struct Out {
     /// READ and BLOCK_STATUS errors go out as ERROR chunks under structured replies.
     chunked_error: bool,
     _held: Option<Held>,
+}
+
+impl Out {
+    /// The ESHUTDOWN answer to a request that will not run because the server is shutting down.
+    fn shutdown(h: &RequestHeader, structured: bool, held: Held) -> Out {
+        Out {
+            cookie: h.cookie,
+            offset: h.offset,
+            body: Body::Err(NbdErrno::Shutdown),
+            chunked_error: structured && is_chunked(h.command),
+            _held: Some(held),
+        }
+    }
 }
 
 /// Bytes a request holds while it runs and until its reply is written: the payload it brought, or the
@@ -226,12 +251,8 @@ impl<B: Backend> Server<B> {
                 r = read_request(&mut rd, &mut buf), if reading => match r {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, data))) => {
-                        connection.request_started();
-                        let mut held = Held {
-                            _slot: slot.take().expect("guarded by the branch condition"),
-                            _bytes: None,
-                            connection: Arc::clone(connection),
-                        };
+                        let slot = slot.take().expect("guarded by the branch condition");
+                        let mut held = Held::started(slot, connection);
                         // The bytes this request will hold: it starts once the connection has room.
                         let wanted = request_bytes(&h, &data, budget_max);
                         match Arc::clone(&budget).try_acquire_many_owned(wanted) {
@@ -256,13 +277,7 @@ impl<B: Backend> Server<B> {
         drop(slot);
         if let Some((h, _, held)) = waiting.take() {
             // Shut down while it waited for room: it never started.
-            let _ = tx.send(Out {
-                cookie: h.cookie,
-                offset: h.offset,
-                body: Body::Err(NbdErrno::Shutdown),
-                chunked_error: n.structured && is_chunked(h.command),
-                _held: Some(held),
-            });
+            let _ = tx.send(Out::shutdown(&h, n.structured, held));
         }
         if draining {
             // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done. Each
@@ -292,19 +307,9 @@ impl<B: Backend> Server<B> {
                 match req {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, _))) => {
-                        connection.request_started();
-                        let held = Held {
-                            _slot: slot.take().expect("read only with a slot"),
-                            _bytes: None,
-                            connection: Arc::clone(connection),
-                        };
-                        let _ = tx.send(Out {
-                            cookie: h.cookie,
-                            offset: h.offset,
-                            body: Body::Err(NbdErrno::Shutdown),
-                            chunked_error: n.structured && is_chunked(h.command),
-                            _held: Some(held),
-                        });
+                        let held =
+                            Held::started(slot.take().expect("read only with a slot"), connection);
+                        let _ = tx.send(Out::shutdown(&h, n.structured, held));
                     }
                     Ok(None) => break,
                     Err(e) => {
