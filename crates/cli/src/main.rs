@@ -45,8 +45,11 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
         },
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(lunmpio_demo::run(args))),
-        Command::Serve(args) => runtime()
-            .and_then(|rt| run_to_end(rt, serve::run(args)))
+        // Listeners from systemd are taken while this is the only thread (it edits the environment).
+        Command::Serve(args) => serve::activation::Inherited::take_from_env()
+            .and_then(|inherited| {
+                runtime().and_then(|rt| run_to_end(rt, serve::run(args, inherited)))
+            })
             .map(|()| ExitCode::SUCCESS),
         Command::Luns(o) => manage::luns(&o),
         Command::Topology(o) => manage::topology(&o),

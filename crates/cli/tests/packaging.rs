@@ -84,3 +84,37 @@ fn systemd_unit_is_hardened() {
         assert!(text.contains(section), "missing {section}");
     }
 }
+
+/// The socket units hand the daemon the listeners the example config names, by the names the daemon
+/// looks for, and the service takes them (and keeps the socket's directory when it stops).
+#[test]
+fn socket_units_match_the_example_config() {
+    let (config_text, file) = packaging("lunmpio.toml");
+    let config = Config::parse(&config_text, &file).unwrap_or_else(|e| panic!("{e}"));
+    let value = |text: &str, key: &str| -> String {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in the unit"))
+            .to_string()
+    };
+    let (nbd, _) = packaging("lunmpio-nbd.socket");
+    assert_eq!(
+        ListenAddr::Tcp(value(&nbd, "ListenStream").parse().unwrap()),
+        config.daemon.nbd_listen
+    );
+    assert_eq!(value(&nbd, "FileDescriptorName"), "nbd");
+    assert_eq!(value(&nbd, "Service"), "lunmpio.service");
+    let (control, _) = packaging("lunmpio-control.socket");
+    assert_eq!(
+        PathBuf::from(value(&control, "ListenStream")),
+        config.daemon.control_socket
+    );
+    assert_eq!(value(&control, "FileDescriptorName"), "control");
+    assert_eq!(value(&control, "SocketMode"), "0600");
+    let (service, _) = packaging("lunmpio.service");
+    assert_eq!(
+        value(&service, "Sockets"),
+        "lunmpio-nbd.socket lunmpio-control.socket"
+    );
+    assert_eq!(value(&service, "RuntimeDirectoryPreserve"), "yes");
+}

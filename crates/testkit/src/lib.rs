@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub mod fio;
 pub mod inprocess;
 pub mod relay;
 
@@ -725,6 +726,8 @@ pub struct Daemon {
     /// `127.0.0.1:PORT` of /metrics, when the config asked for it.
     pub metrics: Option<String>,
     stderr: Arc<Mutex<VecDeque<String>>>,
+    /// Sockets handed over as by systemd, when started with [`Daemon::spawn_activated`].
+    activation: Option<Arc<Activation>>,
     pub dir: tempfile::TempDir,
 }
 
@@ -749,12 +752,24 @@ impl Daemon {
     }
 
     fn start(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf) -> Daemon {
+        Daemon::launch(dir, config, socket, None)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        config: PathBuf,
+        socket: PathBuf,
+        activation: Option<Arc<Activation>>,
+    ) -> Daemon {
         let mut cmd = Command::new(lunmpio_bin());
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
+            .env("RUST_LOG", "info");
+        if let Some(a) = &activation {
+            cmd = a.apply(cmd);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn lunmpio serve");
@@ -795,6 +810,7 @@ impl Daemon {
             nbd,
             metrics,
             stderr,
+            activation,
             dir,
         }
     }
@@ -936,6 +952,7 @@ impl Daemon {
             socket,
             config,
             dir,
+            activation,
             ..
         } = self;
         process.signal(signal);
@@ -946,7 +963,7 @@ impl Daemon {
         drop(process);
         let text = std::fs::read_to_string(&config).expect("read the config");
         std::fs::write(&config, edit(text)).expect("write the config");
-        Daemon::start(dir, config, socket)
+        Daemon::launch(dir, config, socket, activation)
     }
 
     /// GetPathInfo's status reason of a path, by name ("" when it has none).
@@ -1108,6 +1125,99 @@ pub fn fio_verify_command(uri: &str, size: &str, workdir: &Path) -> Command {
     c
 }
 
+/// A daemon config: generated `[daemon]` keys (free ports, files in `dir`), replaced by those of
+/// `daemon_extra` with the same name, then `rest`.
+fn config_text(dir: &tempfile::TempDir, socket: &Path, daemon_extra: &str, rest: &str) -> String {
+    let overridden: Vec<&str> = daemon_extra
+        .lines()
+        .filter_map(|l| l.split('=').next())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .collect();
+    let mut text = String::from("[daemon]\n");
+    for (k, v) in [
+        ("nbd_listen", "\"127.0.0.1:0\"".to_string()),
+        ("control_socket", format!("\"{}\"", socket.display())),
+        ("metrics_listen", "\"127.0.0.1:0\"".to_string()),
+        (
+            "state_dir",
+            format!("\"{}\"", dir.path().join("state").display()),
+        ),
+        ("shutdown_timeout", "\"5s\"".to_string()),
+    ] {
+        if !overridden.contains(&k) {
+            text += &format!("{k} = {v}\n");
+        }
+    }
+    text += daemon_extra;
+    text += "\n\n";
+    text += rest;
+    text
+}
+
+/// Listening sockets held by the test as systemd holds them for a `.socket` unit: bound once, passed
+/// to every daemon started on them (descriptors 3 and 4, named `nbd` and `control`).
+pub struct Activation {
+    pub nbd_addr: std::net::SocketAddr,
+    /// Copies at high descriptor numbers, so moving them to 3 and 4 in the child never overwrites
+    /// one with the other.
+    nbd: std::os::fd::OwnedFd,
+    control: std::os::fd::OwnedFd,
+}
+
+impl Activation {
+    fn bind(control_socket: &Path) -> Activation {
+        let nbd = TcpListener::bind("127.0.0.1:0").expect("bind the NBD listener");
+        let nbd_addr = nbd.local_addr().expect("local address");
+        let control = std::os::unix::net::UnixListener::bind(control_socket)
+            .expect("bind the control socket");
+        Activation {
+            nbd_addr,
+            nbd: high_copy(std::os::fd::OwnedFd::from(nbd)),
+            control: high_copy(std::os::fd::OwnedFd::from(control)),
+        }
+    }
+
+    /// Makes `cmd` receive the sockets: `sh` sets `LISTEN_PID` to its own PID and `exec`s the
+    /// program, which keeps that PID.
+    fn apply(&self, cmd: Command) -> Command {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let mut wrapped = Command::new("sh");
+        wrapped
+            .arg("-c")
+            .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
+            .arg(cmd.get_program())
+            .args(cmd.get_args())
+            .env("LISTEN_FDS", "2")
+            .env("LISTEN_FDNAMES", "nbd:control");
+        for (k, v) in cmd.get_envs() {
+            if let Some(v) = v {
+                wrapped.env(k, v);
+            }
+        }
+        let (nbd, control) = (self.nbd.as_raw_fd(), self.control.as_raw_fd());
+        // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+        unsafe {
+            wrapped.pre_exec(move || {
+                if libc::dup2(nbd, 3) < 0 || libc::dup2(control, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        wrapped
+    }
+}
+
+fn high_copy(fd: std::os::fd::OwnedFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
+    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+    assert!(copy >= 0, "dup: {}", std::io::Error::last_os_error());
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) }
+}
+
 impl Daemon {
     /// Like [`Daemon::spawn`], with extra `[daemon]` keys (`daemon_extra`, one `key = value` a line)
     /// replacing the generated ones of the same name.
@@ -1115,32 +1225,23 @@ impl Daemon {
         let dir = tempdir();
         let config = dir.path().join("lunmpio.toml");
         let socket = dir.path().join("control.sock");
-        let overridden: Vec<&str> = daemon_extra
-            .lines()
-            .filter_map(|l| l.split('=').next())
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .collect();
-        let mut text = String::from("[daemon]\n");
-        for (k, v) in [
-            ("nbd_listen", "\"127.0.0.1:0\"".to_string()),
-            ("control_socket", format!("\"{}\"", socket.display())),
-            ("metrics_listen", "\"127.0.0.1:0\"".to_string()),
-            (
-                "state_dir",
-                format!("\"{}\"", dir.path().join("state").display()),
-            ),
-            ("shutdown_timeout", "\"5s\"".to_string()),
-        ] {
-            if !overridden.contains(&k) {
-                text += &format!("{k} = {v}\n");
-            }
-        }
-        text += daemon_extra;
-        text += "\n\n";
-        text += rest;
-        std::fs::write(&config, text).expect("write config");
+        std::fs::write(&config, config_text(&dir, &socket, daemon_extra, rest))
+            .expect("write config");
         Daemon::start(dir, config, socket)
+    }
+
+    /// Like [`Daemon::spawn_with`], with the NBD listener and the control socket bound by the test
+    /// and handed to the daemon the way systemd does (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`).
+    /// The test keeps them: every restart of this daemon gets the same sockets, and connections
+    /// made while it is down wait in their backlog.
+    pub fn spawn_activated(daemon_extra: &str, rest: &str) -> Daemon {
+        let dir = tempdir();
+        let config = dir.path().join("lunmpio.toml");
+        let socket = dir.path().join("control.sock");
+        let activation = Arc::new(Activation::bind(&socket));
+        let extra = format!("nbd_listen = \"{}\"\n{daemon_extra}", activation.nbd_addr);
+        std::fs::write(&config, config_text(&dir, &socket, &extra, rest)).expect("write config");
+        Daemon::launch(dir, config, socket, Some(activation))
     }
 
     /// The full GetStatistics answer.

@@ -6,6 +6,7 @@
 //! SIGTERM/SIGINT: stop taking new requests, fail I/O queued for lack of a path, let requests on
 //! live paths finish — all within `shutdown_timeout` — then close the paths and exit.
 
+pub mod activation;
 pub mod control_socket;
 pub mod data_threads;
 pub mod fds;
@@ -36,6 +37,7 @@ const CLOSE_GRACE: Duration = Duration::from_millis(500);
 /// its data threads at once (no drain, the LUNs' I/O in flight is dropped).
 pub struct Daemon {
     config: Config,
+    unlink_at_stop: UnlinkAtStop,
     server: Arc<Server<Lun>>,
     luns: Vec<Lun>,
     data_threads: DataThreads,
@@ -50,6 +52,21 @@ impl Daemon {
     /// Starts every LUN, the NBD exports, the control socket and the metrics endpoint; returns once
     /// all of them accept connections.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        Daemon::start_with(config, activation::Inherited::none()).await
+    }
+
+    /// [`Daemon::start`] with listeners handed over by systemd (socket activation): those are used
+    /// instead of binding, and left in place at stop (they belong to systemd).
+    pub async fn start_with(
+        config: Config,
+        inherited: activation::Inherited,
+    ) -> anyhow::Result<Daemon> {
+        let mut activated = activation::assign(inherited, &config)?;
+        // Sockets from systemd are systemd's: never unlinked here, so they outlive this process.
+        let unlink_at_stop = UnlinkAtStop {
+            control_socket: activated.control.is_none(),
+            nbd_socket: activated.nbd.is_none(),
+        };
         let events = Arc::new(EventLog::new());
         std::fs::create_dir_all(&config.daemon.state_dir)
             .with_context(|| format!("state_dir {}", config.daemon.state_dir.display()))?;
@@ -111,10 +128,12 @@ impl Daemon {
         });
         let stop = tokio_util::sync::CancellationToken::new();
 
-        let control_listener =
-            control_socket::bind(&config.daemon.control_socket).with_context(|| {
+        let control_listener = match activated.control.take() {
+            Some(std) => from_std_unix(std).context("control socket from systemd")?,
+            None => control_socket::bind(&config.daemon.control_socket).with_context(|| {
                 format!("control_socket {}", config.daemon.control_socket.display())
-            })?;
+            })?,
+        };
         tokio::spawn(control_socket::serve(
             control_listener,
             Arc::clone(&service),
@@ -122,18 +141,38 @@ impl Daemon {
         ));
 
         let mut metrics_address = None;
-        if let Some(addr) = config.daemon.metrics_listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("metrics_listen {addr}"))?;
+        let metrics_listener = match (activated.metrics.take(), config.daemon.metrics_listen) {
+            (Some(std), _) => Some(from_std_tcp(std).context("metrics listener from systemd")?),
+            (None, Some(addr)) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("metrics_listen {addr}"))?,
+            ),
+            (None, None) => None,
+        };
+        if let Some(listener) = metrics_listener {
             metrics_address = Some(listener.local_addr()?);
             tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
             tokio::spawn(metrics::serve(listener, Arc::clone(&service), stop.clone()));
         }
 
         let mut nbd_address = None;
-        let serving = match &config.daemon.nbd_listen {
-            ListenAddr::Tcp(addr) => {
+        let serving = match (activated.nbd.take(), &config.daemon.nbd_listen) {
+            (Some(activation::NbdListener::Tcp(std)), _) => {
+                let listener = from_std_tcp(std).context("NBD listener from systemd")?;
+                nbd_address = Some(listener.local_addr()?);
+                tracing::info!(address = %listener.local_addr()?, exports = luns.len(), "NBD exports listening (socket from systemd)");
+                tokio::spawn(Arc::clone(&server).serve_tcp(listener))
+            }
+            (Some(activation::NbdListener::Unix(std)), _) => {
+                let listener = from_std_unix(std).context("NBD listener from systemd")?;
+                tracing::info!(
+                    exports = luns.len(),
+                    "NBD exports listening on a unix socket from systemd"
+                );
+                tokio::spawn(Arc::clone(&server).serve_unix(listener))
+            }
+            (None, ListenAddr::Tcp(addr)) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("nbd_listen {addr}"))?;
@@ -141,7 +180,7 @@ impl Daemon {
                 tracing::info!(address = %listener.local_addr()?, exports = luns.len(), "NBD exports listening");
                 tokio::spawn(Arc::clone(&server).serve_tcp(listener))
             }
-            ListenAddr::Unix(path) => {
+            (None, ListenAddr::Unix(path)) => {
                 let _ = std::fs::remove_file(path);
                 let listener = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("nbd_listen unix:{}", path.display()))?;
@@ -151,6 +190,7 @@ impl Daemon {
         };
         Ok(Daemon {
             config,
+            unlink_at_stop,
             server,
             luns,
             data_threads,
@@ -214,8 +254,13 @@ impl Daemon {
         }
         self.stop.cancel();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.serving).await;
-        let _ = std::fs::remove_file(&self.config.daemon.control_socket);
-        if let ListenAddr::Unix(path) = &self.config.daemon.nbd_listen {
+        if self.unlink_at_stop.control_socket {
+            let _ = std::fs::remove_file(&self.config.daemon.control_socket);
+        }
+        if let (ListenAddr::Unix(path), true) = (
+            &self.config.daemon.nbd_listen,
+            self.unlink_at_stop.nbd_socket,
+        ) {
             let _ = std::fs::remove_file(path);
         }
         self.data_threads.stop().await;
@@ -223,9 +268,29 @@ impl Daemon {
     }
 }
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Which socket files this daemon created (and so removes at stop).
+struct UnlinkAtStop {
+    control_socket: bool,
+    nbd_socket: bool,
+}
+
+fn from_std_tcp(std: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    std.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(std)
+}
+
+fn from_std_unix(
+    std: std::os::unix::net::UnixListener,
+) -> std::io::Result<tokio::net::UnixListener> {
+    std.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(std)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. `inherited`: listeners from systemd
+/// ([`activation::Inherited::take_from_env`], taken in `main` before the runtime's threads start).
+pub async fn run(args: ServeArgs, inherited: activation::Inherited) -> anyhow::Result<()> {
     let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let daemon = Daemon::start(config).await?;
+    let daemon = Daemon::start_with(config, inherited).await?;
     // Tell whoever started us that everything is up (tests and supervisors wait for this line).
     // One line, fields separated by "; ": `nbd ADDR` (TCP exports), `metrics ADDR` (when on).
     let mut line = format!("lunmpio: serving {} LUN(s)", daemon.luns().len());
