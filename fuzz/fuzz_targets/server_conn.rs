@@ -40,7 +40,7 @@ fn setup() -> &'static (tokio::runtime::Runtime, Arc<Server<Zero>>) {
             .enable_all()
             .build()
             .unwrap();
-        let mut s = Server::new(ServerOptions {
+        let s = Server::new(ServerOptions {
             max_in_flight_per_connection: 16,
             handshake_timeout: Duration::from_secs(5),
             ..ServerOptions::default()

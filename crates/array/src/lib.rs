@@ -92,7 +92,7 @@ impl Array {
                 .local_addr()
                 .context("listener has no local address")?;
             let port = Arc::new(Port::new(index, addr, nbd_uri(addr, &name)));
-            let mut server = Server::new(ServerOptions::default());
+            let server = Server::new(ServerOptions::default());
             server
                 .add_export(
                     ExportConfig {

@@ -83,7 +83,7 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or_else(|| "/tmp/lunmpio-nbd.sock".into());
     let size: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1 << 30);
     let _ = std::fs::remove_file(&path);
-    let mut server = Server::new(ServerOptions::default());
+    let server = Server::new(ServerOptions::default());
     let mut cfg = ExportConfig::new("mem", size);
     cfg.flags |= TransmissionFlags::CAN_MULTI_CONN;
     server

@@ -1016,7 +1016,7 @@ async fn many_connections_and_exports() {
         ],
         ServerOptions::default(),
     );
-    let mut s2 = lunmpio_nbd::Server::<MemBackend>::new(ServerOptions::default());
+    let s2 = lunmpio_nbd::Server::<MemBackend>::new(ServerOptions::default());
     s2.add_export(export("one", MIB), Arc::clone(&b1)).unwrap();
     assert!(matches!(
         s2.add_export(export("one", MIB), b1.clone()),

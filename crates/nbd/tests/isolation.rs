@@ -33,7 +33,7 @@ impl Backend for PanicsAtZero {
 #[tokio::test]
 async fn a_panic_in_the_backend_fails_only_its_request() {
     let backend = Arc::new(PanicsAtZero::default());
-    let mut server = Server::new(ServerOptions::default());
+    let server = Server::new(ServerOptions::default());
     server
         .add_export(ExportConfig::new("disk", 1 << 20), Arc::clone(&backend))
         .unwrap();

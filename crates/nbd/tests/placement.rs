@@ -47,7 +47,7 @@ fn export_thread(name: &str) -> (tokio::runtime::Handle, tokio::sync::oneshot::S
 async fn requests_run_on_the_export_thread(tcp: bool) {
     let (runtime, _stop) = export_thread("export-thread");
     let backend = Arc::new(Threads::default());
-    let mut server = Server::new(ServerOptions::default());
+    let server = Server::new(ServerOptions::default());
     server
         .add_export_on(
             ExportConfig::new("disk", 1 << 20),

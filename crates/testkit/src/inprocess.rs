@@ -59,7 +59,7 @@ impl Backend for Memory {
 /// Serves `store` as export `lun0` on a Unix socket in `dir`; returns the socket path.
 pub fn serve(dir: &Path, name: &str, store: Arc<Memory>, size: u64, multi_conn: bool) -> PathBuf {
     let socket = dir.join(format!("{name}.sock"));
-    let mut server = Server::new(ServerOptions::default());
+    let server = Server::new(ServerOptions::default());
     let mut flags = TransmissionFlags::SEND_FLUSH
         | TransmissionFlags::SEND_FUA
         | TransmissionFlags::SEND_TRIM

@@ -80,7 +80,7 @@ impl Daemon {
         if let Some(why) = lowered {
             tracing::warn!("{why}");
         }
-        let mut server = Server::new(ServerOptions {
+        let server = Server::new(ServerOptions {
             max_connections,
             ..ServerOptions::default()
         });

@@ -166,7 +166,7 @@ impl<B: Backend> Server<B> {
                 Ok(self.info_or_go(code, &name, &requests, st, out))
             }
             ClientOption::ExportName(name) => {
-                let Some(export) = self.find_export(&name).cloned() else {
+                let Some(export) = self.find_export(&name) else {
                     return Err(ServerError::Handshake(format!("unknown export {name:?}")));
                 };
                 let flags = advertised_flags(&export.config.flags, st.structured);
@@ -261,7 +261,7 @@ impl<B: Backend> Server<B> {
         st: &OptState,
         out: &mut BytesMut,
     ) -> Step<B> {
-        let Some(export) = self.find_export(name).cloned() else {
+        let Some(export) = self.find_export(name) else {
             error_reply(code, OptionError::Unknown, "unknown export", out);
             return Step::Continue;
         };

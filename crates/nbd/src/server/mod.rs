@@ -8,6 +8,7 @@
 //! that LUN), so all of that happens on one thread.
 
 mod admission;
+mod gate;
 mod handshake;
 mod transmission;
 
@@ -124,9 +125,68 @@ pub enum ServerError {
 
 pub(crate) struct ExportEntry<B> {
     pub(crate) config: ExportConfig,
-    pub(crate) backend: Arc<B>,
+    /// Read by a connection when it starts and after each hold: never per request.
+    backend: std::sync::Mutex<Arc<B>>,
     /// Where the export's connections run once the handshake chose it (see [`Server::add_export_on`]).
     pub(crate) runtime: Option<tokio::runtime::Handle>,
+    pub(crate) gate: Arc<gate::Gate>,
+}
+
+impl<B> ExportEntry<B> {
+    pub(crate) fn backend(&self) -> Arc<B> {
+        Arc::clone(&self.backend.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// An export held at a request boundary ([`Server::hold_export`]): its connections start no request
+/// until this is dropped. Nothing is failed, no connection closes.
+pub struct ExportHold<B> {
+    entry: Arc<ExportEntry<B>>,
+}
+
+impl<B> ExportHold<B> {
+    /// Resolves once none of the export's requests runs or waits for its reply to be written.
+    pub async fn quiet(&self) {
+        self.entry.gate.quiet().await
+    }
+
+    /// Requests counted in now (running, or answered and not yet written).
+    pub fn running(&self) -> usize {
+        self.entry.gate.running()
+    }
+
+    /// Requests that arrived during the hold and wait for its end.
+    pub fn parked(&self) -> usize {
+        self.entry.gate.parked()
+    }
+
+    /// The backend every connection uses for its next request once the hold ends. Call once the
+    /// export is [`quiet`](ExportHold::quiet): a request already running finishes on the old one.
+    pub fn replace_backend(&self, backend: Arc<B>) {
+        *self.entry.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+    }
+}
+
+impl<B> Drop for ExportHold<B> {
+    fn drop(&mut self) {
+        self.entry.gate.release();
+    }
+}
+
+/// An export taken away ([`Server::remove_export`]): its connections drain as at shutdown.
+pub struct RemovedExport<B> {
+    entry: Arc<ExportEntry<B>>,
+}
+
+impl<B> RemovedExport<B> {
+    /// Resolves once every connection to the export has closed.
+    pub async fn closed(&self) {
+        self.entry.gate.no_connections().await
+    }
+
+    pub fn connections(&self) -> usize {
+        self.entry.gate.connections()
+    }
 }
 
 /// Moves an accepted socket to another runtime's reactor, so that its readiness wakes that runtime's
@@ -152,7 +212,8 @@ fn rehome_unix(
 }
 
 pub struct Server<B: Backend> {
-    exports: HashMap<String, Arc<ExportEntry<B>>>,
+    /// Looked up at handshakes only; changed by live reconfiguration.
+    exports: std::sync::RwLock<HashMap<String, Arc<ExportEntry<B>>>>,
     options: ServerOptions,
     shutdown: CancellationToken,
     active: watch::Sender<usize>,
@@ -187,7 +248,7 @@ impl<B: Backend> Server<B> {
             .clamp(1, IN_FLIGHT_PER_CONNECTION_MAX);
         options.connection_bytes_max = options.connection_bytes_max.max(MAX_PAYLOAD_BYTES as usize);
         Server {
-            exports: HashMap::new(),
+            exports: std::sync::RwLock::new(HashMap::new()),
             admission: admission::Registry::new(options.max_connections),
             options,
             shutdown: CancellationToken::new(),
@@ -198,7 +259,7 @@ impl<B: Backend> Server<B> {
         }
     }
 
-    pub fn add_export(&mut self, config: ExportConfig, backend: Arc<B>) -> Result<(), ServerError> {
+    pub fn add_export(&self, config: ExportConfig, backend: Arc<B>) -> Result<(), ServerError> {
         self.add_export_entry(config, backend, None)
     }
 
@@ -208,7 +269,7 @@ impl<B: Backend> Server<B> {
     /// crosses threads on the data path). Connections given to [`Server::serve_connection`] stay on
     /// the runtime that serves them.
     pub fn add_export_on(
-        &mut self,
+        &self,
         config: ExportConfig,
         backend: Arc<B>,
         runtime: tokio::runtime::Handle,
@@ -217,7 +278,7 @@ impl<B: Backend> Server<B> {
     }
 
     fn add_export_entry(
-        &mut self,
+        &self,
         config: ExportConfig,
         backend: Arc<B>,
         runtime: Option<tokio::runtime::Handle>,
@@ -226,7 +287,7 @@ impl<B: Backend> Server<B> {
             name: config.name.clone(),
             reason,
         };
-        if self.exports.contains_key(&config.name) {
+        if self.exports_read().contains_key(&config.name) {
             return Err(ServerError::DuplicateExport(config.name));
         }
         if config.name.len() > crate::proto::STRING_BYTES_MAX as usize {
@@ -254,15 +315,46 @@ impl<B: Backend> Server<B> {
                 "size is not a multiple of the minimum block".into(),
             ));
         }
-        self.exports.insert(
+        let mut exports = self.exports_write();
+        if exports.contains_key(&config.name) {
+            return Err(ServerError::DuplicateExport(config.name));
+        }
+        exports.insert(
             config.name.clone(),
             Arc::new(ExportEntry {
                 config,
-                backend,
+                backend: std::sync::Mutex::new(backend),
                 runtime,
+                gate: gate::Gate::new(),
             }),
         );
         Ok(())
+    }
+
+    fn exports_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<ExportEntry<B>>>> {
+        self.exports.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exports_write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<ExportEntry<B>>>> {
+        self.exports.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds an export's requests at a request boundary (see [`ExportHold`]); `None` if there is no
+    /// such export. Holds nest.
+    pub fn hold_export(&self, name: &str) -> Option<ExportHold<B>> {
+        let entry = Arc::clone(self.exports_read().get(name)?);
+        entry.gate.hold();
+        Some(ExportHold { entry })
+    }
+
+    /// Takes an export away: new clients cannot choose it, and its connections drain as at shutdown
+    /// (new requests get ESHUTDOWN, those in flight finish, then the connection closes).
+    pub fn remove_export(&self, name: &str) -> Option<RemovedExport<B>> {
+        let entry = self.exports_write().remove(name)?;
+        entry.gate.closing.cancel();
+        Some(RemovedExport { entry })
     }
 
     pub fn options(&self) -> &ServerOptions {
@@ -271,19 +363,20 @@ impl<B: Backend> Server<B> {
 
     /// Export names, sorted.
     pub fn export_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.exports.keys().cloned().collect();
+        let mut v: Vec<String> = self.exports_read().keys().cloned().collect();
         v.sort();
         v
     }
 
     /// Looks an export up; the empty name is the default export: one named "" or else the
     /// only export.
-    pub(crate) fn find_export(&self, name: &str) -> Option<&Arc<ExportEntry<B>>> {
-        if let Some(e) = self.exports.get(name) {
-            return Some(e);
+    pub(crate) fn find_export(&self, name: &str) -> Option<Arc<ExportEntry<B>>> {
+        let exports = self.exports_read();
+        if let Some(e) = exports.get(name) {
+            return Some(Arc::clone(e));
         }
-        if name.is_empty() && self.exports.len() == 1 {
-            return self.exports.values().next();
+        if name.is_empty() && exports.len() == 1 {
+            return exports.values().next().cloned();
         }
         None
     }

@@ -2,6 +2,7 @@
 //! writer that coalesces out-of-order replies.
 
 use super::admission::Admitted;
+use super::gate::Ticket;
 use super::handshake::Negotiated;
 use super::{Backend, Server, ServerError};
 use crate::io_util::{fill, reserve_total};
@@ -120,6 +121,9 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
 struct Held {
     _slot: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
+    /// Counted in the export's gate while the request runs and its reply waits to be written (none
+    /// for a request parked by a hold, or answered ESHUTDOWN).
+    ticket: Option<Ticket>,
     connection: Arc<Admitted>,
 }
 
@@ -130,6 +134,7 @@ impl Held {
         Held {
             _slot: slot,
             _bytes: None,
+            ticket: None,
             connection: Arc::clone(connection),
         }
     }
@@ -217,27 +222,47 @@ impl<B: Backend> Server<B> {
         // A request read while the connection is at its byte budget (a client that does not read its
         // replies): it waits for room, and nothing further is read.
         let mut waiting: Option<(RequestHeader, Bytes, Held)> = None;
+        // A request read as the export was held (live reconfiguration): it runs after the release.
+        let mut parked: Option<(RequestHeader, Bytes, Held)> = None;
+        let gate = Arc::clone(&n.export.gate);
+        let _counted = gate.connection();
+        let mut at = ExportBackend::new(&n);
         // Registered once, not per request.
         let shutdown = self.shutdown.cancelled();
+        let removed = gate.closing.cancelled();
         let evicted = connection.evicted.cancelled();
-        tokio::pin!(shutdown, evicted);
+        tokio::pin!(shutdown, removed, evicted);
         loop {
             if slot.is_none() {
                 slot = Arc::clone(&slots).try_acquire_owned().ok();
             }
-            let reading = slot.is_some() && waiting.is_none();
+            let held = gate.is_held();
+            let reading = slot.is_some() && waiting.is_none() && parked.is_none() && !held;
             let budget_wanted = waiting
                 .as_ref()
                 .map_or(0, |(h, data, _)| request_bytes(h, data, budget_max));
-            tokio::select! {
+            let next = tokio::select! {
                 biased;
                 _ = &mut shutdown => { draining = true; break; }
-                Some(out) = running.next(), if !running.is_empty() => { let _ = tx.send(out); }
+                _ = &mut removed => { draining = true; break; }
+                Some(out) = running.next(), if !running.is_empty() => { let _ = tx.send(out); continue; }
                 bytes = Arc::clone(&budget).acquire_many_owned(budget_wanted), if waiting.is_some() => {
                     let (h, data, mut held) = waiting.take().expect("guarded by the branch condition");
                     held._bytes = bytes.ok();
-                    let run = self.start_request(&n, &check, (h, data), held, &tx);
+                    let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
                     running.extend(run.map(run_request));
+                    continue;
+                }
+                // Held: wait for the release (a parked request then enters again).
+                _ = at.releases.changed(), if held || parked.is_some() => {
+                    at.reload();
+                    match parked.take() {
+                        Some(request) => {
+                            gate.unpark();
+                            request
+                        }
+                        None => continue,
+                    }
                 }
                 // All slots taken: wait for one (the writer frees them as replies leave).
                 p = Arc::clone(&slots).acquire_owned(), if slot.is_none() && waiting.is_none() => {
@@ -245,6 +270,7 @@ impl<B: Backend> Server<B> {
                         Ok(p) => slot = Some(p),
                         Err(_) => break,
                     }
+                    continue;
                 }
                 // Only a connection with nothing in flight is ever evicted.
                 _ = &mut evicted, if reading => break,
@@ -252,19 +278,7 @@ impl<B: Backend> Server<B> {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, data))) => {
                         let slot = slot.take().expect("guarded by the branch condition");
-                        let mut held = Held::started(slot, connection);
-                        // The bytes this request will hold: it starts once the connection has room.
-                        let wanted = request_bytes(&h, &data, budget_max);
-                        match Arc::clone(&budget).try_acquire_many_owned(wanted) {
-                            _ if wanted == 0 => {}
-                            Ok(bytes) => held._bytes = Some(bytes),
-                            Err(_) => {
-                                waiting = Some((h, data, held));
-                                continue;
-                            }
-                        }
-                        let run = self.start_request(&n, &check, (h, data), held, &tx);
-                        running.extend(run.map(run_request));
+                        (h, data, Held::started(slot, connection))
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -272,7 +286,33 @@ impl<B: Backend> Server<B> {
                         break;
                     }
                 },
+            };
+            // A request read (or un-parked): counted in the gate, or parked again if held.
+            let (h, data, mut held) = next;
+            match gate.enter() {
+                Some(ticket) => held.ticket = Some(ticket),
+                None => {
+                    parked = Some((h, data, held));
+                    continue;
+                }
             }
+            // The bytes this request will hold: it starts once the connection has room.
+            let wanted = request_bytes(&h, &data, budget_max);
+            match Arc::clone(&budget).try_acquire_many_owned(wanted) {
+                _ if wanted == 0 => {}
+                Ok(bytes) => held._bytes = Some(bytes),
+                Err(_) => {
+                    waiting = Some((h, data, held));
+                    continue;
+                }
+            }
+            let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
+            running.extend(run.map(run_request));
+        }
+        if let Some((h, _, held)) = parked.take() {
+            // Shut down (or removed) while held: it never started.
+            gate.unpark();
+            let _ = tx.send(Out::shutdown(&h, n.structured, held));
         }
         drop(slot);
         if let Some((h, _, held)) = waiting.take() {
@@ -357,6 +397,7 @@ impl<B: Backend> Server<B> {
         (h, data): (RequestHeader, Bytes),
         held: Held,
         tx: &mpsc::UnboundedSender<Out>,
+        backend: &Arc<B>,
     ) -> Option<ToRun<B>> {
         let chunked_error = n.structured && is_chunked(h.command);
         let reply = |body: Body, held| Out {
@@ -394,13 +435,48 @@ impl<B: Backend> Server<B> {
             return None;
         }
         Some(ToRun {
-            backend: Arc::clone(&n.export.backend),
+            backend: Arc::clone(backend),
             h,
             data,
             context_id: n.context_id.unwrap_or(0),
             chunked_error,
             held,
         })
+    }
+}
+
+/// The backend a connection sends its requests to: the export's, taken again after every hold (a
+/// live reconfiguration may have replaced it).
+struct ExportBackend<B> {
+    backend: Arc<B>,
+    export: Arc<super::ExportEntry<B>>,
+    releases: tokio::sync::watch::Receiver<u64>,
+}
+
+impl<B> ExportBackend<B> {
+    fn new(n: &Negotiated<B>) -> ExportBackend<B> {
+        // Subscribed before the backend is read: a replacement after this is seen as a change.
+        let releases = n.export.gate.subscribe();
+        ExportBackend {
+            backend: n.export.backend(),
+            export: Arc::clone(&n.export),
+            releases,
+        }
+    }
+
+    /// The backend for a request that entered the gate now. A release since the last look means
+    /// the backend may have been replaced: read it again. (The gate publishes a release before it
+    /// clears `held`, so a request that entered after a hold always sees that hold's release.)
+    fn current(&mut self) -> &Arc<B> {
+        if self.releases.has_changed().unwrap_or(false) {
+            self.reload();
+        }
+        &self.backend
+    }
+
+    fn reload(&mut self) {
+        self.releases.borrow_and_update();
+        self.backend = self.export.backend();
     }
 }
 

@@ -240,7 +240,7 @@ pub fn server_with(
     exports: Vec<(ExportConfig, Arc<MemBackend>)>,
     options: ServerOptions,
 ) -> Arc<Server<MemBackend>> {
-    let mut s = Server::new(options);
+    let s = Server::new(options);
     for (cfg, b) in exports {
         s.add_export(cfg, b).unwrap();
     }
