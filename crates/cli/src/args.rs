@@ -100,12 +100,38 @@ pub enum Command {
     /// Path status changes with their causes, oldest first (GetEvents).
     Events(EventsArgs),
 
+    /// Re-read the daemon's config file and apply the difference without pausing anything
+    /// unchanged (Reload; SIGHUP does the same).
+    #[command(after_help = RELOAD_AFTER_HELP)]
+    Reload(SocketOptions),
+
+    /// The running daemon: version, PID, program, start time, reloads and upgrades (GetDaemonInfo).
+    Daemon(SocketOptions),
+
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
 }
+
+const RELOAD_AFTER_HELP: &str = "\
+What a reload does:
+  a LUN added        starts, and its export appears
+  a LUN removed      its clients' requests in flight finish, new ones get ESHUTDOWN, the connections
+                     close, then the LUN stops (in-doubt writes are journaled)
+  a LUN changed      (paths added or removed, settings) restarts under its export: in-flight requests
+                     finish, new ones wait, then run on the new LUN (a pause, never an error)
+  unchanged LUNs     are not touched
+  [daemon] keys      are listed as not applied: they need a restart or `lunmpio upgrade`
+Settings made through management calls (policy, administrative path states) keep winning over the
+file, as at start. A config that does not parse or validate changes nothing: the command fails with
+the same key-and-line message as at start. Every change is an event (`lunmpio events --lun LUN`).
+
+Examples:
+  lunmpio reload
+  systemctl reload lunmpio        # sends SIGHUP (ExecReload= in packaging/lunmpio.service)
+";
 
 const SERVE_AFTER_HELP: &str = "\
 The configuration is TOML (docs/OPERATIONS.md lists every key; packaging/lunmpio.toml is an example).

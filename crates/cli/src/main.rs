@@ -60,6 +60,8 @@ fn main() -> ExitCode {
         Command::HbaPort(c) => manage::hba_port(&c.options, c.action),
         Command::Stats(a) => manage::stats(&a.options, &a.lun),
         Command::Events(a) => manage::events(&a.options, a.lun, a.since, a.follow),
+        Command::Reload(o) => manage::reload(&o),
+        Command::Daemon(o) => manage::daemon(&o),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -117,6 +117,64 @@ pub fn luns(o: &SocketOptions) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `lunmpio reload`: what changed, one line per LUN; exit 1 when a LUN's change failed.
+pub fn reload(o: &SocketOptions) -> anyhow::Result<ExitCode> {
+    let r = connect(o)?.reload().map_err(rpc_error)?;
+    let code = if r.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    };
+    show(o, &r, || {
+        let mut out = String::new();
+        for lun in &r.added {
+            out += &format!("added      {lun}\n");
+        }
+        for lun in &r.removed {
+            out += &format!("removed    {lun}\n");
+        }
+        for lun in &r.restarted {
+            out += &format!("restarted  {lun}\n");
+        }
+        for f in &r.failed {
+            out += &format!("FAILED     {}: {}\n", f.lun, f.reason);
+        }
+        out += &format!("unchanged  {} LUN(s)\n", r.unchanged);
+        for key in &r.not_applied {
+            out += &format!("not applied: {key} (needs a restart or `lunmpio upgrade`)\n");
+        }
+        out
+    })?;
+    Ok(code)
+}
+
+/// `lunmpio daemon`: the running daemon's identity and history.
+pub fn daemon(o: &SocketOptions) -> anyhow::Result<ExitCode> {
+    let r = connect(o)?.get_daemon_info().map_err(rpc_error)?;
+    show(o, &r, || {
+        let never = || "never".to_string();
+        let rows = vec![
+            vec!["version".to_string(), r.version.clone()],
+            vec!["pid".to_string(), r.pid.to_string()],
+            vec!["program".to_string(), r.program.clone()],
+            vec!["config".to_string(), r.config.clone()],
+            vec!["started".to_string(), r.started_at.clone()],
+            vec!["LUNs".to_string(), r.luns.to_string()],
+            vec!["reloads".to_string(), r.reloads.to_string()],
+            vec![
+                "last reload".to_string(),
+                r.last_reload_at.clone().unwrap_or_else(never),
+            ],
+            vec!["upgrades".to_string(), r.upgrades.to_string()],
+            vec![
+                "last upgrade".to_string(),
+                r.last_upgrade_at.clone().unwrap_or_else(never),
+            ],
+        ];
+        render_table(&rows)
+    })
+}
+
 /// One LUN of `topology --json`.
 #[derive(Serialize)]
 struct TopologyEntry {

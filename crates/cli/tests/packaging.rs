@@ -66,6 +66,7 @@ fn systemd_unit_is_hardened() {
     let (text, _) = packaging("lunmpio.service");
     for line in [
         "ExecStart=/usr/bin/lunmpio serve --config /etc/lunmpio/lunmpio.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "PrivateTmp=yes",

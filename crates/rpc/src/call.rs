@@ -18,6 +18,8 @@ pub mod method {
     pub const SET_PATH_STATUS: &str = "SetPathStatus";
     pub const GET_STATISTICS: &str = "GetStatistics";
     pub const GET_EVENTS: &str = "GetEvents";
+    pub const GET_DAEMON_INFO: &str = "GetDaemonInfo";
+    pub const RELOAD: &str = "Reload";
     pub const ALL: &[&str] = &[
         GET_PATH_INFO,
         GET_LOAD_BALANCE_POLICY,
@@ -28,6 +30,8 @@ pub mod method {
         SET_PATH_STATUS,
         GET_STATISTICS,
         GET_EVENTS,
+        GET_DAEMON_INFO,
+        RELOAD,
     ];
 }
 
@@ -142,6 +146,10 @@ pub enum Call {
     SetPathStatus(SetPathStatusParams),
     GetStatistics(LunParams),
     GetEvents(GetEventsParams),
+    /// Takes no parameters (any given are ignored).
+    GetDaemonInfo,
+    /// Takes no parameters (any given are ignored): the daemon reads its config file again.
+    Reload,
 }
 
 impl Call {
@@ -160,6 +168,8 @@ impl Call {
             method::SET_PATH_STATUS => Call::SetPathStatus(params(name, raw)?),
             method::GET_STATISTICS => Call::GetStatistics(params(name, raw)?),
             method::GET_EVENTS => Call::GetEvents(params(name, raw)?),
+            method::GET_DAEMON_INFO => Call::GetDaemonInfo,
+            method::RELOAD => Call::Reload,
             other => {
                 return Err(RpcError::standard(
                     METHOD_NOT_FOUND,
@@ -184,6 +194,8 @@ impl Call {
             Call::SetPathStatus(_) => method::SET_PATH_STATUS,
             Call::GetStatistics(_) => method::GET_STATISTICS,
             Call::GetEvents(_) => method::GET_EVENTS,
+            Call::GetDaemonInfo => method::GET_DAEMON_INFO,
+            Call::Reload => method::RELOAD,
         }
     }
 
@@ -196,7 +208,9 @@ impl Call {
             | Call::GetStatistics(p) => serde_json::to_value(p),
             Call::SetLoadBalancePolicy(p) => serde_json::to_value(p),
             Call::SetAllPathStatusesFromHbaPort(p) => serde_json::to_value(p),
-            Call::ListLuns => Ok(Value::Object(Default::default())),
+            Call::ListLuns | Call::GetDaemonInfo | Call::Reload => {
+                Ok(Value::Object(Default::default()))
+            }
             Call::SetPathStatus(p) => serde_json::to_value(p),
             Call::GetEvents(p) => serde_json::to_value(p),
         };
@@ -232,6 +246,8 @@ mod tests {
             ),
             (method::GET_STATISTICS, json!({"lun": "a"})),
             (method::GET_EVENTS, json!({"lun": "a", "since": 4})),
+            (method::GET_DAEMON_INFO, json!({})),
+            (method::RELOAD, json!({})),
         ];
         assert_eq!(examples.len(), method::ALL.len());
         for (name, params) in examples {

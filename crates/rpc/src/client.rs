@@ -16,8 +16,8 @@ use crate::call::{
     SetPathStatusParams,
 };
 use crate::results::{
-    Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList, Statistics,
-    SupportedLbPolicies,
+    DaemonInfo, Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList,
+    ReloadResult, Statistics, SupportedLbPolicies,
 };
 use crate::{LINE_BYTES_MAX, RpcError};
 
@@ -151,6 +151,15 @@ impl Client {
 
     pub fn list_luns(&mut self) -> Result<LunList, ClientError> {
         self.perform(&Call::ListLuns)
+    }
+
+    pub fn get_daemon_info(&mut self) -> Result<DaemonInfo, ClientError> {
+        self.perform(&Call::GetDaemonInfo)
+    }
+
+    /// Asks the daemon to read its config file again and apply the difference.
+    pub fn reload(&mut self) -> Result<ReloadResult, ClientError> {
+        self.perform(&Call::Reload)
     }
 
     /// `status` as a VDS number (1 reinstate, 5 fail, 7 standby).

@@ -26,9 +26,9 @@ pub use call::{
     SetLoadBalancePolicyParams, SetPathStatusParams, method, params, status_value,
 };
 pub use results::{
-    Done, EventList, EventRecord, HbaPortInfo, HbaPortResult, IpAddressInfo, LoadBalancePolicyInfo,
-    LunList, LunSummary, PathInfo, PathInfoList, PathStats, Statistics, SupportedLbPolicies,
-    SupportedPolicy,
+    DaemonInfo, Done, EventList, EventRecord, HbaPortInfo, HbaPortResult, IpAddressInfo,
+    LoadBalancePolicyInfo, LunList, LunSummary, PathInfo, PathInfoList, PathStats, ReloadFailure,
+    ReloadResult, Statistics, SupportedLbPolicies, SupportedPolicy,
 };
 pub use service::Service;
 pub use wire::{

@@ -533,3 +533,48 @@ mod tests {
         assert_eq!(serde_json::from_value::<EventRecord>(v).unwrap(), e);
     }
 }
+
+/// GetDaemonInfo: who is serving, since when, and what changed it since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonInfo {
+    /// The running program's version (`lunmpio --version`).
+    pub version: String,
+    pub pid: u32,
+    /// The program file the daemon runs (an upgrade runs this path again).
+    pub program: String,
+    /// The config file a reload reads ("" when the daemon was not started from a file).
+    pub config: String,
+    /// When this daemon started (RFC 3339), kept across upgrades.
+    pub started_at: String,
+    pub upgrades: u64,
+    /// RFC 3339, or null before the first upgrade.
+    pub last_upgrade_at: Option<String>,
+    pub reloads: u64,
+    pub last_reload_at: Option<String>,
+    /// LUNs served now.
+    pub luns: usize,
+}
+
+/// Reload: what the new config changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReloadResult {
+    /// LUNs started and exported.
+    pub added: Vec<String>,
+    /// LUNs whose connections drained and closed, and that stopped.
+    pub removed: Vec<String>,
+    /// LUNs restarted under their export (paths or settings changed); their clients saw a pause.
+    pub restarted: Vec<String>,
+    pub unchanged: usize,
+    /// `[daemon]` keys that changed in the file: they need a restart or an upgrade.
+    pub not_applied: Vec<String>,
+    /// LUNs whose change failed; each runs as before (an added one is not running).
+    pub failed: Vec<ReloadFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadFailure {
+    pub lun: String,
+    pub reason: String,
+}

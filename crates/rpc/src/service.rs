@@ -12,8 +12,8 @@ use crate::call::{
     SetPathStatusParams,
 };
 use crate::results::{
-    Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList, Statistics,
-    SupportedLbPolicies,
+    DaemonInfo, Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList,
+    ReloadResult, Statistics, SupportedLbPolicies,
 };
 use crate::wire::{self, RpcError};
 
@@ -52,6 +52,8 @@ pub trait Service: Sync {
         &self,
         p: GetEventsParams,
     ) -> impl Future<Output = Result<EventList, RpcError>> + Send;
+    fn get_daemon_info(&self) -> impl Future<Output = Result<DaemonInfo, RpcError>> + Send;
+    fn reload(&self) -> impl Future<Output = Result<ReloadResult, RpcError>> + Send;
 }
 
 /// One request line in, one response line out (without the newline). Never panics on input.
@@ -84,6 +86,8 @@ pub async fn perform<S: Service>(service: &S, call: Call) -> Result<Value, RpcEr
         Call::SetPathStatus(p) => to_value(service.set_path_status(p).await?),
         Call::GetStatistics(p) => to_value(service.get_statistics(p).await?),
         Call::GetEvents(p) => to_value(service.get_events(p).await?),
+        Call::GetDaemonInfo => to_value(service.get_daemon_info().await?),
+        Call::Reload => to_value(service.reload().await?),
     }
 }
 

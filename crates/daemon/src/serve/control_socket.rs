@@ -23,7 +23,10 @@ use tokio::net::{UnixListener, UnixStream};
 const CONNECTIONS_MAX: usize = 64;
 
 pub struct ControlService {
-    pub luns: Vec<Lun>,
+    /// The LUNs running now (a reload changes the set).
+    pub luns: Arc<super::reload::LunSet>,
+    /// Reload and daemon information.
+    pub reconfig: Arc<super::reload::Reconfigurer>,
     pub events: Arc<EventLog>,
     /// The export server (connection counts for the metrics).
     pub server: Arc<lunmpio_nbd::Server<Lun>>,
@@ -185,7 +188,8 @@ impl Service for ControlService {
         // Validated, then every LUN reserved, before any LUN is touched: a bad status or a Set
         // call running on any LUN changes nothing anywhere.
         let (hresult, outcomes) =
-            lunmpio_engine::set_all_path_statuses_from_hba_port(&self.luns, port, status).await?;
+            lunmpio_engine::set_all_path_statuses_from_hba_port(&self.luns.load(), port, status)
+                .await?;
         let sum = |count: fn(&lunmpio_vds::HbaPortOutcome) -> u32| outcomes.iter().map(count).sum();
         Ok(HbaPortResult {
             hresult: hresult.0,
@@ -200,6 +204,7 @@ impl Service for ControlService {
     async fn list_luns(&self) -> Result<LunList, RpcError> {
         let luns = self
             .luns
+            .load()
             .iter()
             .map(|lun| {
                 let mpio = lun.mpio();
@@ -228,6 +233,19 @@ impl Service for ControlService {
 
     async fn get_statistics(&self, p: LunParams) -> Result<Statistics, RpcError> {
         Ok(statistics(&self.lun(&p.lun)?.statistics()))
+    }
+
+    async fn get_daemon_info(&self) -> Result<lunmpio_rpc::DaemonInfo, RpcError> {
+        Ok(self.reconfig.info())
+    }
+
+    async fn reload(&self) -> Result<lunmpio_rpc::ReloadResult, RpcError> {
+        let report = self.reconfig.reload().await.map_err(|e| {
+            RpcError::from(VdsError::invalid_arg(format!(
+                "reload: nothing changed: {e:#}"
+            )))
+        })?;
+        Ok(super::reload::reload_result(report))
     }
 
     async fn get_events(&self, p: GetEventsParams) -> Result<EventList, RpcError> {
@@ -261,14 +279,18 @@ fn hba_port_match(port: &HbaPortParam) -> Result<HbaPortMatch, RpcError> {
 }
 
 impl ControlService {
-    fn lun(&self, name: &str) -> Result<&Lun, RpcError> {
-        self.luns.iter().find(|l| l.name() == name).ok_or_else(|| {
-            let names: Vec<&str> = self.luns.iter().map(|l| l.name()).collect();
-            RpcError::from(VdsError::object_not_found(format!(
-                "no LUN named {name:?} (LUNs: {})",
-                names.join(", ")
-            )))
-        })
+    fn lun(&self, name: &str) -> Result<Lun, RpcError> {
+        let luns = self.luns.load();
+        luns.iter()
+            .find(|l| l.name() == name)
+            .cloned()
+            .ok_or_else(|| {
+                let names: Vec<&str> = luns.iter().map(|l| l.name()).collect();
+                RpcError::from(VdsError::object_not_found(format!(
+                    "no LUN named {name:?} (LUNs: {})",
+                    names.join(", ")
+                )))
+            })
     }
 }
 

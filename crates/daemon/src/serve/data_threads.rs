@@ -89,6 +89,11 @@ impl DataThreads {
         self.threads.is_empty()
     }
 
+    /// Every data thread's runtime, in order.
+    pub fn handles(&self) -> Vec<tokio::runtime::Handle> {
+        self.threads.iter().map(|t| t.handle.clone()).collect()
+    }
+
     /// The runtime of the data thread that runs LUN number `lun` (in config order).
     pub fn for_lun(&self, lun: usize) -> &tokio::runtime::Handle {
         &self.threads[lun % self.threads.len()].handle

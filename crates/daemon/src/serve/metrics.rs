@@ -86,6 +86,7 @@ pub fn render(m: &ControlService) -> String {
     // Gather each LUN's numbers once per scrape.
     let luns: Vec<_> = m
         .luns
+        .load()
         .iter()
         .map(|l| (l.name().to_string(), l.statistics(), l.mpio().policy()))
         .collect();

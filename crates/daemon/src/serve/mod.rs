@@ -11,17 +11,19 @@ pub mod control_socket;
 pub mod data_threads;
 pub mod fds;
 pub mod metrics;
+pub mod reload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lunmpio_engine::{EventLog, Lun, LunOptions};
+use lunmpio_engine::{EventLog, Lun};
 use lunmpio_nbd::server::{Server, ServerOptions};
 
-use crate::config::{Config, ListenAddr};
+use crate::config::{Config, DaemonConfig, ListenAddr};
 use data_threads::DataThreads;
+use reload::Reconfigurer;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -33,13 +35,22 @@ pub struct ServeArgs {
 /// Exit bound after the drain: closing paths and tasks takes no longer than this.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
+/// How a daemon starts, besides its config.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// Listeners handed over by systemd (socket activation).
+    pub inherited: activation::Inherited,
+    /// The file the config came from: `reload` reads it again.
+    pub config_path: Option<PathBuf>,
+}
+
 /// A running daemon (in this process). Call [`Daemon::stop`] to stop it gracefully; dropping it ends
 /// its data threads at once (no drain, the LUNs' I/O in flight is dropped).
 pub struct Daemon {
-    config: Config,
+    daemon_config: DaemonConfig,
     unlink_at_stop: UnlinkAtStop,
     server: Arc<Server<Lun>>,
-    luns: Vec<Lun>,
+    reconfig: Arc<Reconfigurer>,
     data_threads: DataThreads,
     events: Arc<EventLog>,
     stop: tokio_util::sync::CancellationToken,
@@ -52,16 +63,13 @@ impl Daemon {
     /// Starts every LUN, the NBD exports, the control socket and the metrics endpoint; returns once
     /// all of them accept connections.
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
-        Daemon::start_with(config, activation::Inherited::none()).await
+        Daemon::start_with(config, StartOptions::default()).await
     }
 
-    /// [`Daemon::start`] with listeners handed over by systemd (socket activation): those are used
-    /// instead of binding, and left in place at stop (they belong to systemd).
-    pub async fn start_with(
-        config: Config,
-        inherited: activation::Inherited,
-    ) -> anyhow::Result<Daemon> {
-        let mut activated = activation::assign(inherited, &config)?;
+    /// [`Daemon::start`] with options: listeners handed over by systemd are used instead of binding,
+    /// and left in place at stop (they belong to systemd).
+    pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<Daemon> {
+        let mut activated = activation::assign(options.inherited, &config)?;
         // Sockets from systemd are systemd's: never unlinked here, so they outlive this process.
         let unlink_at_stop = UnlinkAtStop {
             control_socket: activated.control.is_none(),
@@ -70,7 +78,6 @@ impl Daemon {
         let events = Arc::new(EventLog::new());
         std::fs::create_dir_all(&config.daemon.state_dir)
             .with_context(|| format!("state_dir {}", config.daemon.state_dir.display()))?;
-        let mut luns = Vec::with_capacity(config.luns.len());
         let paths: usize = config.luns.iter().map(|l| l.paths.len()).sum();
         let (max_connections, lowered) = fds::connections_within_limit(
             config.daemon.max_connections,
@@ -80,48 +87,42 @@ impl Daemon {
         if let Some(why) = lowered {
             tracing::warn!("{why}");
         }
-        let server = Server::new(ServerOptions {
+        let server = Arc::new(Server::new(ServerOptions {
             max_connections,
             ..ServerOptions::default()
-        });
+        }));
         let data_threads = DataThreads::start(data_threads::thread_count(
             config.daemon.data_threads,
             config.luns.len(),
         ))
         .context("cannot start the data threads")?;
+        let starter = reload::LunStarter {
+            state_dir: config.daemon.state_dir.clone(),
+            events: Arc::clone(&events),
+            server: Arc::clone(&server),
+            runtimes: data_threads.handles(),
+        };
+        let mut luns = Vec::with_capacity(config.luns.len());
         for (i, lun_config) in config.luns.iter().enumerate() {
-            let spec = lun_config.to_spec();
-            let options = LunOptions {
-                state_dir: Some(config.daemon.state_dir.clone()),
-                startup_timeout: None,
-            };
-            // Started on its data thread, so the LUN's tasks and path connections live there.
-            let runtime = data_threads.for_lun(i).clone();
-            let lun = runtime
-                .spawn(Lun::start(spec, options, Arc::clone(&events)))
-                .await
-                .context("a data thread stopped while a LUN started")?
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "LUN {:?}: {} ({})",
-                        lun_config.name,
-                        e.message,
-                        e.hresult.name()
-                    )
-                })?;
-            // The LUN is the export's backend: NBD requests go straight to the engine.
-            server
-                .add_export_on(lun.export_config(), Arc::new(lun.clone()), runtime)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            tracing::info!(
-                lun = %lun.name(), paths = lun_config.paths.len(), usable = lun.mpio().usable_path_count(),
-                policy = lun.mpio().policy().config_name(), size = lun.geometry().size_bytes, "LUN started"
-            );
-            luns.push(lun);
+            luns.push(starter.start_exported(lun_config, i).await?);
         }
-        let server = Arc::new(server);
+        let lun_count = luns.len();
+        let reconfig = Arc::new(Reconfigurer {
+            config_path: options.config_path,
+            running: tokio::sync::Mutex::new(config.clone()),
+            luns: Arc::new(reload::LunSet::from_pointee(luns)),
+            starter,
+            record: std::sync::Mutex::new(reload::DaemonRecord {
+                started_at: std::time::SystemTime::now(),
+                reloads: 0,
+                last_reload_at: None,
+                upgrades: 0,
+                last_upgrade_at: None,
+            }),
+        });
         let service = Arc::new(control_socket::ControlService {
-            luns: luns.clone(),
+            luns: Arc::clone(&reconfig.luns),
+            reconfig: Arc::clone(&reconfig),
             events: Arc::clone(&events),
             server: Arc::clone(&server),
             accept_errors: Arc::default(),
@@ -161,13 +162,13 @@ impl Daemon {
             (Some(activation::NbdListener::Tcp(std)), _) => {
                 let listener = from_std_tcp(std).context("NBD listener from systemd")?;
                 nbd_address = Some(listener.local_addr()?);
-                tracing::info!(address = %listener.local_addr()?, exports = luns.len(), "NBD exports listening (socket from systemd)");
+                tracing::info!(address = %listener.local_addr()?, exports = lun_count, "NBD exports listening (socket from systemd)");
                 tokio::spawn(Arc::clone(&server).serve_tcp(listener))
             }
             (Some(activation::NbdListener::Unix(std)), _) => {
                 let listener = from_std_unix(std).context("NBD listener from systemd")?;
                 tracing::info!(
-                    exports = luns.len(),
+                    exports = lun_count,
                     "NBD exports listening on a unix socket from systemd"
                 );
                 tokio::spawn(Arc::clone(&server).serve_unix(listener))
@@ -177,22 +178,22 @@ impl Daemon {
                     .await
                     .with_context(|| format!("nbd_listen {addr}"))?;
                 nbd_address = Some(listener.local_addr()?);
-                tracing::info!(address = %listener.local_addr()?, exports = luns.len(), "NBD exports listening");
+                tracing::info!(address = %listener.local_addr()?, exports = lun_count, "NBD exports listening");
                 tokio::spawn(Arc::clone(&server).serve_tcp(listener))
             }
             (None, ListenAddr::Unix(path)) => {
                 let _ = std::fs::remove_file(path);
                 let listener = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("nbd_listen unix:{}", path.display()))?;
-                tracing::info!(socket = %path.display(), exports = luns.len(), "NBD exports listening");
+                tracing::info!(socket = %path.display(), exports = lun_count, "NBD exports listening");
                 tokio::spawn(Arc::clone(&server).serve_unix(listener))
             }
         };
         Ok(Daemon {
-            config,
+            daemon_config: config.daemon,
             unlink_at_stop,
             server,
-            luns,
+            reconfig,
             data_threads,
             events,
             stop,
@@ -202,8 +203,9 @@ impl Daemon {
         })
     }
 
-    pub fn luns(&self) -> &[Lun] {
-        &self.luns
+    /// The LUNs running now.
+    pub fn luns(&self) -> Vec<Lun> {
+        self.reconfig.luns.load().to_vec()
     }
 
     pub fn events(&self) -> &Arc<EventLog> {
@@ -211,7 +213,7 @@ impl Daemon {
     }
 
     pub fn control_socket(&self) -> &std::path::Path {
-        &self.config.daemon.control_socket
+        &self.daemon_config.control_socket
     }
 
     /// The TCP address the exports listen on (useful when the config asked for port 0).
@@ -223,13 +225,22 @@ impl Daemon {
         self.metrics_address
     }
 
+    /// Reads the config file again and applies the difference (see [`reload`]).
+    pub async fn reload(&self) -> anyhow::Result<reload::ReloadReport> {
+        self.reconfig.reload().await
+    }
+
     /// Graceful stop, bounded by `shutdown_timeout`: no new requests (ESHUTDOWN), queued I/O fails
     /// now, requests on live paths finish; then paths close.
     pub async fn stop(self) {
-        tracing::info!(timeout = ?self.config.daemon.shutdown_timeout, "shutting down: draining in-flight I/O");
-        let deadline = tokio::time::Instant::now() + self.config.daemon.shutdown_timeout;
+        // No reload runs from here on (it would start LUNs behind the drain).
+        let _running = self.reconfig.running.lock().await;
+        let timeout = self.daemon_config.shutdown_timeout;
+        tracing::info!(timeout = ?timeout, "shutting down: draining in-flight I/O");
+        let deadline = tokio::time::Instant::now() + timeout;
         self.server.shutdown();
-        for lun in &self.luns {
+        let luns = self.luns();
+        for lun in &luns {
             lun.fail_queued(); // no path to finish them on: fail now rather than at the deadline
         }
         if tokio::time::timeout_at(deadline, self.server.wait_idle())
@@ -238,12 +249,12 @@ impl Daemon {
         {
             tracing::warn!("shutdown_timeout passed with I/O still in flight; failing it");
         }
-        for lun in &self.luns {
+        for lun in &luns {
             lun.shutdown();
         }
         // The LUNs' last journal writes run on their data threads: done before those threads stop.
         let closed = async {
-            for lun in &self.luns {
+            for lun in &luns {
                 lun.closed().await;
             }
         };
@@ -255,10 +266,10 @@ impl Daemon {
         self.stop.cancel();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.serving).await;
         if self.unlink_at_stop.control_socket {
-            let _ = std::fs::remove_file(&self.config.daemon.control_socket);
+            let _ = std::fs::remove_file(&self.daemon_config.control_socket);
         }
         if let (ListenAddr::Unix(path), true) = (
-            &self.config.daemon.nbd_listen,
+            &self.daemon_config.nbd_listen,
             self.unlink_at_stop.nbd_socket,
         ) {
             let _ = std::fs::remove_file(path);
@@ -290,11 +301,21 @@ fn from_std_unix(
 /// ([`activation::Inherited::take_from_env`], taken in `main` before the runtime's threads start).
 pub async fn run(args: ServeArgs, inherited: activation::Inherited) -> anyhow::Result<()> {
     let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let daemon = Daemon::start_with(config, inherited).await?;
+    // Handlers first: a SIGHUP (or SIGTERM) right after the ready line must not find the default
+    // action (which ends the process) in place.
+    let signals = Signals::install()?;
+    let daemon = Daemon::start_with(
+        config,
+        StartOptions {
+            inherited,
+            config_path: Some(args.config.clone()),
+        },
+    )
+    .await?;
     // Tell whoever started us that everything is up (tests and supervisors wait for this line).
     // One line, fields separated by "; ": `nbd ADDR` (TCP exports), `metrics ADDR` (when on).
     let mut line = format!("lunmpio: serving {} LUN(s)", daemon.luns().len());
-    match (&daemon.config.daemon.nbd_listen, daemon.nbd_address()) {
+    match (&daemon.daemon_config.nbd_listen, daemon.nbd_address()) {
         (_, Some(a)) => line += &format!("; nbd {a}"),
         (ListenAddr::Unix(path), None) => line += &format!("; nbd unix:{}", path.display()),
         _ => {}
@@ -309,18 +330,44 @@ pub async fn run(args: ServeArgs, inherited: activation::Inherited) -> anyhow::R
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }
-    wait_for_signal().await?;
+    serve_until_stopped(&daemon, signals).await;
     daemon.stop().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        })
     }
-    Ok(())
+}
+
+/// Runs until SIGTERM or SIGINT. SIGHUP reloads the config file (as `lunmpio reload` does); a storm
+/// of them costs one reload per signal that arrives while none runs (the signal stream coalesces
+/// the rest).
+async fn serve_until_stopped(daemon: &Daemon, mut signals: Signals) {
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => return,
+            _ = signals.int.recv() => return,
+            _ = signals.hup.recv() => match daemon.reload().await {
+                Ok(report) => tracing::info!(
+                    added = ?report.added, removed = ?report.removed, restarted = ?report.restarted,
+                    unchanged = report.unchanged, not_applied = ?report.not_applied,
+                    failed = ?report.failed, "SIGHUP: config reloaded"
+                ),
+                Err(e) => tracing::error!("SIGHUP: reload failed, nothing changed: {e:#}"),
+            },
+        }
+    }
 }

@@ -1,0 +1,533 @@
+//! Live reconfiguration (`lunmpio reload`, SIGHUP): the config file read again, its difference from
+//! the running config applied without pausing anything unchanged.
+//!
+//! - **A LUN added** starts, and its export appears.
+//! - **A LUN removed**: its export goes away (new clients cannot choose it), and its connections drain
+//!   as at shutdown: requests in flight finish, new ones get ESHUTDOWN, then the connections close.
+//!   The LUN then stops, and its in-doubt state is journaled.
+//! - **A LUN changed** (paths added or removed, settings, identity) restarts under its export:
+//!   1. The export is held at a request boundary: requests already in flight finish, including
+//!      any re-drive off a removed path, and new ones wait.
+//!   2. Once nothing runs, the LUN stops, which journals its in-doubt writes.
+//!   3. The LUN starts again from the new table. It restores the persisted policy, the
+//!      administrative path states and the in-doubt ranges, as at a daemon start.
+//!   4. The export is released onto it.
+//!
+//!   The LUN's clients see a pause (the restart, milliseconds when its paths answer), never an
+//!   error. If the new LUN cannot start, the old table starts again and the reload says why.
+//! - **Unchanged LUNs** are not touched.
+//! - **`[daemon]` keys** (listeners, `state_dir`, threads, limits) are not applied live. The reload
+//!   lists them as needing a restart (or `lunmpio upgrade`).
+//!
+//! A config that does not parse or validate changes nothing. The reload fails with the same
+//! key-and-line message as at start. Reloads, upgrades and the stop are serialized by one lock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use lunmpio_engine::{EventLog, Lun, LunOptions, LunSpec};
+use lunmpio_nbd::server::Server;
+
+use crate::config::{Config, DaemonConfig, LunTable};
+
+/// How long a changed LUN's export may take to become quiet before the reload gives up on that LUN
+/// (and leaves it as it was).
+pub const QUIET_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+
+/// What a reload will do.
+#[derive(Debug, Default, PartialEq)]
+pub struct ReloadPlan {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// LUN name and what changed in it.
+    pub changed: Vec<(String, Vec<String>)>,
+    pub unchanged: Vec<String>,
+    /// `[daemon]` keys whose new value needs a restart.
+    pub not_applied: Vec<String>,
+}
+
+impl ReloadPlan {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The difference between the running config and a new one.
+pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
+    let mut plan = ReloadPlan {
+        not_applied: daemon_keys_changed(&current.daemon, &new.daemon),
+        ..ReloadPlan::default()
+    };
+    for lun in &new.luns {
+        match current.luns.iter().find(|l| l.name == lun.name) {
+            None => plan.added.push(lun.name.clone()),
+            Some(old) => {
+                let what = lun_changes(old, lun);
+                if what.is_empty() {
+                    plan.unchanged.push(lun.name.clone());
+                } else {
+                    plan.changed.push((lun.name.clone(), what));
+                }
+            }
+        }
+    }
+    for lun in &current.luns {
+        if !new.luns.iter().any(|l| l.name == lun.name) {
+            plan.removed.push(lun.name.clone());
+        }
+    }
+    plan
+}
+
+fn daemon_keys_changed(a: &DaemonConfig, b: &DaemonConfig) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut check = |key: &str, same: bool| {
+        if !same {
+            keys.push(format!("daemon.{key}"));
+        }
+    };
+    check("nbd_listen", a.nbd_listen == b.nbd_listen);
+    check("control_socket", a.control_socket == b.control_socket);
+    check("metrics_listen", a.metrics_listen == b.metrics_listen);
+    check("state_dir", a.state_dir == b.state_dir);
+    check("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout);
+    check("max_connections", a.max_connections == b.max_connections);
+    check("data_threads", a.data_threads == b.data_threads);
+    keys
+}
+
+/// What differs between two tables of one LUN, in words ("path p2 added", "io_timeout 5s → 2s").
+fn lun_changes(old: &LunTable, new: &LunTable) -> Vec<String> {
+    let (a, b) = (old.to_spec(), new.to_spec());
+    let mut what = Vec::new();
+    for p in &b.paths {
+        match a.paths.iter().find(|q| q.name == p.name) {
+            None => what.push(format!("path {} added", p.name)),
+            Some(q) if format!("{q:?}") != format!("{p:?}") => {
+                what.push(format!("path {} changed", p.name))
+            }
+            Some(_) => {}
+        }
+    }
+    for q in &a.paths {
+        if !b.paths.iter().any(|p| p.name == q.name) {
+            what.push(format!("path {} removed", q.name));
+        }
+    }
+    if a.settings != b.settings {
+        what.push(settings_changes(&a, &b));
+    }
+    if a.source_id != b.source_id {
+        what.push("id changed".into());
+    }
+    if (&a.size_bytes, &a.wwid, a.shared_backing) != (&b.size_bytes, &b.wwid, b.shared_backing) {
+        what.push("identity (size, wwid or shared_backing) changed".into());
+    }
+    what
+}
+
+fn settings_changes(a: &LunSpec, b: &LunSpec) -> String {
+    let (x, y) = (&a.settings, &b.settings);
+    let mut keys: Vec<&'static str> = Vec::new();
+    let mut check = |key: &'static str, same: bool| {
+        if !same {
+            keys.push(key);
+        }
+    };
+    check("policy", x.policy == y.policy);
+    check("io_timeout", x.io_timeout == y.io_timeout);
+    check("adaptive_timeout", x.adaptive_timeout == y.adaptive_timeout);
+    check("check_interval", x.check_interval == y.check_interval);
+    check("no_path_retry", x.no_path_retry == y.no_path_retry);
+    check("failback", x.failback == y.failback);
+    check(
+        "no_path_queue_max",
+        x.no_path_queue_bytes_max == y.no_path_queue_bytes_max,
+    );
+    check("in_doubt_timeout", x.in_doubt_timeout == y.in_doubt_timeout);
+    check("fence_timeout", x.fence_timeout == y.fence_timeout);
+    check("fence", x.fence == y.fence);
+    format!("settings changed: {}", keys.join(", "))
+}
+
+/// What a reload did, for the management call, the log and the events.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub restarted: Vec<String>,
+    pub unchanged: usize,
+    pub not_applied: Vec<String>,
+    /// LUNs whose change failed (and were left as they were), and why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The daemon's record of itself (GetDaemonInfo).
+#[derive(Debug, Clone)]
+pub struct DaemonRecord {
+    pub started_at: SystemTime,
+    pub reloads: u64,
+    pub last_reload_at: Option<SystemTime>,
+    pub upgrades: u64,
+    pub last_upgrade_at: Option<SystemTime>,
+}
+
+/// The running set of LUNs, read by management calls and metrics without a lock.
+pub type LunSet = ArcSwap<Vec<Lun>>;
+
+/// What starting one LUN needs.
+pub struct LunStarter {
+    pub state_dir: PathBuf,
+    pub events: Arc<EventLog>,
+    pub server: Arc<Server<Lun>>,
+    /// The data threads' runtimes; a LUN goes to the one at its config position (modulo).
+    pub runtimes: Vec<tokio::runtime::Handle>,
+}
+
+impl LunStarter {
+    fn runtime(&self, position: usize) -> tokio::runtime::Handle {
+        self.runtimes[position % self.runtimes.len()].clone()
+    }
+
+    /// Starts a LUN on its data thread (its tasks and path connections live there).
+    pub async fn start(&self, table: &LunTable, position: usize) -> anyhow::Result<Lun> {
+        let options = LunOptions {
+            state_dir: Some(self.state_dir.clone()),
+            startup_timeout: None,
+        };
+        let runtime = self.runtime(position);
+        let lun = runtime
+            .spawn(Lun::start(
+                table.to_spec(),
+                options,
+                Arc::clone(&self.events),
+            ))
+            .await
+            .context("a data thread stopped while a LUN started")?
+            .map_err(|e| {
+                anyhow::anyhow!("LUN {:?}: {} ({})", table.name, e.message, e.hresult.name())
+            })?;
+        tracing::info!(
+            lun = %lun.name(), paths = table.paths.len(), usable = lun.mpio().usable_path_count(),
+            policy = lun.mpio().policy().config_name(), size = lun.geometry().size_bytes, "LUN started"
+        );
+        Ok(lun)
+    }
+
+    /// Starts a LUN and exports it (the LUN is the export's backend).
+    pub async fn start_exported(&self, table: &LunTable, position: usize) -> anyhow::Result<Lun> {
+        let lun = self.start(table, position).await?;
+        if let Err(e) = self.server.add_export_on(
+            lun.export_config(),
+            Arc::new(lun.clone()),
+            self.runtime(position),
+        ) {
+            stop_lun(&lun).await;
+            return Err(anyhow::anyhow!("{e}"));
+        }
+        Ok(lun)
+    }
+}
+
+/// Stops a LUN whose export no longer sends it requests: queued I/O fails, paths close, the last
+/// in-doubt journal write finishes (bounded).
+pub async fn stop_lun(lun: &Lun) {
+    lun.fail_queued();
+    lun.shutdown();
+    if tokio::time::timeout(Duration::from_secs(2), lun.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(lun = %lun.name(), "the LUN's last in-doubt journal write did not finish within 2s");
+    }
+}
+
+/// Applies reloads; holds the running config.
+pub struct Reconfigurer {
+    pub config_path: Option<PathBuf>,
+    /// The running config. The lock also serializes reloads, upgrades and the stop.
+    pub running: tokio::sync::Mutex<Config>,
+    pub luns: Arc<LunSet>,
+    pub starter: LunStarter,
+    pub record: std::sync::Mutex<DaemonRecord>,
+}
+
+impl Reconfigurer {
+    /// Reads the config file again and applies the difference. An unreadable or invalid file
+    /// changes nothing.
+    pub async fn reload(&self) -> anyhow::Result<ReloadReport> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("this daemon was not started from a config file"))?;
+        let new = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.apply(new).await
+    }
+
+    /// Applies a new config (checked already).
+    pub async fn apply(&self, new: Config) -> anyhow::Result<ReloadReport> {
+        let mut running = self.running.lock().await;
+        let plan = plan(&running, &new);
+        tracing::info!(
+            added = ?plan.added, removed = ?plan.removed, changed = ?plan.changed,
+            not_applied = ?plan.not_applied, "reload"
+        );
+        let mut report = ReloadReport {
+            unchanged: plan.unchanged.len(),
+            not_applied: plan.not_applied.clone(),
+            ..ReloadReport::default()
+        };
+        for name in &plan.removed {
+            self.remove(name, running.daemon.shutdown_timeout).await;
+            report.removed.push(name.clone());
+        }
+        for (name, what) in &plan.changed {
+            let (old, table) = (lun_table(&running, name), lun_table(&new, name));
+            let position = new.luns.iter().position(|l| l.name == *name).unwrap_or(0);
+            match self.restart(old, table, position, what).await {
+                Ok(()) => report.restarted.push(name.clone()),
+                Err(e) => report.failed.push((name.clone(), format!("{e:#}"))),
+            }
+        }
+        for name in &plan.added {
+            let table = lun_table(&new, name);
+            let position = new.luns.iter().position(|l| l.name == *name).unwrap_or(0);
+            match self.starter.start_exported(table, position).await {
+                Ok(lun) => {
+                    self.starter.events.push(
+                        name,
+                        None,
+                        None,
+                        None,
+                        format!("reload: LUN added ({} paths)", table.paths.len()),
+                    );
+                    self.set_lun(name, Some(lun));
+                    report.added.push(name.clone());
+                }
+                Err(e) => report.failed.push((name.clone(), format!("{e:#}"))),
+            }
+        }
+        // The running config follows what was applied: a LUN whose change failed keeps its old table.
+        *running = merged(&running, &new, &report);
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        record.reloads += 1;
+        record.last_reload_at = Some(SystemTime::now());
+        Ok(report)
+    }
+
+    async fn remove(&self, name: &str, drain_max: Duration) {
+        let lun = self.lun(name);
+        if let Some(removed) = self.starter.server.remove_export(name)
+            && tokio::time::timeout(drain_max, removed.closed())
+                .await
+                .is_err()
+        {
+            tracing::warn!(lun = %name, connections = removed.connections(),
+                "connections of a removed LUN still open after shutdown_timeout; stopping the LUN");
+        }
+        if let Some(lun) = lun {
+            stop_lun(&lun).await;
+        }
+        self.set_lun(name, None);
+        self.starter
+            .events
+            .push(name, None, None, None, "reload: LUN removed");
+    }
+
+    /// Restarts a changed LUN under its held export (see the module doc).
+    async fn restart(
+        &self,
+        old: &LunTable,
+        table: &LunTable,
+        position: usize,
+        what: &[String],
+    ) -> anyhow::Result<()> {
+        let name = &table.name;
+        let current = self
+            .lun(name)
+            .ok_or_else(|| anyhow::anyhow!("not running"))?;
+        let hold = self
+            .starter
+            .server
+            .hold_export(name)
+            .ok_or_else(|| anyhow::anyhow!("no export"))?;
+        let quiet_max = table.settings.io_timeout.max(Duration::from_secs(1)) * 2;
+        let quiet_max = quiet_max.min(QUIET_TIMEOUT_MAX);
+        if tokio::time::timeout(quiet_max, hold.quiet()).await.is_err() {
+            anyhow::bail!(
+                "{} requests still running after {quiet_max:?}; left unchanged",
+                hold.running()
+            );
+        }
+        stop_lun(&current).await;
+        let (lun, result) = match self.starter.start(table, position).await {
+            Ok(lun) => (lun, Ok(())),
+            Err(e) => {
+                // The old table again, as at a restart: the export must have a LUN behind it.
+                let again = self.starter.start(old, position).await.with_context(|| {
+                    format!("the new table failed ({e:#}) and the old one did not start again")
+                })?;
+                (
+                    again,
+                    Err(e.context("the new table did not start; the old one runs again")),
+                )
+            }
+        };
+        hold.replace_backend(Arc::new(lun.clone()));
+        drop(hold);
+        self.set_lun(name, Some(lun));
+        let cause = match &result {
+            Ok(()) => format!("reload: LUN restarted ({})", what.join("; ")),
+            Err(e) => format!("reload: change failed, LUN runs as before: {e:#}"),
+        };
+        self.starter.events.push(name, None, None, None, cause);
+        result
+    }
+
+    /// GetDaemonInfo's answer.
+    pub fn info(&self) -> lunmpio_rpc::DaemonInfo {
+        let record = self
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let time = |t: SystemTime| humantime::format_rfc3339_millis(t).to_string();
+        lunmpio_rpc::DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            program: std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            config: self
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            started_at: time(record.started_at),
+            upgrades: record.upgrades,
+            last_upgrade_at: record.last_upgrade_at.map(time),
+            reloads: record.reloads,
+            last_reload_at: record.last_reload_at.map(time),
+            luns: self.luns.load().len(),
+        }
+    }
+
+    pub fn lun(&self, name: &str) -> Option<Lun> {
+        self.luns.load().iter().find(|l| l.name() == name).cloned()
+    }
+
+    fn set_lun(&self, name: &str, lun: Option<Lun>) {
+        let mut next: Vec<Lun> = self
+            .luns
+            .load()
+            .iter()
+            .filter(|l| l.name() != name)
+            .cloned()
+            .collect();
+        next.extend(lun);
+        self.luns.store(Arc::new(next));
+    }
+}
+
+fn lun_table<'a>(config: &'a Config, name: &str) -> &'a LunTable {
+    config
+        .luns
+        .iter()
+        .find(|l| l.name == name)
+        .expect("the plan names LUNs of its configs")
+}
+
+/// The config now running: the new one, except LUNs whose change failed (their old table, or none).
+fn merged(old: &Config, new: &Config, report: &ReloadReport) -> Config {
+    let failed = |name: &str| report.failed.iter().any(|(f, _)| f == name);
+    let mut luns = Vec::with_capacity(new.luns.len());
+    for lun in &new.luns {
+        if !failed(&lun.name) {
+            luns.push(lun.clone());
+        } else if let Some(before) = old.luns.iter().find(|l| l.name == lun.name) {
+            luns.push(before.clone());
+        }
+    }
+    Config {
+        daemon: old.daemon.clone(),
+        luns,
+    }
+}
+
+/// Reload's answer on the wire.
+pub fn reload_result(report: ReloadReport) -> lunmpio_rpc::ReloadResult {
+    lunmpio_rpc::ReloadResult {
+        added: report.added,
+        removed: report.removed,
+        restarted: report.restarted,
+        unchanged: report.unchanged,
+        not_applied: report.not_applied,
+        failed: report
+            .failed
+            .into_iter()
+            .map(|(lun, reason)| lunmpio_rpc::ReloadFailure { lun, reason })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(luns: &str) -> Config {
+        Config::parse(
+            &format!("[daemon]\nnbd_listen = \"127.0.0.1:1\"\n{luns}"),
+            "test.toml",
+        )
+        .unwrap()
+    }
+
+    const A: &str = "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"file:///a0\"\nname = \"p0\"\n";
+    const B: &str = "[[lun]]\nname = \"b\"\n[[lun.path]]\nuri = \"file:///b0\"\nname = \"p0\"\n";
+
+    #[test]
+    fn luns_added_removed_changed_and_unchanged() {
+        let before = config(&format!("{A}{B}"));
+        let a_more = A.replace("name = \"a\"\n", "name = \"a\"\nio_timeout = \"2s\"\n")
+            + "[[lun.path]]\nuri = \"file:///a1\"\nname = \"p1\"\n";
+        let c = B.replace("\"b\"", "\"c\"").replace("b0", "c0");
+        let after = config(&format!("{a_more}{c}"));
+        let p = plan(&before, &after);
+        assert_eq!(p.added, vec!["c"]);
+        assert_eq!(p.removed, vec!["b"]);
+        assert_eq!(p.changed.len(), 1);
+        assert_eq!(p.changed[0].0, "a");
+        let what = p.changed[0].1.join("; ");
+        assert!(what.contains("path p1 added"), "{what}");
+        assert!(what.contains("settings changed: io_timeout"), "{what}");
+        assert!(p.not_applied.is_empty());
+        assert!(plan(&before, &before).is_empty());
+        assert_eq!(plan(&before, &before).unchanged, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn daemon_keys_are_listed_not_applied() {
+        let before = config(A);
+        let after = Config::parse(
+            &format!("[daemon]\nnbd_listen = \"127.0.0.1:2\"\n{A}"),
+            "test.toml",
+        )
+        .unwrap();
+        let p = plan(&before, &after);
+        assert!(p.is_empty());
+        assert_eq!(p.not_applied, vec!["daemon.nbd_listen"]);
+    }
+
+    #[test]
+    fn a_removed_path_is_a_change() {
+        let two = format!("{A}[[lun.path]]\nuri = \"file:///a1\"\nname = \"p1\"\n");
+        let p = plan(&config(&two), &config(A));
+        assert_eq!(
+            p.changed,
+            vec![("a".to_string(), vec!["path p1 removed".to_string()])]
+        );
+    }
+}
