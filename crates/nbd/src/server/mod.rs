@@ -9,6 +9,7 @@
 
 mod admission;
 mod gate;
+mod handover;
 mod handshake;
 mod transmission;
 
@@ -25,6 +26,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use admission::IDLE_EVICT_AFTER;
+pub use handover::{DetachedConnection, SocketKind};
+use handover::{StreamOps, log_end, tcp_ops, unix_ops};
 pub use transmission::{RequestCheck, check_request};
 
 /// The storage behind an export: one method, one request in, one reply out. Requests run
@@ -121,6 +124,8 @@ pub enum ServerError {
     TooManyConnections(usize),
     #[error("evicted: idle while the server was at max_connections")]
     Evicted,
+    #[error("closed in its handshake: the server hands its connections over (live upgrade)")]
+    Detaching,
 }
 
 pub(crate) struct ExportEntry<B> {
@@ -189,33 +194,16 @@ impl<B> RemovedExport<B> {
     }
 }
 
-/// Moves an accepted socket to another runtime's reactor, so that its readiness wakes that runtime's
-/// thread rather than the one that accepted it.
-type Rehome<S> = fn(S, &tokio::runtime::Handle) -> std::io::Result<S>;
-
-fn rehome_tcp(
-    stream: tokio::net::TcpStream,
-    runtime: &tokio::runtime::Handle,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let stream = stream.into_std()?;
-    let _entered = runtime.enter();
-    tokio::net::TcpStream::from_std(stream)
-}
-
-fn rehome_unix(
-    stream: tokio::net::UnixStream,
-    runtime: &tokio::runtime::Handle,
-) -> std::io::Result<tokio::net::UnixStream> {
-    let stream = stream.into_std()?;
-    let _entered = runtime.enter();
-    tokio::net::UnixStream::from_std(stream)
-}
-
 pub struct Server<B: Backend> {
     /// Looked up at handshakes only; changed by live reconfiguration.
     exports: std::sync::RwLock<HashMap<String, Arc<ExportEntry<B>>>>,
     options: ServerOptions,
     shutdown: CancellationToken,
+    /// Cancelled to stop the accept loops without a drain (a live upgrade takes the listeners).
+    accepting: CancellationToken,
+    /// Cancelled to detach every connection at its next request boundary (live upgrade).
+    detach: CancellationToken,
+    detached: std::sync::Mutex<Vec<DetachedConnection>>,
     active: watch::Sender<usize>,
     admission: Arc<admission::Registry>,
     /// When (ms since start) a refusal was last logged: one warning per second at most.
@@ -225,10 +213,10 @@ pub struct Server<B: Backend> {
 }
 
 /// Counts a live connection for `wait_idle`.
-struct ConnGuard(watch::Sender<usize>);
+pub(crate) struct ConnGuard(watch::Sender<usize>);
 
 impl ConnGuard {
-    fn new(active: &watch::Sender<usize>) -> Self {
+    pub(crate) fn new(active: &watch::Sender<usize>) -> Self {
         active.send_modify(|n| *n += 1);
         ConnGuard(active.clone())
     }
@@ -252,6 +240,9 @@ impl<B: Backend> Server<B> {
             admission: admission::Registry::new(options.max_connections),
             options,
             shutdown: CancellationToken::new(),
+            accepting: CancellationToken::new(),
+            detach: CancellationToken::new(),
+            detached: std::sync::Mutex::new(Vec::new()),
             active: watch::Sender::new(0),
             refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -394,7 +385,7 @@ impl<B: Backend> Server<B> {
         r
     }
 
-    fn admit(&self) -> Result<Arc<admission::Admitted>, ServerError> {
+    pub(crate) fn admit(&self) -> Result<Arc<admission::Admitted>, ServerError> {
         match self.admission.admit() {
             admission::Admission::Admitted(a) => Ok(a),
             admission::Admission::Refused => {
@@ -420,7 +411,7 @@ impl<B: Backend> Server<B> {
         self: &Arc<Self>,
         stream: S,
         admitted: &Arc<admission::Admitted>,
-        rehome: Option<Rehome<S>>,
+        ops: Option<StreamOps<S>>,
     ) -> Result<(), ServerError>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -437,30 +428,67 @@ impl<B: Backend> Server<B> {
                 Ok(r) => r?,
             },
             _ = admitted.evicted.cancelled() => return Err(ServerError::Evicted),
+            // A handshake is not handed over: the client sees the socket close and connects again.
+            _ = self.detach.cancelled() => return Err(ServerError::Detaching),
         };
         let Some(negotiated) = negotiated else {
             return Ok(());
         };
         admitted.transmission_started();
-        let (Some(runtime), Some(rehome)) = (negotiated.export.runtime.clone(), rehome) else {
-            return self.transmission(rd, wr, buf, negotiated, admitted).await;
-        };
-        let stream = rehome(rd.unsplit(wr), &runtime)?;
-        let (rd, wr) = tokio::io::split(stream);
-        let (server, admitted) = (Arc::clone(self), Arc::clone(admitted));
-        let moved = runtime.spawn(async move {
-            server
-                .transmission(rd, wr, buf, negotiated, &admitted)
-                .await
-        });
-        moved.await.map_err(|e| {
-            ServerError::Io(std::io::Error::other(format!(
-                "the export's runtime ended the connection: {e}"
-            )))
-        })?
+        self.transmit(rd.unsplit(wr), buf, negotiated, admitted, ops)
+            .await
     }
 
-    fn spawn_connection<S>(self: &Arc<Self>, stream: S, rehome: Rehome<S>)
+    /// The transmission phase, on the export's runtime when it has one and the stream can move
+    /// there, until the connection ends or detaches (then it is kept for [`Server::detach_all`]).
+    async fn transmit<S>(
+        self: &Arc<Self>,
+        stream: S,
+        buf: BytesMut,
+        negotiated: handshake::Negotiated<B>,
+        admitted: &Arc<admission::Admitted>,
+        ops: Option<StreamOps<S>>,
+    ) -> Result<(), ServerError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let can_detach = ops.is_some();
+        let ended = match (negotiated.export.runtime.clone(), ops) {
+            (Some(runtime), Some(ops)) => {
+                let stream = (ops.rehome)(stream, &runtime)?;
+                let (server, admitted) = (Arc::clone(self), Arc::clone(admitted));
+                let moved = runtime.spawn(async move {
+                    server
+                        .transmission(stream, buf, negotiated, &admitted, true)
+                        .await
+                });
+                moved.await.map_err(|e| {
+                    ServerError::Io(std::io::Error::other(format!(
+                        "the export's runtime ended the connection: {e}"
+                    )))
+                })??
+            }
+            _ => {
+                self.transmission(stream, buf, negotiated, admitted, can_detach)
+                    .await?
+            }
+        };
+        if let (Some(detached), Some(ops)) = (ended, ops) {
+            let socket = (ops.detach)(detached.stream)?;
+            self.keep_detached(DetachedConnection {
+                socket,
+                kind: ops.kind,
+                export: detached.export,
+                flags: detached.flags,
+                structured: detached.structured,
+                context_id: detached.context_id,
+                pending: detached.pending,
+            });
+        }
+        Ok(())
+    }
+
+    fn spawn_connection<S>(self: &Arc<Self>, stream: S, ops: StreamOps<S>)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -471,9 +499,7 @@ impl<B: Backend> Server<B> {
         let guard = ConnGuard::new(&self.active);
         let server = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = server.serve_inner(stream, &admitted, Some(rehome)).await {
-                tracing::debug!(error = %e, "nbd connection ended with an error");
-            }
+            log_end(server.serve_inner(stream, &admitted, Some(ops)).await);
             drop(guard);
         });
     }
@@ -506,11 +532,12 @@ impl<B: Backend> Server<B> {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.accepting.cancelled() => return Ok(()),
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
                         backoff.reset();
                         let _ = stream.set_nodelay(true);
-                        self.spawn_connection(stream, rehome_tcp);
+                        self.spawn_connection(stream, tcp_ops());
                     }
                     Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },
@@ -527,10 +554,11 @@ impl<B: Backend> Server<B> {
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
+                _ = self.accepting.cancelled() => return Ok(()),
                 r = listener.accept() => match r {
                     Ok((stream, _peer)) => {
                         backoff.reset();
-                        self.spawn_connection(stream, rehome_unix);
+                        self.spawn_connection(stream, unix_ops());
                     }
                     Err(e) => backoff.failed(&e, &self.accept_errors).await,
                 },

@@ -186,19 +186,43 @@ enum Body {
     BlockStatus(u32, Vec<Extent>),
 }
 
+/// A connection that left at a request boundary for a handover (see `handover`).
+pub(crate) struct Detached<S> {
+    pub(crate) stream: S,
+    pub(crate) pending: Vec<u8>,
+    pub(crate) export: String,
+    pub(crate) flags: u16,
+    pub(crate) structured: bool,
+    pub(crate) context_id: Option<u32>,
+}
+
+/// Why the request loop ended.
+#[derive(PartialEq)]
+enum Exit {
+    /// The client went, the connection failed or was evicted: close.
+    Close,
+    /// Shutdown or export removal: drain, then close.
+    Drain,
+    /// Handover: leave with the socket open.
+    Detach,
+}
+
 impl<B: Backend> Server<B> {
-    pub(crate) async fn transmission<R, W>(
+    /// The transmission phase of one connection. `Some` when it detached for a handover
+    /// (`can_detach`, and [`Server::detach_all`] was called), with nothing running and every reply
+    /// written.
+    pub(crate) async fn transmission<S>(
         self: &Arc<Self>,
-        mut rd: R,
-        wr: W,
+        stream: S,
         mut buf: BytesMut,
         n: Negotiated<B>,
         connection: &Arc<Admitted>,
-    ) -> Result<(), ServerError>
+        can_detach: bool,
+    ) -> Result<Option<Detached<S>>, ServerError>
     where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let (mut rd, wr) = tokio::io::split(stream);
         let max = self.options.max_in_flight_per_connection;
         let slots = Arc::new(Semaphore::new(max));
         let budget_max = self.options.connection_bytes_max;
@@ -213,7 +237,7 @@ impl<B: Backend> Server<B> {
         };
 
         let mut result = Ok(());
-        let mut draining = false;
+        let mut exit = Exit::Close;
         // The requests running now, polled by this task: a request goes from the client's socket through
         // the backend to the writer without a task of its own (and without a hand-off between tasks).
         let mut running = running_set(run_request::<B>);
@@ -231,7 +255,8 @@ impl<B: Backend> Server<B> {
         let shutdown = self.shutdown.cancelled();
         let removed = gate.closing.cancelled();
         let evicted = connection.evicted.cancelled();
-        tokio::pin!(shutdown, removed, evicted);
+        let detach = self.detach.cancelled();
+        tokio::pin!(shutdown, removed, evicted, detach);
         loop {
             if slot.is_none() {
                 slot = Arc::clone(&slots).try_acquire_owned().ok();
@@ -243,9 +268,14 @@ impl<B: Backend> Server<B> {
                 .map_or(0, |(h, data, _)| request_bytes(h, data, budget_max));
             let next = tokio::select! {
                 biased;
-                _ = &mut shutdown => { draining = true; break; }
-                _ = &mut removed => { draining = true; break; }
+                _ = &mut shutdown => { exit = Exit::Drain; break; }
+                _ = &mut removed => { exit = Exit::Drain; break; }
                 Some(out) = running.next(), if !running.is_empty() => { let _ = tx.send(out); continue; }
+                // Handover: only at a request boundary (the holder waited for quiet; this waits too).
+                _ = &mut detach, if can_detach && running.is_empty() && waiting.is_none() => {
+                    exit = Exit::Detach;
+                    break;
+                }
                 bytes = Arc::clone(&budget).acquire_many_owned(budget_wanted), if waiting.is_some() => {
                     let (h, data, mut held) = waiting.take().expect("guarded by the branch condition");
                     held._bytes = bytes.ok();
@@ -309,17 +339,29 @@ impl<B: Backend> Server<B> {
             let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
             running.extend(run.map(run_request));
         }
-        if let Some((h, _, held)) = parked.take() {
-            // Shut down (or removed) while held: it never started.
+        let mut pending = Vec::new();
+        if let Some((h, data, held)) = parked.take() {
             gate.unpark();
-            let _ = tx.send(Out::shutdown(&h, n.structured, held));
+            if exit == Exit::Detach {
+                // Read during the hold, never started: it goes back on the wire to the next program.
+                let mut wire = BytesMut::new();
+                h.encode(&mut wire);
+                pending.extend_from_slice(&wire);
+                if h.command == Command::Write {
+                    pending.extend_from_slice(&data);
+                }
+                drop(held);
+            } else {
+                // Shut down (or removed) while held: it never started.
+                let _ = tx.send(Out::shutdown(&h, n.structured, held));
+            }
         }
         drop(slot);
         if let Some((h, _, held)) = waiting.take() {
             // Shut down while it waited for room: it never started.
             let _ = tx.send(Out::shutdown(&h, n.structured, held));
         }
-        if draining {
+        if exit == Exit::Drain {
             // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done. Each
             // answer holds a slot like a request does, so a client that does not read its replies
             // stops being read from here too.
@@ -375,17 +417,32 @@ impl<B: Backend> Server<B> {
                 return Err(ServerError::Evicted);
             }
         };
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if result.is_ok() => result = Err(ServerError::Io(e)),
-            Ok(Err(_)) => {}
+        // The first error wins: the connection's own, else the writer's.
+        let (mut wr, written) = match written {
+            Ok(w) => w,
             Err(join) => {
-                if result.is_ok() {
-                    result = Err(ServerError::Io(std::io::Error::other(join.to_string())));
-                }
+                result?;
+                return Err(ServerError::Io(std::io::Error::other(join.to_string())));
             }
+        };
+        if let Err(e) = written {
+            result?;
+            return Err(ServerError::Io(e));
         }
-        result
+        if exit == Exit::Detach && result.is_ok() {
+            debug_assert!(running.is_empty(), "detached with nothing running");
+            pending.extend_from_slice(&buf);
+            return Ok(Some(Detached {
+                stream: rd.unsplit(wr),
+                pending,
+                export: n.export.config.name.clone(),
+                flags: n.flags.bits(),
+                structured: n.structured,
+                context_id: n.context_id,
+            }));
+        }
+        let _ = wr.shutdown().await;
+        result.map(|()| None)
     }
 
     /// Checks one request: the request to run (its reply goes to the writer when it completes), or
@@ -654,11 +711,13 @@ async fn read_request<R: AsyncRead + Unpin>(
 }
 
 /// Encodes replies in completion order and sends them in as few writes as possible.
+/// Writes replies until every sender is gone; gives the socket half back (not shut down: a
+/// detached connection stays open).
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
     structured: bool,
-) -> std::io::Result<()> {
+) -> (W, std::io::Result<()>) {
     let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
     // What the replies in `out` hold (their slots and bytes): released once `out` is on the socket,
     // not when a reply is copied into it, so a client that does not read keeps its requests counted.
@@ -694,8 +753,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         rx.close();
         while rx.recv().await.is_some() {}
     }
-    let _ = wr.shutdown().await;
-    r
+    (wr, r)
 }
 
 async fn encode_reply<W: AsyncWrite + Unpin>(
