@@ -108,6 +108,15 @@ pub enum Command {
     /// The running daemon: version, PID, program, start time, reloads and upgrades (GetDaemonInfo).
     Daemon(SocketOptions),
 
+    /// Replace the running daemon's program with the file it was started from, without closing a
+    /// client connection (Upgrade); waits until the new program serves.
+    #[command(after_help = UPGRADE_AFTER_HELP)]
+    Upgrade(SocketOptions),
+
+    /// What a program answers before it takes over a daemon (used by `upgrade`).
+    #[command(hide = true)]
+    UpgradeCheck,
+
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions {
         #[arg(value_enum)]
@@ -131,6 +140,24 @@ the same key-and-line message as at start. Every change is an event (`lunmpio ev
 Examples:
   lunmpio reload
   systemctl reload lunmpio        # sends SIGHUP (ExecReload= in packaging/lunmpio.service)
+";
+
+const UPGRADE_AFTER_HELP: &str = "\
+What happens:
+  1. check     the program file (the path the daemon was started from) must answer
+               `upgrade-check` with handover version 1; otherwise nothing changes
+  2. quiesce   every export is held at a request boundary: requests in flight finish, new ones
+               wait (if they do not finish within 2 x io_timeout, nothing changes)
+  3. hand over listeners, client connections (with their negotiated state and unread requests),
+               counters, hold-downs and the event log go to the new program; in-doubt writes are
+               journaled in state_dir
+  4. exec      same PID; the new program reconnects the paths, then resumes every connection
+A new program that cannot take over hands back to the old one, which reports why (exit 1).
+Clients see a pause, never an error. The new program reads the config file, as a restart would.
+
+Examples:
+  apt-get install ./lunmpio_0.2.0_amd64.deb && lunmpio upgrade
+  lunmpio upgrade --json
 ";
 
 const SERVE_AFTER_HELP: &str = "\

@@ -45,12 +45,19 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS),
         },
         Command::Demo(args) => runtime().and_then(|rt| rt.block_on(lunmpio_demo::run(args))),
-        // Listeners from systemd are taken while this is the only thread (it edits the environment).
+        // Listeners from systemd, and a live upgrade's handover, are taken while this is the only
+        // thread (it edits the environment).
         Command::Serve(args) => serve::activation::Inherited::take_from_env()
             .and_then(|inherited| {
-                runtime().and_then(|rt| run_to_end(rt, serve::run(args, inherited)))
+                let handover = serve::upgrade::Incoming::take_from_env()?;
+                runtime().and_then(|rt| run_to_end(rt, serve::run(args, inherited, handover)))
             })
             .map(|()| ExitCode::SUCCESS),
+        Command::UpgradeCheck => {
+            println!("{}", serve::upgrade::check_line());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Upgrade(o) => manage::upgrade(&o),
         Command::Luns(o) => manage::luns(&o),
         Command::Topology(o) => manage::topology(&o),
         Command::Paths(a) => manage::paths(&a.options, &a.lun),

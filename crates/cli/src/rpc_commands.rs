@@ -119,7 +119,14 @@ pub fn luns(o: &SocketOptions) -> anyhow::Result<ExitCode> {
 
 /// `lunmpio reload`: what changed, one line per LUN; exit 1 when a LUN's change failed.
 pub fn reload(o: &SocketOptions) -> anyhow::Result<ExitCode> {
-    let r = connect(o)?.reload().map_err(rpc_error)?;
+    let r = connect(o)?.reload().map_err(|e| match e {
+        // Connected, then cut off without an answer: the process was replaced or stopped meanwhile.
+        ClientError::Io { .. } => anyhow::anyhow!(
+            "{e}: the daemon went away before it answered (an upgrade or a restart?); \
+             see `lunmpio daemon`, then reload again"
+        ),
+        e => rpc_error(e),
+    })?;
     let code = if r.failed.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -148,6 +155,58 @@ pub fn reload(o: &SocketOptions) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// How long `lunmpio upgrade` waits for the new program to serve.
+const UPGRADE_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `lunmpio upgrade`: asks for the handover, then waits until the daemon answers again and says
+/// which program serves: one more upgrade (success), or the reason the old program came back.
+pub fn upgrade(o: &SocketOptions) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let begun = connect(o)?.upgrade().map_err(rpc_error)?;
+    if !o.json {
+        println!(
+            "handing over: {} {} -> {} (pid {}, {} connection(s), quiet after {} ms)",
+            begun.program,
+            begun.from_version,
+            begun.to_version,
+            begun.pid,
+            begun.connections,
+            begun.quiesce_ms
+        );
+    }
+    loop {
+        // The control socket is handed over too: a call made during the exec waits in its backlog.
+        if let Ok(info) = connect(o).and_then(|mut c| c.get_daemon_info().map_err(rpc_error)) {
+            if info.upgrades > begun.upgrades {
+                let took_ms = started.elapsed().as_millis();
+                if o.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "started": begun, "daemon": info, "tookMs": took_ms
+                        }))?
+                    );
+                } else {
+                    println!(
+                        "upgraded: pid {} now runs {} (upgrade {}, {} ms)",
+                        info.pid, info.version, info.upgrades, took_ms
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if info.upgrades_failed > begun.upgrades_failed {
+                let reason = info.last_upgrade_error.unwrap_or_default();
+                anyhow::bail!("upgrade failed, the old program serves again: {reason}");
+            }
+        }
+        anyhow::ensure!(
+            started.elapsed() < UPGRADE_WAIT,
+            "the daemon did not report the upgrade within {UPGRADE_WAIT:?}; see its log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `lunmpio daemon`: the running daemon's identity and history.
 pub fn daemon(o: &SocketOptions) -> anyhow::Result<ExitCode> {
     let r = connect(o)?.get_daemon_info().map_err(rpc_error)?;
@@ -169,6 +228,12 @@ pub fn daemon(o: &SocketOptions) -> anyhow::Result<ExitCode> {
             vec![
                 "last upgrade".to_string(),
                 r.last_upgrade_at.clone().unwrap_or_else(never),
+            ],
+            vec![
+                "last upgrade error".to_string(),
+                r.last_upgrade_error
+                    .clone()
+                    .unwrap_or_else(|| "none".into()),
             ],
         ];
         render_table(&rows)

@@ -270,6 +270,11 @@ struct RawPath {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_text(path).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], and the text it was parsed from (a live upgrade carries it).
+    pub fn load_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
@@ -278,7 +283,7 @@ impl Config {
             key: "-".into(),
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(&text, &file)
+        Config::parse(&text, &file).map(|config| (config, text))
     }
 
     /// Parses and validates a configuration. `file` only labels error messages.

@@ -118,6 +118,26 @@ impl EventLog {
     }
 
     /// The sequence number the next event will get.
+    /// Every event kept, and the next sequence number: what a live upgrade hands to the next program.
+    pub fn export(&self) -> (Vec<Event>, u64) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        (inner.events.iter().cloned().collect(), inner.next_seq)
+    }
+
+    /// A log that goes on from an exported one: same events, numbering continues (a client that
+    /// follows `since` sees no gap and no repeat across the upgrade).
+    pub fn restored(events: Vec<Event>, next_seq: u64) -> EventLog {
+        let log = EventLog::new();
+        {
+            let mut inner = log.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let last = events.last().map_or(0, |e| e.seq);
+            let skip = events.len().saturating_sub(EVENTS_MAX);
+            inner.events = events.into_iter().skip(skip).collect();
+            inner.next_seq = next_seq.max(last + 1);
+        }
+        log
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.inner
             .lock()

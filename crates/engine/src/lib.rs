@@ -21,7 +21,7 @@ pub mod transport;
 
 pub use events::{Event, EventLog};
 pub use lun::{
-    Geometry, IoError, Lun, LunOptions, LunStats, PathStats, SetReservation,
+    Geometry, IoError, Lun, LunCarry, LunOptions, LunStats, PathCarry, PathStats, SetReservation,
     set_all_path_statuses_from_hba_port,
 };
 pub use settings::{Failback, LunSettings, LunSpec, NoPathRetry, PathSpec, stable_id};

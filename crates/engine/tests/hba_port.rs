@@ -54,6 +54,7 @@ async fn lun(dir: &Path, name: &str, events: &Arc<EventLog>) -> Lun {
     let options = LunOptions {
         state_dir: None,
         startup_timeout: Some(Duration::from_secs(5)),
+        carry: None,
     };
     Lun::start(spec, options, Arc::clone(events)).await.unwrap()
 }

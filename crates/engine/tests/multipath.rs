@@ -67,6 +67,7 @@ async fn rig(paths: usize, settings: LunSettings, tweak: impl FnOnce(&mut Vec<Pa
     let options = LunOptions {
         state_dir: Some(dir.path().join("state")),
         startup_timeout: Some(Duration::from_secs(5)),
+        carry: None,
     };
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     let lun = Lun::start(spec, options, Arc::clone(&events))
@@ -482,6 +483,7 @@ async fn set_calls_validate_persist_and_survive_a_restart() {
     let options = LunOptions {
         state_dir: Some(dir.path().to_path_buf()),
         startup_timeout: None,
+        carry: None,
     };
     let lun = Lun::start(spec.clone(), options.clone(), Arc::new(EventLog::new()))
         .await

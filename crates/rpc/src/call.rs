@@ -20,6 +20,7 @@ pub mod method {
     pub const GET_EVENTS: &str = "GetEvents";
     pub const GET_DAEMON_INFO: &str = "GetDaemonInfo";
     pub const RELOAD: &str = "Reload";
+    pub const UPGRADE: &str = "Upgrade";
     pub const ALL: &[&str] = &[
         GET_PATH_INFO,
         GET_LOAD_BALANCE_POLICY,
@@ -32,6 +33,7 @@ pub mod method {
         GET_EVENTS,
         GET_DAEMON_INFO,
         RELOAD,
+        UPGRADE,
     ];
 }
 
@@ -150,6 +152,9 @@ pub enum Call {
     GetDaemonInfo,
     /// Takes no parameters (any given are ignored): the daemon reads its config file again.
     Reload,
+    /// Takes no parameters (any given are ignored): the daemon hands over to the program file it was
+    /// started from.
+    Upgrade,
 }
 
 impl Call {
@@ -170,6 +175,7 @@ impl Call {
             method::GET_EVENTS => Call::GetEvents(params(name, raw)?),
             method::GET_DAEMON_INFO => Call::GetDaemonInfo,
             method::RELOAD => Call::Reload,
+            method::UPGRADE => Call::Upgrade,
             other => {
                 return Err(RpcError::standard(
                     METHOD_NOT_FOUND,
@@ -196,6 +202,7 @@ impl Call {
             Call::GetEvents(_) => method::GET_EVENTS,
             Call::GetDaemonInfo => method::GET_DAEMON_INFO,
             Call::Reload => method::RELOAD,
+            Call::Upgrade => method::UPGRADE,
         }
     }
 
@@ -208,7 +215,7 @@ impl Call {
             | Call::GetStatistics(p) => serde_json::to_value(p),
             Call::SetLoadBalancePolicy(p) => serde_json::to_value(p),
             Call::SetAllPathStatusesFromHbaPort(p) => serde_json::to_value(p),
-            Call::ListLuns | Call::GetDaemonInfo | Call::Reload => {
+            Call::ListLuns | Call::GetDaemonInfo | Call::Reload | Call::Upgrade => {
                 Ok(Value::Object(Default::default()))
             }
             Call::SetPathStatus(p) => serde_json::to_value(p),
@@ -248,6 +255,7 @@ mod tests {
             (method::GET_EVENTS, json!({"lun": "a", "since": 4})),
             (method::GET_DAEMON_INFO, json!({})),
             (method::RELOAD, json!({})),
+            (method::UPGRADE, json!({})),
         ];
         assert_eq!(examples.len(), method::ALL.len());
         for (name, params) in examples {

@@ -17,7 +17,7 @@ use crate::call::{
 };
 use crate::results::{
     DaemonInfo, Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList,
-    ReloadResult, Statistics, SupportedLbPolicies,
+    ReloadResult, Statistics, SupportedLbPolicies, UpgradeStarted,
 };
 use crate::{LINE_BYTES_MAX, RpcError};
 
@@ -160,6 +160,11 @@ impl Client {
     /// Asks the daemon to read its config file again and apply the difference.
     pub fn reload(&mut self) -> Result<ReloadResult, ClientError> {
         self.perform(&Call::Reload)
+    }
+
+    /// Asks the daemon to hand over to its program file (see [`UpgradeStarted`]).
+    pub fn upgrade(&mut self) -> Result<UpgradeStarted, ClientError> {
+        self.perform(&Call::Upgrade)
     }
 
     /// `status` as a VDS number (1 reinstate, 5 fail, 7 standby).

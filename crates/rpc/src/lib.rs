@@ -28,7 +28,7 @@ pub use call::{
 pub use results::{
     DaemonInfo, Done, EventList, EventRecord, HbaPortInfo, HbaPortResult, IpAddressInfo,
     LoadBalancePolicyInfo, LunList, LunSummary, PathInfo, PathInfoList, PathStats, ReloadFailure,
-    ReloadResult, Statistics, SupportedLbPolicies, SupportedPolicy,
+    ReloadResult, Statistics, SupportedLbPolicies, SupportedPolicy, UpgradeStarted,
 };
 pub use service::Service;
 pub use wire::{

@@ -550,6 +550,13 @@ pub struct DaemonInfo {
     pub upgrades: u64,
     /// RFC 3339, or null before the first upgrade.
     pub last_upgrade_at: Option<String>,
+    /// Why the last upgrade failed after the handover began (the old program took over again), or
+    /// null. Earlier failures are the Upgrade call's own error.
+    #[serde(default)]
+    pub last_upgrade_error: Option<String>,
+    /// Upgrades that failed after their handover began.
+    #[serde(default)]
+    pub upgrades_failed: u64,
     pub reloads: u64,
     pub last_reload_at: Option<String>,
     /// LUNs served now.
@@ -577,4 +584,24 @@ pub struct ReloadResult {
 pub struct ReloadFailure {
     pub lun: String,
     pub reason: String,
+}
+
+/// Upgrade: the handover has begun. Every export is quiet and held, and the daemon is about to run
+/// `program`. Poll GetDaemonInfo: `upgrades` goes up once the new program serves, or
+/// `lastUpgradeError` says why the old one took over again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStarted {
+    pub program: String,
+    /// What `program upgrade-check` reported.
+    pub to_version: String,
+    pub from_version: String,
+    pub pid: u32,
+    /// Upgrades before this one, and failed ones.
+    pub upgrades: u64,
+    pub upgrades_failed: u64,
+    /// Export connections handed over.
+    pub connections: usize,
+    /// How long the exports took to become quiet.
+    pub quiesce_ms: u64,
 }

@@ -13,7 +13,7 @@ use crate::call::{
 };
 use crate::results::{
     DaemonInfo, Done, EventList, HbaPortResult, LoadBalancePolicyInfo, LunList, PathInfoList,
-    ReloadResult, Statistics, SupportedLbPolicies,
+    ReloadResult, Statistics, SupportedLbPolicies, UpgradeStarted,
 };
 use crate::wire::{self, RpcError};
 
@@ -54,6 +54,7 @@ pub trait Service: Sync {
     ) -> impl Future<Output = Result<EventList, RpcError>> + Send;
     fn get_daemon_info(&self) -> impl Future<Output = Result<DaemonInfo, RpcError>> + Send;
     fn reload(&self) -> impl Future<Output = Result<ReloadResult, RpcError>> + Send;
+    fn upgrade(&self) -> impl Future<Output = Result<UpgradeStarted, RpcError>> + Send;
 }
 
 /// One request line in, one response line out (without the newline). Never panics on input.
@@ -88,6 +89,7 @@ pub async fn perform<S: Service>(service: &S, call: Call) -> Result<Value, RpcEr
         Call::GetEvents(p) => to_value(service.get_events(p).await?),
         Call::GetDaemonInfo => to_value(service.get_daemon_info().await?),
         Call::Reload => to_value(service.reload().await?),
+        Call::Upgrade => to_value(service.upgrade().await?),
     }
 }
 

@@ -728,6 +728,8 @@ pub struct Daemon {
     stderr: Arc<Mutex<VecDeque<String>>>,
     /// Sockets handed over as by systemd, when started with [`Daemon::spawn_activated`].
     activation: Option<Arc<Activation>>,
+    /// The program file it runs (`lunmpio_bin()` unless [`Daemon::spawn_program`]).
+    pub program: PathBuf,
     pub dir: tempfile::TempDir,
 }
 
@@ -752,7 +754,24 @@ impl Daemon {
     }
 
     fn start(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf) -> Daemon {
-        Daemon::launch(dir, config, socket, None)
+        Daemon::launch(dir, config, socket, None, lunmpio_bin().to_path_buf())
+    }
+
+    /// Like [`Daemon::spawn`], running a copy of the lunmpio program at `dir/bin/lunmpio` (a file
+    /// the test may replace, as a package upgrade does, before `lunmpio upgrade`).
+    pub fn spawn_program(rest: &str) -> Daemon {
+        let dir = tempdir();
+        let config = dir.path().join("lunmpio.toml");
+        let socket = dir.path().join("control.sock");
+        std::fs::write(
+            &config,
+            config_text(&dir, &socket, "data_threads = 2", rest),
+        )
+        .expect("write config");
+        let program = dir.path().join("bin").join("lunmpio");
+        std::fs::create_dir_all(program.parent().unwrap()).unwrap();
+        std::fs::copy(lunmpio_bin(), &program).expect("copy the program");
+        Daemon::launch(dir, config, socket, None, program)
     }
 
     fn launch(
@@ -760,8 +779,9 @@ impl Daemon {
         config: PathBuf,
         socket: PathBuf,
         activation: Option<Arc<Activation>>,
+        program: PathBuf,
     ) -> Daemon {
-        let mut cmd = Command::new(lunmpio_bin());
+        let mut cmd = Command::new(&program);
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
@@ -811,6 +831,7 @@ impl Daemon {
             metrics,
             stderr,
             activation,
+            program,
             dir,
         }
     }
@@ -953,6 +974,7 @@ impl Daemon {
             config,
             dir,
             activation,
+            program,
             ..
         } = self;
         process.signal(signal);
@@ -963,7 +985,7 @@ impl Daemon {
         drop(process);
         let text = std::fs::read_to_string(&config).expect("read the config");
         std::fs::write(&config, edit(text)).expect("write the config");
-        Daemon::launch(dir, config, socket, activation)
+        Daemon::launch(dir, config, socket, activation, program)
     }
 
     /// GetPathInfo's status reason of a path, by name ("" when it has none).
@@ -1241,7 +1263,13 @@ impl Daemon {
         let activation = Arc::new(Activation::bind(&socket));
         let extra = format!("nbd_listen = \"{}\"\n{daemon_extra}", activation.nbd_addr);
         std::fs::write(&config, config_text(&dir, &socket, &extra, rest)).expect("write config");
-        Daemon::launch(dir, config, socket, Some(activation))
+        Daemon::launch(
+            dir,
+            config,
+            socket,
+            Some(activation),
+            lunmpio_bin().to_path_buf(),
+        )
     }
 
     /// The full GetStatistics answer.

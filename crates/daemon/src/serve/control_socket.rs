@@ -127,6 +127,9 @@ async fn connection(stream: UnixStream, service: &ControlService) -> std::io::Re
             answer(text, service).await
         };
         writer.write_all(format!("{response}\n").as_bytes()).await?;
+        writer.flush().await?;
+        // An Upgrade call that succeeded hands over now that its answer is out (never returns then).
+        service.reconfig.run_pending_upgrade().await;
     }
 }
 
@@ -246,6 +249,15 @@ impl Service for ControlService {
             )))
         })?;
         Ok(super::reload::reload_result(report))
+    }
+
+    async fn upgrade(&self) -> Result<lunmpio_rpc::UpgradeStarted, RpcError> {
+        // The handover itself runs once this answer is written (`connection`).
+        self.reconfig.prepare_upgrade().await.map_err(|e| {
+            RpcError::from(VdsError::object_status_failed(format!(
+                "upgrade: nothing changed: {e:#}"
+            )))
+        })
     }
 
     async fn get_events(&self, p: GetEventsParams) -> Result<EventList, RpcError> {

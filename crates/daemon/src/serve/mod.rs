@@ -12,6 +12,7 @@ pub mod data_threads;
 pub mod fds;
 pub mod metrics;
 pub mod reload;
+pub mod upgrade;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +43,10 @@ pub struct StartOptions {
     pub inherited: activation::Inherited,
     /// The file the config came from: `reload` reads it again.
     pub config_path: Option<PathBuf>,
+    /// A live upgrade's handover (the new program's side): listeners, connections and LUN state.
+    pub handover: Option<upgrade::Incoming>,
+    /// The text `config` was parsed from (carried by an upgrade); empty when unknown.
+    pub config_text: String,
 }
 
 /// A running daemon (in this process). Call [`Daemon::stop`] to stop it gracefully; dropping it ends
@@ -69,13 +74,28 @@ impl Daemon {
     /// [`Daemon::start`] with options: listeners handed over by systemd are used instead of binding,
     /// and left in place at stop (they belong to systemd).
     pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<Daemon> {
-        let mut activated = activation::assign(options.inherited, &config)?;
-        // Sockets from systemd are systemd's: never unlinked here, so they outlive this process.
-        let unlink_at_stop = UnlinkAtStop {
-            control_socket: activated.control.is_none(),
-            nbd_socket: activated.nbd.is_none(),
+        let handover = options.handover;
+        let inherited = match &handover {
+            Some(h) => h.listeners()?,
+            None => options.inherited,
         };
-        let events = Arc::new(EventLog::new());
+        let mut activated = activation::assign(inherited, &config)?;
+        // Sockets from systemd are systemd's: never unlinked here, so they outlive this process.
+        // After an upgrade, whoever bound them first decided.
+        let unlink = |role: &str, bound_here: bool| {
+            handover
+                .as_ref()
+                .and_then(|h| h.unlink_at_stop(role))
+                .unwrap_or(bound_here)
+        };
+        let unlink_at_stop = UnlinkAtStop {
+            control_socket: unlink("control", activated.control.is_none()),
+            nbd_socket: unlink("nbd", activated.nbd.is_none()),
+        };
+        let events = Arc::new(match &handover {
+            Some(h) => h.events(),
+            None => EventLog::new(),
+        });
         std::fs::create_dir_all(&config.daemon.state_dir)
             .with_context(|| format!("state_dir {}", config.daemon.state_dir.display()))?;
         let paths: usize = config.luns.iter().map(|l| l.paths.len()).sum();
@@ -104,22 +124,37 @@ impl Daemon {
         };
         let mut luns = Vec::with_capacity(config.luns.len());
         for (i, lun_config) in config.luns.iter().enumerate() {
-            luns.push(starter.start_exported(lun_config, i).await?);
+            let carry = handover.as_ref().and_then(|h| h.carry(&lun_config.name));
+            luns.push(starter.start_exported(lun_config, i, carry).await?);
         }
         let lun_count = luns.len();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (program, args) = match &handover {
+            Some(h) => (h.doc.program.clone(), h.doc.args.clone()),
+            None => (
+                std::env::current_exe().unwrap_or_default(),
+                std::env::args().skip(1).collect(),
+            ),
+        };
         let reconfig = Arc::new(Reconfigurer {
             config_path: options.config_path,
-            running: tokio::sync::Mutex::new(config.clone()),
+            running: Arc::new(tokio::sync::Mutex::new(config.clone())),
+            running_text: std::sync::Mutex::new(options.config_text),
             luns: Arc::new(reload::LunSet::from_pointee(luns)),
             starter,
-            record: std::sync::Mutex::new(reload::DaemonRecord {
-                started_at: std::time::SystemTime::now(),
-                reloads: 0,
-                last_reload_at: None,
-                upgrades: 0,
-                last_upgrade_at: None,
+            record: std::sync::Mutex::new(match &handover {
+                Some(h) => h.record(),
+                None => reload::DaemonRecord::new(),
             }),
+            program,
+            args,
+            listeners: std::sync::OnceLock::new(),
+            stop_services: stop.clone(),
+            pending: std::sync::Mutex::new(None),
+            upgrading: tokio::sync::watch::Sender::new(false),
         });
+        // Duplicates of the listeners for a later handover (role, descriptor, ours to unlink).
+        let mut kept = Vec::new();
         let service = Arc::new(control_socket::ControlService {
             luns: Arc::clone(&reconfig.luns),
             reconfig: Arc::clone(&reconfig),
@@ -127,14 +162,17 @@ impl Daemon {
             server: Arc::clone(&server),
             accept_errors: Arc::default(),
         });
-        let stop = tokio_util::sync::CancellationToken::new();
-
         let control_listener = match activated.control.take() {
             Some(std) => from_std_unix(std).context("control socket from systemd")?,
             None => control_socket::bind(&config.daemon.control_socket).with_context(|| {
                 format!("control_socket {}", config.daemon.control_socket.display())
             })?,
         };
+        kept.push((
+            "control",
+            dup_listener(&control_listener)?,
+            unlink_at_stop.control_socket,
+        ));
         tokio::spawn(control_socket::serve(
             control_listener,
             Arc::clone(&service),
@@ -152,6 +190,7 @@ impl Daemon {
             (None, None) => None,
         };
         if let Some(listener) = metrics_listener {
+            kept.push(("metrics", dup_listener(&listener)?, false));
             metrics_address = Some(listener.local_addr()?);
             tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
             tokio::spawn(metrics::serve(listener, Arc::clone(&service), stop.clone()));
@@ -161,12 +200,14 @@ impl Daemon {
         let serving = match (activated.nbd.take(), &config.daemon.nbd_listen) {
             (Some(activation::NbdListener::Tcp(std)), _) => {
                 let listener = from_std_tcp(std).context("NBD listener from systemd")?;
+                kept.push(("nbd", dup_listener(&listener)?, false));
                 nbd_address = Some(listener.local_addr()?);
-                tracing::info!(address = %listener.local_addr()?, exports = lun_count, "NBD exports listening (socket from systemd)");
+                tracing::info!(address = %listener.local_addr()?, exports = lun_count, "NBD exports listening (socket from systemd or an upgrade)");
                 tokio::spawn(Arc::clone(&server).serve_tcp(listener))
             }
             (Some(activation::NbdListener::Unix(std)), _) => {
                 let listener = from_std_unix(std).context("NBD listener from systemd")?;
+                kept.push(("nbd", dup_listener(&listener)?, unlink_at_stop.nbd_socket));
                 tracing::info!(
                     exports = lun_count,
                     "NBD exports listening on a unix socket from systemd"
@@ -177,6 +218,7 @@ impl Daemon {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("nbd_listen {addr}"))?;
+                kept.push(("nbd", dup_listener(&listener)?, false));
                 nbd_address = Some(listener.local_addr()?);
                 tracing::info!(address = %listener.local_addr()?, exports = lun_count, "NBD exports listening");
                 tokio::spawn(Arc::clone(&server).serve_tcp(listener))
@@ -185,10 +227,26 @@ impl Daemon {
                 let _ = std::fs::remove_file(path);
                 let listener = tokio::net::UnixListener::bind(path)
                     .with_context(|| format!("nbd_listen unix:{}", path.display()))?;
+                kept.push(("nbd", dup_listener(&listener)?, true));
                 tracing::info!(socket = %path.display(), exports = lun_count, "NBD exports listening");
                 tokio::spawn(Arc::clone(&server).serve_unix(listener))
             }
         };
+        let _ = reconfig.listeners.set(
+            kept.into_iter()
+                .map(|(role, fd, unlink)| (role.to_string(), fd, unlink))
+                .collect(),
+        );
+        // Last, once nothing else can fail: the connections of an upgrade resume here.
+        if let Some(handover) = handover {
+            for connection in handover.connections()? {
+                let export = connection.export.clone();
+                if let Err(e) = server.attach(connection) {
+                    tracing::warn!(export = %export, "upgrade: a connection could not resume: {e}");
+                }
+            }
+            handover.commit();
+        }
         Ok(Daemon {
             daemon_config: config.daemon,
             unlink_at_stop,
@@ -285,6 +343,14 @@ struct UnlinkAtStop {
     nbd_socket: bool,
 }
 
+/// A duplicate of a listener's descriptor, kept for a handover (CLOEXEC until then).
+fn dup_listener(listener: &impl std::os::fd::AsFd) -> anyhow::Result<std::os::fd::OwnedFd> {
+    listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate a listener for a later upgrade")
+}
+
 fn from_std_tcp(std: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
     std.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(std)
@@ -299,19 +365,46 @@ fn from_std_unix(
 
 /// Runs the daemon until SIGTERM/SIGINT. `inherited`: listeners from systemd
 /// ([`activation::Inherited::take_from_env`], taken in `main` before the runtime's threads start).
-pub async fn run(args: ServeArgs, inherited: activation::Inherited) -> anyhow::Result<()> {
-    let config = Config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+pub async fn run(
+    args: ServeArgs,
+    inherited: activation::Inherited,
+    handover: Option<upgrade::Incoming>,
+) -> anyhow::Result<()> {
     // Handlers first: a SIGHUP (or SIGTERM) right after the ready line must not find the default
     // action (which ends the process) in place.
     let signals = Signals::install()?;
-    let daemon = Daemon::start_with(
-        config,
-        StartOptions {
-            inherited,
-            config_path: Some(args.config.clone()),
-        },
-    )
-    .await?;
+    // A takeover that fails hands back to the old program (upgrade, step 5).
+    let fallback = handover.as_ref().map(|h| h.doc.clone());
+    let started = async {
+        // A fallback runs the config the old program ran; anyone else reads the file.
+        let (config, config_text) = match handover.as_ref().filter(|h| h.doc.failure.is_some()) {
+            Some(h) => {
+                let file = args.config.display().to_string();
+                let text = h.doc.config_text.clone();
+                (Config::parse(&text, &file), text)
+            }
+            None => match Config::load_text(&args.config) {
+                Ok((config, text)) => (Ok(config), text),
+                Err(e) => (Err(e), String::new()),
+            },
+        };
+        let config = config.map_err(|e| anyhow::anyhow!("{e}"))?;
+        Daemon::start_with(
+            config,
+            StartOptions {
+                inherited,
+                config_path: Some(args.config.clone()),
+                handover,
+                config_text,
+            },
+        )
+        .await
+    };
+    let daemon = match (started.await, fallback) {
+        (Ok(daemon), _) => daemon,
+        (Err(e), Some(doc)) => return Err(upgrade::fall_back(doc, format!("{e:#}"))),
+        (Err(e), None) => return Err(e),
+    };
     // Tell whoever started us that everything is up (tests and supervisors wait for this line).
     // One line, fields separated by "; ": `nbd ADDR` (TCP exports), `metrics ADDR` (when on).
     let mut line = format!("lunmpio: serving {} LUN(s)", daemon.luns().len());

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use lunmpio_engine::{EventLog, Lun, LunOptions, LunSpec};
+use lunmpio_engine::{EventLog, Lun, LunCarry, LunOptions, LunSpec};
 use lunmpio_nbd::server::Server;
 
 use crate::config::{Config, DaemonConfig, LunTable};
@@ -173,6 +173,29 @@ pub struct DaemonRecord {
     pub last_reload_at: Option<SystemTime>,
     pub upgrades: u64,
     pub last_upgrade_at: Option<SystemTime>,
+    /// Why the last upgrade failed after its handover began (the old program serves again).
+    pub last_upgrade_error: Option<String>,
+    pub upgrades_failed: u64,
+}
+
+impl DaemonRecord {
+    pub fn new() -> DaemonRecord {
+        DaemonRecord {
+            started_at: SystemTime::now(),
+            reloads: 0,
+            last_reload_at: None,
+            upgrades: 0,
+            last_upgrade_at: None,
+            last_upgrade_error: None,
+            upgrades_failed: 0,
+        }
+    }
+}
+
+impl Default for DaemonRecord {
+    fn default() -> Self {
+        DaemonRecord::new()
+    }
 }
 
 /// The running set of LUNs, read by management calls and metrics without a lock.
@@ -192,11 +215,18 @@ impl LunStarter {
         self.runtimes[position % self.runtimes.len()].clone()
     }
 
-    /// Starts a LUN on its data thread (its tasks and path connections live there).
-    pub async fn start(&self, table: &LunTable, position: usize) -> anyhow::Result<Lun> {
+    /// Starts a LUN on its data thread (its tasks and path connections live there), with what an
+    /// earlier run of it carried over.
+    pub async fn start(
+        &self,
+        table: &LunTable,
+        position: usize,
+        carry: Option<LunCarry>,
+    ) -> anyhow::Result<Lun> {
         let options = LunOptions {
             state_dir: Some(self.state_dir.clone()),
             startup_timeout: None,
+            carry,
         };
         let runtime = self.runtime(position);
         let lun = runtime
@@ -218,8 +248,13 @@ impl LunStarter {
     }
 
     /// Starts a LUN and exports it (the LUN is the export's backend).
-    pub async fn start_exported(&self, table: &LunTable, position: usize) -> anyhow::Result<Lun> {
-        let lun = self.start(table, position).await?;
+    pub async fn start_exported(
+        &self,
+        table: &LunTable,
+        position: usize,
+        carry: Option<LunCarry>,
+    ) -> anyhow::Result<Lun> {
+        let lun = self.start(table, position, carry).await?;
         if let Err(e) = self.server.add_export_on(
             lun.export_config(),
             Arc::new(lun.clone()),
@@ -245,14 +280,29 @@ pub async fn stop_lun(lun: &Lun) {
     }
 }
 
-/// Applies reloads; holds the running config.
+/// Applies reloads and upgrades; holds the running config.
 pub struct Reconfigurer {
     pub config_path: Option<PathBuf>,
     /// The running config. The lock also serializes reloads, upgrades and the stop.
-    pub running: tokio::sync::Mutex<Config>,
+    pub running: Arc<tokio::sync::Mutex<Config>>,
+    /// The text the running config was read from: an upgrade that fails hands it back, so the old
+    /// program runs exactly what it ran (whatever the file says by then).
+    pub running_text: std::sync::Mutex<String>,
     pub luns: Arc<LunSet>,
     pub starter: LunStarter,
     pub record: std::sync::Mutex<DaemonRecord>,
+    /// The program file an upgrade runs, and its arguments (the daemon's own command line).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Duplicates of the listeners (role, descriptor, socket file ours to remove), for a handover.
+    pub listeners: std::sync::OnceLock<Vec<(String, std::os::fd::OwnedFd, bool)>>,
+    /// Stops the control socket's and the metrics' accept loops.
+    pub stop_services: tokio_util::sync::CancellationToken,
+    /// An upgrade whose exports are held and quiet, handed over once the call is answered.
+    pub pending: std::sync::Mutex<Option<super::upgrade::Pending>>,
+    /// True from the moment an upgrade holds the running config: a reload waiting for it gives up
+    /// (this process is about to be replaced) instead of waiting to be cut off.
+    pub upgrading: tokio::sync::watch::Sender<bool>,
 }
 
 impl Reconfigurer {
@@ -263,13 +313,21 @@ impl Reconfigurer {
             .config_path
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("this daemon was not started from a config file"))?;
-        let new = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-        self.apply(new).await
+        let (new, text) = Config::load_text(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = self.apply(new).await?;
+        *self.running_text.lock().unwrap_or_else(|p| p.into_inner()) = text;
+        Ok(report)
     }
 
     /// Applies a new config (checked already).
     pub async fn apply(&self, new: Config) -> anyhow::Result<ReloadReport> {
-        let mut running = self.running.lock().await;
+        let mut upgrading = self.upgrading.subscribe();
+        let mut running = tokio::select! {
+            running = self.running.lock() => running,
+            _ = upgrading.wait_for(|u| *u) => anyhow::bail!(
+                "an upgrade is under way; reload once it is done (`lunmpio daemon` shows it)"
+            ),
+        };
         let plan = plan(&running, &new);
         tracing::info!(
             added = ?plan.added, removed = ?plan.removed, changed = ?plan.changed,
@@ -295,7 +353,7 @@ impl Reconfigurer {
         for name in &plan.added {
             let table = lun_table(&new, name);
             let position = new.luns.iter().position(|l| l.name == *name).unwrap_or(0);
-            match self.starter.start_exported(table, position).await {
+            match self.starter.start_exported(table, position, None).await {
                 Ok(lun) => {
                     self.starter.events.push(
                         name,
@@ -362,14 +420,20 @@ impl Reconfigurer {
                 hold.running()
             );
         }
+        // Counters and hold-downs go on (paths found again by id).
+        let carry = current.carry().await;
         stop_lun(&current).await;
-        let (lun, result) = match self.starter.start(table, position).await {
+        let (lun, result) = match self.starter.start(table, position, carry.clone()).await {
             Ok(lun) => (lun, Ok(())),
             Err(e) => {
                 // The old table again, as at a restart: the export must have a LUN behind it.
-                let again = self.starter.start(old, position).await.with_context(|| {
-                    format!("the new table failed ({e:#}) and the old one did not start again")
-                })?;
+                let again = self
+                    .starter
+                    .start(old, position, carry)
+                    .await
+                    .with_context(|| {
+                        format!("the new table failed ({e:#}) and the old one did not start again")
+                    })?;
                 (
                     again,
                     Err(e.context("the new table did not start; the old one runs again")),
@@ -398,9 +462,7 @@ impl Reconfigurer {
         lunmpio_rpc::DaemonInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
-            program: std::env::current_exe()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
+            program: self.program.display().to_string(),
             config: self
                 .config_path
                 .as_ref()
@@ -409,6 +471,8 @@ impl Reconfigurer {
             started_at: time(record.started_at),
             upgrades: record.upgrades,
             last_upgrade_at: record.last_upgrade_at.map(time),
+            last_upgrade_error: record.last_upgrade_error.clone(),
+            upgrades_failed: record.upgrades_failed,
             reloads: record.reloads,
             last_reload_at: record.last_reload_at.map(time),
             luns: self.luns.load().len(),

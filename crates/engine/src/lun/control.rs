@@ -134,9 +134,30 @@ pub(super) fn restore_state(mpio: &mut LunMpio, file: &Path, events: &EventLog) 
 }
 
 impl ControlTask {
-    pub(super) fn new(shared: Arc<Shared>, mpio: LunMpio, state_file: Option<PathBuf>) -> Self {
-        let health = (0..shared.slots.len())
-            .map(|_| PathHealth::default())
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        mpio: LunMpio,
+        state_file: Option<PathBuf>,
+        carried: &super::LunCarry,
+    ) -> Self {
+        let now = Instant::now();
+        let health = shared
+            .slots
+            .iter()
+            .map(|slot| {
+                let Some(p) = carried.paths.iter().find(|p| p.path_id == slot.id.path_id) else {
+                    return PathHealth::default();
+                };
+                let h = p.instants(now);
+                PathHealth {
+                    failures: h.failures,
+                    hold_until: h.hold_until,
+                    hold_level: h.hold_level,
+                    failure_last: h.failure_last,
+                    ever_online: h.ever_online,
+                    info: None,
+                }
+            })
             .collect();
         let fencing = (0..shared.slots.len())
             .map(|_| Fencing::default())
@@ -210,6 +231,7 @@ impl ControlTask {
                     Manage::HbaPort { reply, .. } => {
                         let _ = reply.send(Err(gone()));
                     }
+                    Manage::Carry { .. } => {} // dropped: the caller sees the LUN is gone
                 }
             }
         }
@@ -796,6 +818,24 @@ impl ControlTask {
                     })
                     .await;
                 let _ = reply.send(result.map(|_| outcome.unwrap_or_default()));
+            }
+            Manage::Carry { reply } => {
+                let now = Instant::now();
+                let health = self
+                    .health
+                    .iter()
+                    .map(|h| {
+                        super::carry::HealthCarry::of(
+                            h.hold_until,
+                            h.hold_level,
+                            &h.failures,
+                            h.failure_last,
+                            h.ever_online,
+                            now,
+                        )
+                    })
+                    .collect();
+                let _ = reply.send(health);
             }
         }
     }

@@ -16,6 +16,7 @@
 //! - **Health** ([`health`]): one task per path watches its connection, probes it every
 //!   `check_interval`, and reconnects a failed path with exponential backoff.
 
+mod carry;
 mod control;
 mod dispatch;
 mod export;
@@ -47,6 +48,7 @@ use crate::settings::{LunSettings, LunSpec, PathSpec};
 pub use crate::transport::Geometry;
 use crate::transport::{ConnectLimits, PathConnection, PathTarget};
 
+pub use carry::{LunCarry, PathCarry};
 pub use dispatch::IoError;
 
 /// Per-path counters (cumulative since start).
@@ -253,6 +255,10 @@ pub(crate) enum Manage {
         status: i32,
         reply: oneshot::Sender<Result<HbaPortOutcome, VdsError>>,
     },
+    /// The control task's part of [`LunCarry`], per slot.
+    Carry {
+        reply: oneshot::Sender<Vec<carry::HealthCarry>>,
+    },
 }
 
 pub(crate) struct Shared {
@@ -314,6 +320,8 @@ pub struct LunOptions {
     pub state_dir: Option<PathBuf>,
     /// Bound on the first connection attempts when the LUN starts.
     pub startup_timeout: Option<Duration>,
+    /// Counters and hold-downs of an earlier run of this LUN ([`Lun::carry`]).
+    pub carry: Option<LunCarry>,
 }
 
 /// A multipath LUN. Cheap to clone; every clone is the same LUN.
@@ -460,7 +468,15 @@ impl Lun {
                 )),
             })
             .collect();
-        let geometry = identity::settle(&spec, &results)?;
+        // A restart (upgrade, reload) knows the size even when no path answers now.
+        let carried_size = options.carry.as_ref().and_then(|c| c.size_bytes);
+        let geometry = if spec.size_bytes.is_none() && carried_size.is_some() {
+            let mut known = spec.clone();
+            known.size_bytes = carried_size;
+            identity::settle(&known, &results)?
+        } else {
+            identity::settle(&spec, &results)?
+        };
 
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
@@ -492,7 +508,18 @@ impl Lun {
             fences_ok: AtomicU64::new(0),
             fences_failed: AtomicU64::new(0),
         });
-        let mut control = control::ControlTask::new(Arc::clone(&shared), mpio, state_file);
+        let carried = options.carry.unwrap_or_default();
+        for slot in shared.slots.iter() {
+            if let Some(p) = carried.paths.iter().find(|p| p.path_id == slot.id.path_id) {
+                carry::restore_counters(&slot.counters, p);
+            }
+        }
+        shared.fences_ok.store(carried.fences_ok, Ordering::Relaxed);
+        shared
+            .fences_failed
+            .store(carried.fences_failed, Ordering::Relaxed);
+        let mut control =
+            control::ControlTask::new(Arc::clone(&shared), mpio, state_file, &carried);
         control.admit_initial(results);
         tokio::spawn(control.run(control_rx));
         let journal_task = tokio::spawn(journal::persist_task(Arc::clone(&shared)));
@@ -504,6 +531,27 @@ impl Lun {
             tokio::spawn(health::run(Arc::clone(&shared), index));
         }
         Ok(Lun { shared })
+    }
+
+    /// What a restart of this LUN carries over (see [`LunCarry`]): its counters and hold-downs now.
+    /// `None` once the LUN is shutting down.
+    pub async fn carry(&self) -> Option<LunCarry> {
+        let (reply, rx) = oneshot::channel();
+        self.shared.send(Control::Manage(Manage::Carry { reply }));
+        let health = rx.await.ok()?;
+        let paths = self
+            .shared
+            .slots
+            .iter()
+            .zip(health)
+            .map(|(slot, h)| carry::path_carry(slot, h))
+            .collect();
+        Some(LunCarry {
+            size_bytes: Some(self.shared.geometry.load().size_bytes),
+            paths,
+            fences_ok: self.shared.fences_ok.load(Ordering::Relaxed),
+            fences_failed: self.shared.fences_failed.load(Ordering::Relaxed),
+        })
     }
 
     pub fn name(&self) -> &str {
