@@ -302,19 +302,20 @@ pub async fn check_program(program: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("cannot run {}", program.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().next().unwrap_or("").trim();
-    let mut words = line.split_whitespace();
-    let ok = out.status.success()
-        && words.next() == Some(HANDOVER_FORMAT)
-        && words.next() == Some(&HANDOVER_VERSION.to_string());
+    // `lunmpio-handover V1 [V2 …] VERSION`: the versions it reads, then its own version.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let reads_ours = words.len() >= 3
+        && words[0] == HANDOVER_FORMAT
+        && words[1..words.len() - 1].contains(&HANDOVER_VERSION.to_string().as_str());
     anyhow::ensure!(
-        ok,
+        out.status.success() && reads_ours,
         "{} does not take over a lunmpio daemon (handover version {HANDOVER_VERSION}): \
          `upgrade-check` said {:?}, exit {}",
         program.display(),
         line,
         out.status
     );
-    Ok(words.next().unwrap_or("?").to_string())
+    Ok(words[words.len() - 1].to_string())
 }
 
 // -------------------------------------------------------------------------------------------------
