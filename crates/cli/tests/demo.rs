@@ -57,6 +57,16 @@ fn quick_json_summary_reports_a_clean_run() {
     assert_eq!(s["errors"], 0, "{s}");
     assert_eq!(s["mismatches"], 0, "{s}");
     assert_eq!(s["guaranteesHeld"], true, "{s}");
+    // The last phase: a `lunmpio serve` of its own replaced its program under load.
+    let up = &s["liveUpgrade"];
+    assert_eq!(up["held"], true, "{up}");
+    assert_eq!(up["samePid"], true, "{up}");
+    assert_eq!(
+        (up["errors"].as_u64(), up["mismatches"].as_u64()),
+        (Some(0), Some(0)),
+        "{up}"
+    );
+    assert_eq!(up["upgrades"], 1, "{up}");
     assert!(s["blocksVerifiedAtEnd"].as_u64().unwrap() > 0, "{s}");
     let max_stall = s["maxStallMs"].as_f64().expect("maxStallMs");
     assert!(max_stall > 0.0 && max_stall < 30_000.0, "{max_stall}");

@@ -10,6 +10,7 @@
 
 pub mod args;
 pub mod plot;
+pub mod upgrade;
 pub mod view;
 pub mod workload;
 
@@ -220,8 +221,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     daemon.stop().await;
     control.stop();
     array.shutdown(Duration::from_secs(2)).await;
+    let mut report = result?;
+    // Last: a daemon of its own replaces its program under load (see `upgrade`).
+    match upgrade::run(&scratch.0, &output).await {
+        Ok(outcome) => {
+            if !outcome.held {
+                output.line("  result: FAIL: the live upgrade did not hold");
+            }
+            report.held &= outcome.held;
+            report.json["liveUpgrade"] = outcome.json;
+        }
+        Err(e) => {
+            output.line(&format!("live upgrade: could not run: {e:#}"));
+            report.held = false;
+            report.json["liveUpgrade"] = json!({ "held": false, "error": format!("{e:#}") });
+        }
+    }
     drop(scratch);
-    let report = result?;
 
     if let Some(file) = &args.plot {
         std::fs::write(file, &report.svg)
