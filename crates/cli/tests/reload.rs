@@ -82,6 +82,14 @@ fn reloads_add_remove_and_change_luns_under_verified_io() {
         .sum::<u64>()
         > 2_000));
 
+    // A policy set through management wins over the file across the LUN's restart, and the
+    // counters of a path that stays go on.
+    run_ok(
+        daemon
+            .cli()
+            .args(["policy", "set", "vol", "least-queue-depth"]),
+    );
+    let p0_before = path_ios(&daemon, "vol", "p0");
     // p1 out, p2 in, and a second LUN.
     rewrite(
         &daemon,
@@ -97,6 +105,15 @@ fn reloads_add_remove_and_change_luns_under_verified_io() {
     assert_eq!(r["added"], serde_json::json!(["extra"]), "{r}");
     assert_eq!(r["failed"], serde_json::json!([]), "{r}");
     assert_eq!(path_names(&daemon, "vol"), vec!["p0", "p2"]);
+    assert!(
+        path_ios(&daemon, "vol", "p0") >= p0_before,
+        "p0's counters carried over"
+    );
+    let policy = daemon.client().get_load_balance_policy("vol").unwrap();
+    assert_eq!(
+        policy.policy_name, "VDS_LBP_DYN_LEAST_QUEUE_DEPTH",
+        "the persisted policy won"
+    );
     assert!(nbdinfo(&daemon.uri("extra")).status.success());
     // I/O goes on over the new path.
     assert!(wait_until(WAIT, || path_ios(&daemon, "vol", "p2") > 0));
