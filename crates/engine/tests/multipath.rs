@@ -576,3 +576,56 @@ async fn flush_fans_out_and_eio_on_every_path_reaches_the_client() {
         "never sent: the client checks bounds"
     );
 }
+
+/// What a LUN carries across its own restart (an upgrade, a reload): counters go on, and a marginal
+/// path stays held down for the rest of its hold-down, while another path serves.
+#[tokio::test]
+async fn a_restarted_lun_keeps_its_counters_and_a_carried_hold_down() {
+    let rig = rig(2, fast_settings(LoadBalancePolicy::RoundRobin), |_| {}).await;
+    for i in 0..8u64 {
+        read(&rig.lun, i * BLOCK, BLOCK as u32).await.unwrap();
+    }
+    let mut carry = rig.lun.carry().await.expect("a running LUN carries");
+    assert_eq!(carry.paths.iter().map(|p| p.ios).sum::<u64>(), 8);
+    let p0 = carry.paths.iter_mut().find(|p| p.path_id == 1).unwrap();
+    p0.hold_left_ms = Some(60_000);
+    p0.hold_level = 1;
+    let ios_before: Vec<u64> = carry.paths.iter().map(|p| p.ios).collect();
+    rig.lun.shutdown();
+    rig.lun.closed().await;
+
+    let specs = rig
+        .proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| path_spec(i, p.uri()))
+        .collect();
+    let spec = LunSpec {
+        name: "lun0".into(),
+        source_id: 7,
+        settings: fast_settings(LoadBalancePolicy::RoundRobin),
+        size_bytes: None,
+        wwid: None,
+        shared_backing: false,
+        paths: specs,
+    };
+    let options = LunOptions {
+        state_dir: None,
+        startup_timeout: Some(Duration::from_secs(5)),
+        carry: Some(carry),
+    };
+    let again = Lun::start(spec, options, Arc::clone(&rig.events))
+        .await
+        .unwrap();
+    assert_eq!(path_ios(&again), ios_before, "the counters went on");
+    let info = again.get_path_info();
+    let (p0, p1) = (&info[0], &info[1]);
+    assert_eq!(p0.status, PathStatus::Failed, "{p0:?}");
+    assert!(
+        p0.status_reason.contains("carried over a restart"),
+        "{p0:?}"
+    );
+    assert_eq!(p1.status, PathStatus::Online, "{p1:?}");
+    read(&again, 0, BLOCK as u32).await.unwrap();
+    again.shutdown();
+}

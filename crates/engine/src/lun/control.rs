@@ -171,8 +171,12 @@ impl ControlTask {
         }
     }
 
-    /// Installs the connections of the first attempts that match the LUN's identity.
+    /// Installs the connections of the first attempts that match the LUN's identity. A path still in
+    /// a hold-down carried from an earlier run (a marginal path) waits it out, unless the LUN has
+    /// no other usable path.
     pub(super) fn admit_initial(&mut self, results: Vec<Result<PathConnection, String>>) {
+        let now = Instant::now();
+        let mut held = Vec::new();
         for (index, result) in results.into_iter().enumerate() {
             match result {
                 Ok(connection) => {
@@ -183,12 +187,32 @@ impl ControlTask {
                         continue;
                     }
                     self.health[index].info = Some(info);
+                    if self.health[index].hold_until.is_some_and(|t| t > now) {
+                        held.push((index, connection));
+                        continue;
+                    }
                     self.health[index].ever_online = true;
                     self.install(index, connection);
                     self.set_oper(index, OperStatus::Online);
                 }
                 Err(cause) => self.set_oper(index, OperStatus::Failed { reason: cause }),
             }
+        }
+        for (index, connection) in held {
+            if self.needs_marginal_path(index) {
+                self.install(index, connection);
+                self.set_oper(index, OperStatus::Online);
+                continue;
+            }
+            connection.close();
+            let left = self.health[index]
+                .hold_until
+                .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+            let reason = format!(
+                "marginal: in hold-down for {} more (carried over a restart)",
+                format_duration(left)
+            );
+            self.set_oper(index, OperStatus::Failed { reason });
         }
         self.update_multi_path_safety();
         self.publish();
