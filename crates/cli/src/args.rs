@@ -132,7 +132,8 @@ What a reload does:
   a LUN changed      (paths added or removed, settings) restarts under its export: in-flight requests
                      finish, new ones wait, then run on the new LUN (a pause, never an error)
   unchanged LUNs     are not touched
-  [daemon] keys      are listed as not applied: they need a restart or `lunmpio upgrade`
+  [daemon] keys      are listed as not applied: `lunmpio upgrade` applies them, except the
+                     listeners (nbd_listen, control_socket, metrics_listen): those need a restart
 Settings made through management calls (policy, administrative path states) keep winning over the
 file, as at start. A config that does not parse or validate changes nothing: the command fails with
 the same key-and-line message as at start. Every change is an event (`lunmpio events --lun LUN`).
@@ -147,7 +148,7 @@ What happens:
   1. check     the program file (the path the daemon was started from) must answer
                `upgrade-check` with handover version 1; otherwise nothing changes
   2. quiesce   every export is held at a request boundary: requests in flight finish, new ones
-               wait (if they do not finish within 2 x io_timeout, nothing changes)
+               wait (if they do not finish within 2 x io_timeout, at most 15 s, nothing changes)
   3. hand over listeners, client connections (with their negotiated state and unread requests),
                counters, hold-downs and the event log go to the new program; in-doubt writes are
                journaled in state_dir

@@ -148,7 +148,8 @@ pub fn reload(o: &SocketOptions) -> anyhow::Result<ExitCode> {
         }
         out += &format!("unchanged  {} LUN(s)\n", r.unchanged);
         for key in &r.not_applied {
-            out += &format!("not applied: {key} (needs a restart or `lunmpio upgrade`)\n");
+            out +=
+                &format!("not applied: {key} (an upgrade applies it; listeners need a restart)\n");
         }
         out
     })?;

@@ -28,7 +28,7 @@ async fn detach(t: &TestServer<MemBackend>) -> Vec<server::DetachedConnection> {
     let hold = t.server.hold_export("disk").unwrap();
     t.server.stop_accepting();
     within(hold.quiet()).await;
-    let detached = within(t.server.detach_all()).await;
+    let detached = within(t.server.detach_all(TEST_DEADLINE)).await;
     drop(hold);
     detached
 }
@@ -57,7 +57,7 @@ async fn a_connection_moves_to_a_new_server_with_its_state_and_a_request_sent_me
     .await;
     old.server.stop_accepting();
     within(hold.quiet()).await;
-    let mut detached = within(old.server.detach_all()).await;
+    let mut detached = within(old.server.detach_all(TEST_DEADLINE)).await;
     drop(hold);
     assert_eq!(detached.len(), 1);
     let c = detached.pop().unwrap();

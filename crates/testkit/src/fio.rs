@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{ProcessGuard, fio_json, require_tool, stderr_text, stdout_text, tempdir, tool};
+use crate::{
+    ProcessGuard, fio_json, fio_verify_command, require_tool, stderr_text, stdout_text, tempdir,
+};
 
 pub struct Fio {
     pub process: ProcessGuard,
@@ -32,29 +34,16 @@ impl Fio {
     pub fn start(uri: &str, runtime: Duration, extra: &[&str]) -> Fio {
         require_tool("fio", "fio");
         let dir = tempdir();
-        let mut cmd = tool("fio");
-        cmd.current_dir(dir.path())
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=32",
-                "--size=32M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_backlog=1024",
-                "--verify_state_save=0",
-                "--loops=1000000",
-                &format!("--runtime={}ms", runtime.as_millis()),
-                "--output-format=json",
-            ])
-            .arg(format!(
-                "--write_lat_log={}",
-                dir.path().join("lat").display()
-            ));
+        let mut cmd = fio_verify_command(uri, "32M", dir.path());
+        cmd.args([
+            "--verify_backlog=1024",
+            "--loops=1000000",
+            &format!("--runtime={}ms", runtime.as_millis()),
+        ])
+        .arg(format!(
+            "--write_lat_log={}",
+            dir.path().join("lat").display()
+        ));
         cmd.args(extra);
         let process = ProcessGuard::spawn("fio", &mut cmd);
         Fio { process, dir }

@@ -124,13 +124,33 @@ async fn connection(stream: UnixStream, service: &ControlService) -> std::io::Re
             if text.is_empty() {
                 continue;
             }
-            answer(text, service).await
+            // An Upgrade call leaves its prepared handover here, for this connection only.
+            let (response, prepared) = super::upgrade::PREPARED
+                .scope(std::cell::RefCell::new(None), async {
+                    let response = answer(text, service).await;
+                    let prepared = super::upgrade::PREPARED.with(|p| p.borrow_mut().take());
+                    (response, prepared)
+                })
+                .await;
+            if let Some(pending) = prepared {
+                // The answer goes first; the handover goes on even if it cannot be written (the
+                // exports are held until then).
+                let written = write_line(&mut writer, &response).await;
+                service.reconfig.run_pending_upgrade(pending).await;
+                return written;
+            }
+            response
         };
-        writer.write_all(format!("{response}\n").as_bytes()).await?;
-        writer.flush().await?;
-        // An Upgrade call that succeeded hands over now that its answer is out (never returns then).
-        service.reconfig.run_pending_upgrade().await;
+        write_line(&mut writer, &response).await?;
     }
+}
+
+async fn write_line(
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    line: &str,
+) -> std::io::Result<()> {
+    writer.write_all(format!("{line}\n").as_bytes()).await?;
+    writer.flush().await
 }
 
 /// One request line in, one response line out. Never panics on input.

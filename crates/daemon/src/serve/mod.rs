@@ -53,6 +53,7 @@ pub struct StartOptions {
 /// its data threads at once (no drain, the LUNs' I/O in flight is dropped).
 pub struct Daemon {
     daemon_config: DaemonConfig,
+    control_path: PathBuf,
     unlink_at_stop: UnlinkAtStop,
     server: Arc<Server<Lun>>,
     reconfig: Arc<Reconfigurer>,
@@ -75,6 +76,11 @@ impl Daemon {
     /// and left in place at stop (they belong to systemd).
     pub async fn start_with(config: Config, options: StartOptions) -> anyhow::Result<Daemon> {
         let handover = options.handover;
+        // Everything that can fail about the handed-over connections, before anything serves.
+        let handed_over = match &handover {
+            Some(h) => h.connections()?,
+            None => Vec::new(),
+        };
         let inherited = match &handover {
             Some(h) => h.listeners()?,
             None => options.inherited,
@@ -133,7 +139,10 @@ impl Daemon {
             Some(h) => (h.doc.program.clone(), h.doc.args.clone()),
             None => (
                 std::env::current_exe().unwrap_or_default(),
-                std::env::args().skip(1).collect(),
+                std::env::args_os()
+                    .skip(1)
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
             ),
         };
         let reconfig = Arc::new(Reconfigurer {
@@ -150,7 +159,6 @@ impl Daemon {
             args,
             listeners: std::sync::OnceLock::new(),
             stop_services: stop.clone(),
-            pending: std::sync::Mutex::new(None),
             upgrading: tokio::sync::watch::Sender::new(false),
         });
         // Duplicates of the listeners for a later handover (role, descriptor, ours to unlink).
@@ -173,6 +181,12 @@ impl Daemon {
             dup_listener(&control_listener)?,
             unlink_at_stop.control_socket,
         ));
+        // The path it really listens on (a handed-over socket keeps its path whatever the file says).
+        let control_path = control_listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf))
+            .unwrap_or_else(|| config.daemon.control_socket.clone());
         tokio::spawn(control_socket::serve(
             control_listener,
             Arc::clone(&service),
@@ -237,17 +251,19 @@ impl Daemon {
                 .map(|(role, fd, unlink)| (role.to_string(), fd, unlink))
                 .collect(),
         );
-        // Last, once nothing else can fail: the connections of an upgrade resume here.
+        // Last, once nothing else can fail: the connections of an upgrade resume here. One whose
+        // LUN is no longer in the config file (or that admission refuses) closes, with a warning.
         if let Some(handover) = handover {
-            for connection in handover.connections()? {
+            for connection in handed_over {
                 let export = connection.export.clone();
                 if let Err(e) = server.attach(connection) {
-                    tracing::warn!(export = %export, "upgrade: a connection could not resume: {e}");
+                    tracing::warn!(export = %export, "upgrade: a connection could not resume and is closed: {e}");
                 }
             }
-            handover.commit();
+            handover.commit(&reconfig.record);
         }
         Ok(Daemon {
+            control_path,
             daemon_config: config.daemon,
             unlink_at_stop,
             server,
@@ -271,7 +287,7 @@ impl Daemon {
     }
 
     pub fn control_socket(&self) -> &std::path::Path {
-        &self.daemon_config.control_socket
+        &self.control_path
     }
 
     /// The TCP address the exports listen on (useful when the config asked for port 0).
@@ -324,7 +340,7 @@ impl Daemon {
         self.stop.cancel();
         let _ = tokio::time::timeout(CLOSE_GRACE, self.serving).await;
         if self.unlink_at_stop.control_socket {
-            let _ = std::fs::remove_file(&self.daemon_config.control_socket);
+            let _ = std::fs::remove_file(&self.control_path);
         }
         if let (ListenAddr::Unix(path), true) = (
             &self.daemon_config.nbd_listen,
@@ -373,6 +389,8 @@ pub async fn run(
     // Handlers first: a SIGHUP (or SIGTERM) right after the ready line must not find the default
     // action (which ends the process) in place.
     let signals = Signals::install()?;
+    // An upgrade blocks these across its exec; their handlers are in place now.
+    upgrade::unblock_stop_signals();
     // A takeover that fails hands back to the old program (upgrade, step 5).
     let fallback = handover.as_ref().map(|h| h.doc.clone());
     let started = async {

@@ -17,7 +17,7 @@
 //!   error. If the new LUN cannot start, the old table starts again and the reload says why.
 //! - **Unchanged LUNs** are not touched.
 //! - **`[daemon]` keys** (listeners, `state_dir`, threads, limits) are not applied live. The reload
-//!   lists them as needing a restart (or `lunmpio upgrade`).
+//!   lists them; `lunmpio upgrade` applies them, except the listeners, which need a restart.
 //!
 //! A config that does not parse or validate changes nothing. The reload fails with the same
 //! key-and-line message as at start. Reloads, upgrades and the stop are serialized by one lock.
@@ -211,16 +211,16 @@ pub struct LunStarter {
 }
 
 impl LunStarter {
-    fn runtime(&self, position: usize) -> tokio::runtime::Handle {
+    pub fn runtime(&self, position: usize) -> tokio::runtime::Handle {
         self.runtimes[position % self.runtimes.len()].clone()
     }
 
-    /// Starts a LUN on its data thread (its tasks and path connections live there), with what an
+    /// Starts a LUN on a data thread (its tasks and path connections live there), with what an
     /// earlier run of it carried over.
     pub async fn start(
         &self,
         table: &LunTable,
-        position: usize,
+        runtime: tokio::runtime::Handle,
         carry: Option<LunCarry>,
     ) -> anyhow::Result<Lun> {
         let options = LunOptions {
@@ -228,7 +228,6 @@ impl LunStarter {
             startup_timeout: None,
             carry,
         };
-        let runtime = self.runtime(position);
         let lun = runtime
             .spawn(Lun::start(
                 table.to_spec(),
@@ -254,7 +253,7 @@ impl LunStarter {
         position: usize,
         carry: Option<LunCarry>,
     ) -> anyhow::Result<Lun> {
-        let lun = self.start(table, position, carry).await?;
+        let lun = self.start(table, self.runtime(position), carry).await?;
         if let Err(e) = self.server.add_export_on(
             lun.export_config(),
             Arc::new(lun.clone()),
@@ -298,8 +297,6 @@ pub struct Reconfigurer {
     pub listeners: std::sync::OnceLock<Vec<(String, std::os::fd::OwnedFd, bool)>>,
     /// Stops the control socket's and the metrics' accept loops.
     pub stop_services: tokio_util::sync::CancellationToken,
-    /// An upgrade whose exports are held and quiet, handed over once the call is answered.
-    pub pending: std::sync::Mutex<Option<super::upgrade::Pending>>,
     /// True from the moment an upgrade holds the running config: a reload waiting for it gives up
     /// (this process is about to be replaced) instead of waiting to be cut off.
     pub upgrading: tokio::sync::watch::Sender<bool>,
@@ -315,7 +312,11 @@ impl Reconfigurer {
             .ok_or_else(|| anyhow::anyhow!("this daemon was not started from a config file"))?;
         let (new, text) = Config::load_text(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let report = self.apply(new).await?;
-        *self.running_text.lock().unwrap_or_else(|p| p.into_inner()) = text;
+        // The text a failed upgrade's fallback runs. After a partly failed reload no text says what
+        // runs; the one before it started is kept (it ran).
+        if report.failed.is_empty() {
+            *self.running_text.lock().unwrap_or_else(|p| p.into_inner()) = text;
+        }
         Ok(report)
     }
 
@@ -420,25 +421,57 @@ impl Reconfigurer {
                 hold.running()
             );
         }
-        // Counters and hold-downs go on (paths found again by id).
+        // Counters and hold-downs go on (paths found again by id). The LUN stays on the data
+        // thread of its export's connections.
         let carry = current.carry().await;
+        let server = &self.starter.server;
+        let runtime = server
+            .export_runtime(name)
+            .unwrap_or_else(|| self.starter.runtime(position));
+        // Connected clients were told the export's size, flags and block sizes: those must stay.
+        let told = |c: lunmpio_nbd::server::ExportConfig| (c.size, c.flags, c.block_size);
+        let export = server.export_config(name).map(told);
         stop_lun(&current).await;
-        let (lun, result) = match self.starter.start(table, position, carry.clone()).await {
+        let started = match self
+            .starter
+            .start(table, runtime.clone(), carry.clone())
+            .await
+        {
+            Ok(lun) if Some(told(lun.export_config())) != export => {
+                let now = told(lun.export_config());
+                stop_lun(&lun).await;
+                Err(anyhow::anyhow!(
+                    "the export would change (size, flags, block sizes: {export:?} to {now:?}), \
+                     which connected clients cannot follow: remove the LUN, reload, add it back \
+                     and reload"
+                ))
+            }
+            started => started,
+        };
+        let (lun, result) = match started {
             Ok(lun) => (lun, Ok(())),
-            Err(e) => {
+            Err(e) => match self.starter.start(old, runtime, carry).await {
                 // The old table again, as at a restart: the export must have a LUN behind it.
-                let again = self
-                    .starter
-                    .start(old, position, carry)
-                    .await
-                    .with_context(|| {
-                        format!("the new table failed ({e:#}) and the old one did not start again")
-                    })?;
-                (
+                Ok(again) => (
                     again,
                     Err(e.context("the new table did not start; the old one runs again")),
-                )
-            }
+                ),
+                Err(again) => {
+                    // Nothing can serve the export: take it away, so its clients see their
+                    // connections end rather than errors.
+                    drop(hold);
+                    let _ = server.remove_export(name);
+                    self.set_lun(name, None);
+                    let why = format!(
+                        "the new table failed ({e:#}) and the old one did not start again \
+                         ({again:#}); the LUN is removed"
+                    );
+                    self.starter
+                        .events
+                        .push(name, None, None, None, format!("reload: {why}"));
+                    anyhow::bail!(why);
+                }
+            },
         };
         hold.replace_backend(Arc::new(lun.clone()));
         drop(hold);

@@ -2,12 +2,12 @@
 //!
 //! `lunmpio upgrade` (the `Upgrade` call) goes through these steps:
 //! 1. **Check.** The program file the daemon was started from is run as `PROGRAM upgrade-check`.
-//!    It must answer `lunmpio-handover 1 VERSION` within 10 s. A missing file, one that is not
+//!    It must answer `lunmpio-handover 1 VERSION` within 5 s. A missing file, one that is not
 //!    executable, or one that does not speak this handover version fails the call, and nothing
 //!    changes.
 //! 2. **Quiesce.** Every export is held at a request boundary, and the call waits until nothing
 //!    runs: requests in flight finish, and new ones are parked. It gives up after twice the largest
-//!    `io_timeout` (at most 30 s); the holds are then released and the call fails. This happens with
+//!    `io_timeout` (at least 1 s, at most 15 s); the holds are then released and the call fails. This happens with
 //!    all paths down and I/O queued. The call then answers: the handover has begun.
 //! 3. **Hand over.** The accept loops stop, and new clients wait in the listen backlogs. Every export
 //!    connection detaches with its negotiated state and unread bytes (`nbd::server::handover`). Each
@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use lunmpio_engine::{Event, EventLog, LunCarry, PathCarry};
+use lunmpio_engine::{Event, EventLog, LunCarry};
 use lunmpio_nbd::server::{DetachedConnection, SocketKind};
 use serde::{Deserialize, Serialize};
 
@@ -46,12 +46,16 @@ pub const HANDOVER_FORMAT: &str = "lunmpio-handover";
 pub const HANDOVER_VERSION: u32 = 1;
 /// The environment variable that names the handover document's descriptor.
 pub const HANDOVER_FD_ENV: &str = "LUNMPIO_HANDOVER_FD";
-/// Bound on the document read at start (a parked WRITE per connection at most, and the event log).
-const HANDOVER_BYTES_MAX: u64 = 1 << 30;
+/// Bound on the document read at start (its connections' pending bytes are in `data_fd`).
+const HANDOVER_BYTES_MAX: u64 = 256 << 20;
 /// Bound on `PROGRAM upgrade-check`.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on the wait for quiet before a handover.
-pub const QUIESCE_TIMEOUT_MAX: Duration = Duration::from_secs(30);
+/// (The check and the quiesce together stay under the management client's 30 s call timeout.)
+pub const QUIESCE_TIMEOUT_MAX: Duration = Duration::from_secs(15);
+/// Bound on waiting for the connections to detach: one stuck behind a client that never reads (a
+/// removed export's, say) is left behind, and closes at the exec.
+const DETACH_WAIT: Duration = Duration::from_secs(5);
 
 /// The handover document, version 1 (docs/HANDOVER.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +79,8 @@ pub struct Handover {
     pub luns: Vec<LunDoc>,
     /// The old program, open, for a takeover that fails.
     pub fallback_fd: Option<RawFd>,
+    /// A memfd with the connections' pending bytes (none when no connection has any).
+    pub data_fd: Option<RawFd>,
     /// Set in the document handed to the fallback: why the new program could not take over.
     pub failure: Option<String>,
     /// When the handover began (Unix ms), for the stall it caused.
@@ -110,8 +116,9 @@ pub struct ConnectionDoc {
     pub flags: u16,
     pub structured: bool,
     pub context_id: Option<u32>,
-    /// The client's unhandled bytes, hex.
-    pub pending_hex: String,
+    /// The client's unhandled bytes: `pending_len` bytes at `pending_offset` in `data_fd`.
+    pub pending_offset: u64,
+    pub pending_len: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -126,30 +133,12 @@ pub struct EventDoc {
     pub cause: String,
 }
 
+/// A LUN's carry (engine `LunCarry`, its members inline), by name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LunDoc {
     pub name: String,
-    pub size_bytes: Option<u64>,
-    pub fences_ok: u64,
-    pub fences_failed: u64,
-    pub paths: Vec<PathDoc>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PathDoc {
-    pub path_id: u64,
-    pub reads: u64,
-    pub writes: u64,
-    pub ios: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub errors: u64,
-    pub failovers: u64,
-    pub hold_left_ms: Option<u64>,
-    pub hold_level: u32,
-    pub failures_ago_ms: Vec<u64>,
-    pub failure_last_ago_ms: Option<u64>,
-    pub ever_online: bool,
+    #[serde(flatten)]
+    pub carry: LunCarry,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -157,8 +146,9 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Bounded to year 9999, what RFC 3339 can say (a corrupt document must not break GetDaemonInfo).
 fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+    UNIX_EPOCH + Duration::from_millis(ms.min(253_402_300_799_000))
 }
 
 impl RecordDoc {
@@ -205,35 +195,17 @@ pub fn event_docs(log: &EventLog) -> (Vec<EventDoc>, u64) {
     (docs, next)
 }
 
-pub fn lun_doc(name: &str, c: LunCarry) -> LunDoc {
+pub fn lun_doc(name: &str, carry: LunCarry) -> LunDoc {
     LunDoc {
         name: name.to_string(),
-        size_bytes: c.size_bytes,
-        fences_ok: c.fences_ok,
-        fences_failed: c.fences_failed,
-        paths: c
-            .paths
-            .into_iter()
-            .map(|p| PathDoc {
-                path_id: p.path_id,
-                reads: p.reads,
-                writes: p.writes,
-                ios: p.ios,
-                bytes_read: p.bytes_read,
-                bytes_written: p.bytes_written,
-                errors: p.errors,
-                failovers: p.failovers,
-                hold_left_ms: p.hold_left_ms,
-                hold_level: p.hold_level,
-                failures_ago_ms: p.failures_ago_ms,
-                failure_last_ago_ms: p.failure_last_ago_ms,
-                ever_online: p.ever_online,
-            })
-            .collect(),
+        carry,
     }
 }
 
-pub fn connection_doc(c: DetachedConnection) -> (ConnectionDoc, OwnedFd) {
+/// A connection's entry; its pending bytes are appended to `data` (written to `data_fd`).
+pub fn connection_doc(c: DetachedConnection, data: &mut Vec<u8>) -> (ConnectionDoc, OwnedFd) {
+    let pending_offset = data.len() as u64;
+    data.extend_from_slice(&c.pending);
     let doc = ConnectionDoc {
         fd: c.socket.as_raw_fd(),
         kind: match c.kind {
@@ -244,23 +216,10 @@ pub fn connection_doc(c: DetachedConnection) -> (ConnectionDoc, OwnedFd) {
         flags: c.flags,
         structured: c.structured,
         context_id: c.context_id,
-        pending_hex: hex(&c.pending),
+        pending_offset,
+        pending_len: c.pending.len() as u64,
     };
     (doc, c.socket)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -321,16 +280,15 @@ pub async fn check_program(program: &Path) -> anyhow::Result<String> {
 // -------------------------------------------------------------------------------------------------
 // Writing, and exec
 
-/// Writes the document to a memfd that survives exec; returns it (keep it open until exec).
-fn document_fd(doc: &Handover) -> anyhow::Result<OwnedFd> {
-    let name = c"lunmpio-handover";
+/// A memfd holding `bytes` (close-on-exec until [`keep_across_exec`]).
+pub fn memfd_with(name: &std::ffi::CStr, bytes: &[u8]) -> anyhow::Result<OwnedFd> {
     // SAFETY: memfd_create with a valid C string; the result is a new descriptor we own, or -1.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     anyhow::ensure!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: just created, owned here.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut file = std::fs::File::from(owned.try_clone()?);
-    file.write_all(&serde_json::to_vec(doc)?)?;
+    file.write_all(bytes)?;
     file.flush()?;
     Ok(owned)
 }
@@ -356,8 +314,16 @@ pub fn open_self() -> std::io::Result<OwnedFd> {
 /// Replaces this process with `program` (a path, or `/proc/self/fd/N`), handing it `doc`. Returns
 /// only if exec failed.
 pub fn exec_with(program: &Path, doc: &Handover, keep: &[RawFd]) -> anyhow::Error {
+    match serde_json::to_vec(doc) {
+        Ok(bytes) => exec_bytes(program, &doc.args, &bytes, keep),
+        Err(e) => anyhow::anyhow!("cannot write the handover document: {e}"),
+    }
+}
+
+/// [`exec_with`] for a document already serialized (a refused one handed back as it came).
+fn exec_bytes(program: &Path, args: &[String], bytes: &[u8], keep: &[RawFd]) -> anyhow::Error {
     use std::os::unix::process::CommandExt;
-    let document = match document_fd(doc) {
+    let document = match memfd_with(c"lunmpio-handover", bytes) {
         Ok(fd) => fd,
         Err(e) => return e.context("cannot write the handover document"),
     };
@@ -366,11 +332,31 @@ pub fn exec_with(program: &Path, doc: &Handover, keep: &[RawFd]) -> anyhow::Erro
             return anyhow::anyhow!("descriptor {fd}: {e}");
         }
     }
+    // SIGHUP, SIGTERM and SIGINT wait (blocked, the mask survives exec) until the next program has
+    // its handlers: one arriving in between would otherwise end the process.
+    let signals = stop_signals();
+    let _ = signals.thread_block();
     let error = std::process::Command::new(program)
-        .args(&doc.args)
+        .args(args)
         .env(HANDOVER_FD_ENV, document.as_raw_fd().to_string())
         .exec();
+    let _ = signals.thread_unblock();
     anyhow::anyhow!("exec {}: {error}", program.display())
+}
+
+fn stop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        set.add(s);
+    }
+    set
+}
+
+/// Lets the signals an upgrade blocked across its exec through, once their handlers are installed
+/// (a no-op on a normal start).
+pub fn unblock_stop_signals() {
+    let _ = stop_signals().thread_unblock();
 }
 
 /// Every descriptor a document names (they must survive exec).
@@ -380,6 +366,7 @@ pub fn descriptors(doc: &Handover) -> Vec<RawFd> {
         .map(|l| l.fd)
         .chain(doc.connections.iter().map(|c| c.fd))
         .chain(doc.fallback_fd)
+        .chain(doc.data_fd)
         .collect()
 }
 
@@ -436,7 +423,15 @@ impl Incoming {
             text.len() as u64 <= HANDOVER_BYTES_MAX,
             "handover document larger than {HANDOVER_BYTES_MAX} bytes"
         );
-        let doc: Handover = serde_json::from_slice(&text).context("handover document")?;
+        match Incoming::parse(&text) {
+            Ok(doc) => Ok(Some(Incoming { doc })),
+            // A document this program refuses goes back, as it came, to the program that wrote it.
+            Err(e) => Err(refuse(&text, format!("{e:#}"))),
+        }
+    }
+
+    fn parse(text: &[u8]) -> anyhow::Result<Handover> {
+        let doc: Handover = serde_json::from_slice(text).context("handover document")?;
         anyhow::ensure!(
             doc.format == HANDOVER_FORMAT && doc.version == HANDOVER_VERSION,
             "handover document {:?} version {} (this program reads {HANDOVER_FORMAT} version \
@@ -444,7 +439,23 @@ impl Incoming {
             doc.format,
             doc.version
         );
-        Ok(Some(Incoming { doc }))
+        for fd in descriptors(&doc) {
+            // SAFETY: F_GETFD only reads the flags of a descriptor number.
+            let open = fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+            anyhow::ensure!(
+                open,
+                "handover document names descriptor {fd}, which is not open"
+            );
+        }
+        for c in &doc.connections {
+            anyhow::ensure!(
+                c.pending_len <= PENDING_BYTES_MAX && (c.pending_len == 0 || doc.data_fd.is_some()),
+                "connection {}: {} pending bytes without data",
+                c.fd,
+                c.pending_len
+            );
+        }
+        Ok(doc)
     }
 
     /// The listeners, as duplicates named by role (the originals stay for a fallback).
@@ -488,47 +499,12 @@ impl Incoming {
 
     pub fn carry(&self, lun: &str) -> Option<LunCarry> {
         let l = self.doc.luns.iter().find(|l| l.name == lun)?;
-        Some(LunCarry {
-            size_bytes: l.size_bytes,
-            fences_ok: l.fences_ok,
-            fences_failed: l.fences_failed,
-            paths: l
-                .paths
-                .iter()
-                .map(|p| PathCarry {
-                    path_id: p.path_id,
-                    reads: p.reads,
-                    writes: p.writes,
-                    ios: p.ios,
-                    bytes_read: p.bytes_read,
-                    bytes_written: p.bytes_written,
-                    errors: p.errors,
-                    failovers: p.failovers,
-                    hold_left_ms: p.hold_left_ms,
-                    hold_level: p.hold_level,
-                    failures_ago_ms: p.failures_ago_ms.clone(),
-                    failure_last_ago_ms: p.failure_last_ago_ms,
-                    ever_online: p.ever_online,
-                })
-                .collect(),
-        })
+        Some(l.carry.clone())
     }
 
-    /// The record after this takeover: one more upgrade, or the reason the last one failed.
+    /// The record as the old program left it (the outcome is counted at [`Incoming::commit`]).
     pub fn record(&self) -> DaemonRecord {
-        let mut record = self.doc.record.to_record();
-        match &self.doc.failure {
-            None => {
-                record.upgrades += 1;
-                record.last_upgrade_at = Some(SystemTime::now());
-                record.last_upgrade_error = None;
-            }
-            Some(reason) => {
-                record.last_upgrade_error = Some(reason.clone());
-                record.upgrades_failed += 1;
-            }
-        }
-        record
+        self.doc.record.to_record()
     }
 
     /// The connections, as duplicates (the originals stay for a fallback).
@@ -549,16 +525,30 @@ impl Incoming {
                     flags: c.flags,
                     structured: c.structured,
                     context_id: c.context_id,
-                    pending: unhex(&c.pending_hex)
-                        .ok_or_else(|| anyhow::anyhow!("connection {}: bad pending bytes", c.fd))?,
+                    pending: self.pending(c)?,
                 })
             })
             .collect()
     }
 
-    /// The takeover succeeded: close the originals of every handed-over descriptor (the duplicates
-    /// serve), and the fallback program.
-    pub fn commit(self) {
+    /// The takeover succeeded: counts it in `record` (one more upgrade, or the reason the new
+    /// program failed when this is the fallback), and closes the originals of every handed-over
+    /// descriptor (the duplicates serve) and the fallback program.
+    pub fn commit(self, record: &std::sync::Mutex<DaemonRecord>) {
+        {
+            let mut record = record.lock().unwrap_or_else(|p| p.into_inner());
+            match &self.doc.failure {
+                None => {
+                    record.upgrades += 1;
+                    record.last_upgrade_at = Some(SystemTime::now());
+                    record.last_upgrade_error = None;
+                }
+                Some(reason) => {
+                    record.last_upgrade_error = Some(reason.clone());
+                    record.upgrades_failed += 1;
+                }
+            }
+        }
         for fd in descriptors(&self.doc) {
             // SAFETY: handed to us by the document, not used by anything else here (we work on dups).
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -577,6 +567,66 @@ impl Incoming {
     }
 }
 
+/// Bound on one connection's pending bytes: a parked request (at most one, and at most
+/// `MAX_PAYLOAD_BYTES` of payload) and what its read buffer held.
+const PENDING_BYTES_MAX: u64 = 2 * lunmpio_nbd::MAX_PAYLOAD_BYTES as u64;
+
+impl Incoming {
+    fn pending(&self, c: &ConnectionDoc) -> anyhow::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0; c.pending_len as usize];
+        if let (Some(fd), true) = (self.doc.data_fd, !bytes.is_empty()) {
+            let file = std::fs::File::from(duplicate(fd)?);
+            file.read_exact_at(&mut bytes, c.pending_offset)
+                .with_context(|| format!("connection {}: its pending bytes", c.fd))?;
+        }
+        Ok(bytes)
+    }
+}
+
+/// A handover document this program cannot take: hand it back to the old program (its
+/// `fallback_fd`, read without assuming this program's idea of the format), with the reason.
+/// Returns only if that is impossible.
+fn refuse(text: &[u8], reason: String) -> anyhow::Error {
+    match handback(text, &reason) {
+        // The document's other descriptors were inherited without close-on-exec and are untouched.
+        Ok((fallback, args, bytes)) => exec_bytes(
+            Path::new(&format!("/proc/self/fd/{fallback}")),
+            &args,
+            &bytes,
+            &[],
+        ),
+        Err(e) => anyhow::anyhow!("{reason}; {e}"),
+    }
+}
+
+/// The refused document as it goes back: where (the fallback descriptor), with which arguments, and
+/// the same document with `failure` set (nothing else changed: the old program wrote it, so it
+/// reads it).
+fn handback(text: &[u8], reason: &str) -> anyhow::Result<(RawFd, Vec<String>, Vec<u8>)> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| anyhow::anyhow!("not JSON ({e}): no way back"))?;
+    let fallback = value["fallback_fd"]
+        .as_i64()
+        .filter(|fd| (3..=i64::from(i32::MAX)).contains(fd))
+        .ok_or_else(|| anyhow::anyhow!("no program to hand it back to"))?;
+    anyhow::ensure!(
+        value["failure"].is_null(),
+        "it was handed back already: no way back"
+    );
+    let args = value["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    value["failure"] =
+        serde_json::Value::String(format!("the new program refused the handover: {reason}"));
+    Ok((fallback as RawFd, args, serde_json::to_vec(&value)?))
+}
+
 /// A CLOEXEC duplicate of a handed-over descriptor.
 fn duplicate(fd: RawFd) -> anyhow::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
@@ -592,6 +642,12 @@ fn duplicate(fd: RawFd) -> anyhow::Result<OwnedFd> {
 
 // -------------------------------------------------------------------------------------------------
 // The old program's side
+
+tokio::task_local! {
+    /// The upgrade a control connection's Upgrade call prepared, handed over once that connection
+    /// has written the answer (and only by that connection).
+    pub static PREPARED: std::cell::RefCell<Option<Pending>>;
+}
 
 /// An upgrade between its answer and its handover: every export held and quiet, reloads locked out.
 pub struct Pending {
@@ -609,10 +665,6 @@ impl super::reload::Reconfigurer {
             "this daemon was not started by `lunmpio serve --config FILE`: it cannot run a new program"
         );
         let running = std::sync::Arc::clone(&self.running).lock_owned().await;
-        anyhow::ensure!(
-            self.pending_lock().is_none(),
-            "an upgrade is already under way"
-        );
         let to_version = check_program(&self.program).await?;
         // From here a reload waiting for the lock gives up (cleared again if this fails).
         self.upgrading.send_replace(true);
@@ -670,26 +722,27 @@ impl super::reload::Reconfigurer {
             connections: self.starter.server.connections(),
             quiesce_ms: quiesce_started.elapsed().as_millis() as u64,
         };
-        *self.pending_lock() = Some(Pending {
+        let pending = Pending {
             _holds: holds,
             _running: running,
             began,
-        });
+        };
+        // Kept by the calling connection (dropped, with its holds, if it has no place for it).
+        let kept = PREPARED.try_with(|slot| slot.borrow_mut().replace(pending).is_none());
+        anyhow::ensure!(
+            kept == Ok(true),
+            "an upgrade can only be asked for over the control socket"
+        );
         tracing::info!(program = %self.program.display(), to = %started.to_version,
             connections = started.connections, quiesce_ms = started.quiesce_ms, "upgrade: quiet, handing over");
         Ok(started)
     }
 
-    fn pending_lock(&self) -> std::sync::MutexGuard<'_, Option<Pending>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Steps 3 to 5, once the Upgrade call is answered: never returns when the exec works; on any
-    /// failure past the point of no return, the old program takes over its own handover.
-    pub async fn run_pending_upgrade(&self) {
-        let Some(pending) = self.pending_lock().take() else {
-            return;
-        };
+    /// Steps 3 to 5, once the Upgrade call is answered (or its answer could not be written: the
+    /// exports are held either way, and going on is the only way to release them). Never returns
+    /// when the exec works; on any failure past the point of no return, the old program takes over
+    /// its own handover.
+    pub async fn run_pending_upgrade(&self, pending: Pending) {
         let error = self.hand_over(pending).await;
         // Nothing is left to serve from in this process: a daemon that cannot exec at all exits, and
         // systemd restarts it (the listeners and clients' reconnects cover that as a crash).
@@ -701,7 +754,7 @@ impl super::reload::Reconfigurer {
         let server = &self.starter.server;
         server.stop_accepting();
         self.stop_services.cancel();
-        let detached = server.detach_all().await;
+        let detached = server.detach_all(DETACH_WAIT).await;
         let mut luns = Vec::new();
         for lun in self.luns.load().iter() {
             if let Some(carry) = lun.carry().await {
@@ -711,8 +764,25 @@ impl super::reload::Reconfigurer {
         }
         let (events, next_event_seq) = event_docs(&self.starter.events);
         let record = RecordDoc::of(&self.record.lock().unwrap_or_else(|p| p.into_inner()));
-        let (connections, sockets): (Vec<_>, Vec<_>) =
-            detached.into_iter().map(connection_doc).unzip();
+        let mut data = Vec::new();
+        let (connections, sockets): (Vec<_>, Vec<_>) = detached
+            .into_iter()
+            .map(|c| connection_doc(c, &mut data))
+            .unzip();
+        let data_fd = if data.is_empty() {
+            None
+        } else {
+            match memfd_with(c"lunmpio-handover-data", &data) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    // Past the point of no return, and handing the connections over without their
+                    // unread bytes would lose requests: the daemon exits (the clients see their
+                    // connections close, and systemd restarts it).
+                    tracing::error!("upgrade: cannot keep the connections' pending bytes: {e:#}");
+                    return e;
+                }
+            }
+        };
         let listeners = self
             .listeners
             .get()
@@ -751,6 +821,7 @@ impl super::reload::Reconfigurer {
             next_event_seq,
             luns,
             fallback_fd: fallback.as_ref().map(|f| f.as_raw_fd()),
+            data_fd: data_fd.as_ref().map(|f| f.as_raw_fd()),
             failure: None,
             began_unix_ms: unix_ms(pending.began),
         };
@@ -759,7 +830,7 @@ impl super::reload::Reconfigurer {
         let exec_error = exec_with(&self.program, &doc, &keep);
         // exec failed (the file went away after the check, say): the old program takes over.
         let error = fall_back(doc, format!("{exec_error:#}"));
-        drop((sockets, fallback, pending));
+        drop((sockets, fallback, data_fd, pending));
         error
     }
 }
@@ -769,11 +840,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_survive_hex() {
-        let b: Vec<u8> = (0..=255).collect();
-        assert_eq!(unhex(&hex(&b)), Some(b));
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("zz"), None);
+    fn a_refused_document_goes_back_as_it_came_with_the_reason() {
+        let doc = serde_json::json!({
+            "format": "lunmpio-handover", "version": 7, "fallback_fd": 9,
+            "args": ["serve", "--config", "c.toml"], "failure": null, "future": {"x": 1}
+        });
+        let text = serde_json::to_vec(&doc).unwrap();
+        let (fd, args, bytes) = handback(&text, "version 7 unknown").unwrap();
+        assert_eq!(fd, 9);
+        assert_eq!(args, ["serve", "--config", "c.toml"]);
+        let back: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back["version"], 7, "unchanged: the old program wrote it");
+        assert_eq!(back["future"], doc["future"]);
+        assert!(
+            back["failure"]
+                .as_str()
+                .unwrap()
+                .contains("version 7 unknown")
+        );
+        // Handed back once only, and only to a real descriptor.
+        assert!(handback(&bytes, "again").is_err());
+        let no_fallback = serde_json::json!({"version": 7, "failure": null});
+        assert!(handback(&serde_json::to_vec(&no_fallback).unwrap(), "x").is_err());
+        assert!(handback(b"not json", "x").is_err());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use super::{PathCounters, PathSlot};
 /// Bound on the failures remembered per path (only those within the marginal window matter).
 const FAILURES_CARRIED_MAX: usize = 64;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Serialized as is in a live upgrade's handover document (docs/HANDOVER.md, `luns`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LunCarry {
     /// The size the LUN had: a LUN whose config declares none can start again with every path down.
     pub size_bytes: Option<u64>,
@@ -29,7 +30,7 @@ pub struct LunCarry {
 }
 
 /// One path, found again by its id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathCarry {
     pub path_id: u64,
     pub reads: u64,
@@ -175,6 +176,12 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(100);
         let back = p.instants(later);
         assert_eq!(back.hold_until, Some(later + Duration::from_secs(4)));
+        let corrupt = PathCarry {
+            hold_left_ms: Some(u64::MAX),
+            ..PathCarry::default()
+        };
+        let capped = corrupt.instants(later).hold_until.unwrap();
+        assert_eq!(capped, later + super::super::control::HOLD_DOWN_MAX);
         assert_eq!(back.failures.len(), 2);
         assert_eq!(back.hold_level, 2);
     }

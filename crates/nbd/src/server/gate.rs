@@ -29,8 +29,7 @@ pub(crate) struct Gate {
     quiet: Notify,
     /// Requests read during a hold and waiting for its end.
     parked: AtomicUsize,
-    /// Bumped at every release. Connections wait on it while held, and take the (perhaps new)
-    /// backend after it changes.
+    /// Bumped at every release, after `held` clears: connections wait on it while held.
     released: watch::Sender<u64>,
     /// Connections of this export in transmission.
     connections: watch::Sender<usize>,
@@ -93,10 +92,12 @@ impl Gate {
         assert!(*holders > 0, "a release matches a hold");
         *holders -= 1;
         if *holders == 0 {
-            // The release is published before `held` clears: whoever sees `held` false also sees
-            // that the backend may have changed.
-            self.released.send_modify(|g| *g += 1);
+            // `held` clears before the wake-up, so a woken connection never finds it still set (it
+            // would wait again for a release that has already happened). A backend replaced during
+            // the hold is published by its own generation (`ExportEntry::backend_generation`), set
+            // before this.
             self.held.store(false, Ordering::SeqCst);
+            self.released.send_modify(|g| *g += 1);
         }
     }
 

@@ -11,7 +11,8 @@
 //!
 //! [`Server::attach`] resumes such a connection. This happens in the new program, or in the old one
 //! when the new program could not take over. The client never sees the socket close, and every
-//! request it sent is answered exactly once.
+//! request it sent is answered exactly once. The one exception is a connection whose export is gone
+//! there: it is closed, so the client sees it end.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -96,10 +97,19 @@ impl<B: Backend> Server<B> {
 
     /// Detaches every connection. Hold every export and wait until each is quiet first: a connection
     /// detaches only with nothing running. Connections still in their handshake are closed. Returns
-    /// once no connection is served here.
-    pub async fn detach_all(&self) -> Vec<DetachedConnection> {
+    /// once no connection is served here, or after `wait_max` with those detached so far (one whose
+    /// writer is stuck on a client that never reads stays behind).
+    pub async fn detach_all(&self, wait_max: std::time::Duration) -> Vec<DetachedConnection> {
         self.detach.cancel();
-        self.wait_idle().await;
+        if tokio::time::timeout(wait_max, self.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.connections(),
+                "connections did not detach within {wait_max:?}; they are left behind"
+            );
+        }
         std::mem::take(&mut *self.detached.lock().unwrap_or_else(|p| p.into_inner()))
     }
 

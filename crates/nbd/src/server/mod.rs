@@ -130,16 +130,23 @@ pub enum ServerError {
 
 pub(crate) struct ExportEntry<B> {
     pub(crate) config: ExportConfig,
-    /// Read by a connection when it starts and after each hold: never per request.
+    /// Read by a connection when it starts and when `backend_generation` moved: never per request.
     backend: std::sync::Mutex<Arc<B>>,
+    /// Bumped by every backend replacement, before the hold that allowed it is released.
+    pub(crate) backend_generation: std::sync::atomic::AtomicU64,
     /// Where the export's connections run once the handshake chose it (see [`Server::add_export_on`]).
     pub(crate) runtime: Option<tokio::runtime::Handle>,
     pub(crate) gate: Arc<gate::Gate>,
 }
 
 impl<B> ExportEntry<B> {
-    pub(crate) fn backend(&self) -> Arc<B> {
-        Arc::clone(&self.backend.lock().unwrap_or_else(|p| p.into_inner()))
+    /// The backend, and the generation it belongs to.
+    pub(crate) fn backend(&self) -> (Arc<B>, u64) {
+        let backend = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self
+            .backend_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        (Arc::clone(&backend), generation)
     }
 }
 
@@ -168,7 +175,12 @@ impl<B> ExportHold<B> {
     /// The backend every connection uses for its next request once the hold ends. Call once the
     /// export is [`quiet`](ExportHold::quiet): a request already running finishes on the old one.
     pub fn replace_backend(&self, backend: Arc<B>) {
-        *self.entry.backend.lock().unwrap_or_else(|p| p.into_inner()) = backend;
+        let mut current = self.entry.backend.lock().unwrap_or_else(|p| p.into_inner());
+        *current = backend;
+        // Under the lock, so a reader never pairs the old backend with the new generation.
+        self.entry
+            .backend_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -315,6 +327,7 @@ impl<B: Backend> Server<B> {
             Arc::new(ExportEntry {
                 config,
                 backend: std::sync::Mutex::new(backend),
+                backend_generation: std::sync::atomic::AtomicU64::new(0),
                 runtime,
                 gate: gate::Gate::new(),
             }),
@@ -330,6 +343,16 @@ impl<B: Backend> Server<B> {
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<ExportEntry<B>>>> {
         self.exports.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An export's configuration (what its clients were told at the handshake).
+    pub fn export_config(&self, name: &str) -> Option<ExportConfig> {
+        self.exports_read().get(name).map(|e| e.config.clone())
+    }
+
+    /// The runtime an export's connections run on (see [`Server::add_export_on`]).
+    pub fn export_runtime(&self, name: &str) -> Option<tokio::runtime::Handle> {
+        self.exports_read().get(name)?.runtime.clone()
     }
 
     /// Holds an export's requests at a request boundary (see [`ExportHold`]); `None` if there is no

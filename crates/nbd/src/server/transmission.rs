@@ -285,7 +285,6 @@ impl<B: Backend> Server<B> {
                 }
                 // Held: wait for the release (a parked request then enters again).
                 _ = at.releases.changed(), if held || parked.is_some() => {
-                    at.reload();
                     match parked.take() {
                         Some(request) => {
                             gate.unpark();
@@ -502,38 +501,38 @@ impl<B: Backend> Server<B> {
     }
 }
 
-/// The backend a connection sends its requests to: the export's, taken again after every hold (a
-/// live reconfiguration may have replaced it).
+/// The backend a connection sends its requests to: the export's, read again whenever a live
+/// reconfiguration replaced it (its generation moved).
 struct ExportBackend<B> {
     backend: Arc<B>,
+    generation: u64,
     export: Arc<super::ExportEntry<B>>,
+    /// Wakes the connection when a hold ends.
     releases: tokio::sync::watch::Receiver<u64>,
 }
 
 impl<B> ExportBackend<B> {
     fn new(n: &Negotiated<B>) -> ExportBackend<B> {
-        // Subscribed before the backend is read: a replacement after this is seen as a change.
-        let releases = n.export.gate.subscribe();
+        let (backend, generation) = n.export.backend();
         ExportBackend {
-            backend: n.export.backend(),
+            backend,
+            generation,
             export: Arc::clone(&n.export),
-            releases,
+            releases: n.export.gate.subscribe(),
         }
     }
 
-    /// The backend for a request that entered the gate now. A release since the last look means
-    /// the backend may have been replaced: read it again. (The gate publishes a release before it
-    /// clears `held`, so a request that entered after a hold always sees that hold's release.)
+    /// The backend for a request that entered the gate now. A replacement bumps the generation
+    /// before the hold ends, and entering saw the hold ended (SeqCst), so this sees the bump.
     fn current(&mut self) -> &Arc<B> {
-        if self.releases.has_changed().unwrap_or(false) {
-            self.reload();
+        let generation = self
+            .export
+            .backend_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if generation != self.generation {
+            (self.backend, self.generation) = self.export.backend();
         }
         &self.backend
-    }
-
-    fn reload(&mut self) {
-        self.releases.borrow_and_update();
-        self.backend = self.export.backend();
     }
 }
 
