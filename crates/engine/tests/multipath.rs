@@ -629,3 +629,54 @@ async fn a_restarted_lun_keeps_its_counters_and_a_carried_hold_down() {
     read(&again, 0, BLOCK as u32).await.unwrap();
     again.shutdown();
 }
+
+/// A path that was failed when the LUN last ran starts failed with its reason, and the restart does
+/// not wait on it: here its target hangs, and connecting would take the whole startup timeout.
+#[tokio::test]
+async fn a_path_failed_before_a_restart_does_not_hold_it() {
+    let rig = rig(2, fast_settings(LoadBalancePolicy::RoundRobin), |_| {}).await;
+    rig.proxies[0].set(ProxyMode::Hang);
+    let mut carry = rig.lun.carry().await.expect("a running LUN carries");
+    carry
+        .paths
+        .iter_mut()
+        .find(|p| p.path_id == 1)
+        .unwrap()
+        .failed_reason = Some("probe got no reply within 250ms".into());
+    rig.lun.shutdown();
+    rig.lun.closed().await;
+
+    let spec = LunSpec {
+        name: "lun0".into(),
+        source_id: 7,
+        settings: fast_settings(LoadBalancePolicy::RoundRobin),
+        size_bytes: None,
+        wwid: None,
+        shared_backing: false,
+        paths: rig
+            .proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| path_spec(i, p.uri()))
+            .collect(),
+    };
+    let options = LunOptions {
+        state_dir: None,
+        startup_timeout: Some(Duration::from_secs(30)),
+        carry: Some(carry),
+    };
+    // Bounded well below the 30 s startup timeout a connection attempt to the hung target would take.
+    let again = tokio::time::timeout(
+        Duration::from_secs(10),
+        Lun::start(spec, options, Arc::clone(&rig.events)),
+    )
+    .await
+    .expect("the restart did not wait for the failed path")
+    .unwrap();
+    let info = again.get_path_info();
+    assert_eq!(info[0].status, PathStatus::Failed);
+    assert!(info[0].status_reason.contains("no reply"), "{:?}", info[0]);
+    assert_eq!(info[1].status, PathStatus::Online);
+    read(&again, 0, BLOCK as u32).await.unwrap();
+    again.shutdown();
+}

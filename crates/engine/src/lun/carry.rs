@@ -48,6 +48,10 @@ pub struct PathCarry {
     /// How long ago the last failure was.
     pub failure_last_ago_ms: Option<u64>,
     pub ever_online: bool,
+    /// The path was failed, and why: it starts failed with this reason (and reconnects in the
+    /// background) instead of holding the restart for a connection attempt.
+    #[serde(default)]
+    pub failed_reason: Option<String>,
 }
 
 /// The control task's part of a path's carry (hold-downs and failure history).
@@ -87,7 +91,11 @@ impl HealthCarry {
     }
 }
 
-pub(crate) fn path_carry(slot: &PathSlot, health: HealthCarry) -> PathCarry {
+pub(crate) fn path_carry(
+    slot: &PathSlot,
+    health: HealthCarry,
+    failed_reason: Option<String>,
+) -> PathCarry {
     let c = &slot.counters;
     let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
     PathCarry {
@@ -104,6 +112,7 @@ pub(crate) fn path_carry(slot: &PathSlot, health: HealthCarry) -> PathCarry {
         failures_ago_ms: health.failures_ago.into_iter().map(ms).collect(),
         failure_last_ago_ms: health.failure_last_ago.map(ms),
         ever_online: health.ever_online,
+        failed_reason,
     }
 }
 
@@ -123,8 +132,12 @@ impl PathCarry {
     /// Back to instants of this process's clock.
     pub(crate) fn instants(&self, now: Instant) -> RestoredHealth {
         let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+        // A hold-down never exceeds its maximum (a corrupt value must not overflow the clock).
+        let hold_max_ms = super::control::HOLD_DOWN_MAX.as_millis() as u64;
         RestoredHealth {
-            hold_until: self.hold_left_ms.map(|ms| now + Duration::from_millis(ms)),
+            hold_until: self
+                .hold_left_ms
+                .map(|ms| now + Duration::from_millis(ms.min(hold_max_ms))),
             hold_level: self.hold_level,
             failures: self
                 .failures_ago_ms

@@ -452,22 +452,37 @@ impl Lun {
             connect_timeout: startup_timeout,
             ..ConnectLimits::default()
         };
+        // A path that was failed when the LUN last ran (an upgrade or a reload restarts it) starts
+        // failed, with its reason, and is reconnected in the background: a hung target must not
+        // hold the restart (and its clients) for the whole startup timeout.
+        let carried_failure = |id: u64| {
+            options
+                .carry
+                .as_ref()?
+                .paths
+                .iter()
+                .find(|c| c.path_id == id)?
+                .failed_reason
+                .clone()
+        };
         let attempts = paths.iter().map(|p| {
             let target = p.target.clone();
-            async move { tokio::time::timeout(startup_timeout, target.connect(limits)).await }
+            let failed = carried_failure(p.id);
+            async move {
+                if let Some(reason) = failed {
+                    return Err(reason);
+                }
+                match tokio::time::timeout(startup_timeout, target.connect(limits)).await {
+                    Ok(Ok(c)) => Ok(c),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no answer within {}",
+                        format_duration(startup_timeout)
+                    )),
+                }
+            }
         });
-        let results: Vec<Result<PathConnection, String>> = futures_join(attempts)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "no answer within {}",
-                    format_duration(startup_timeout)
-                )),
-            })
-            .collect();
+        let results: Vec<Result<PathConnection, String>> = futures_join(attempts).await;
         // A restart (upgrade, reload) knows the size even when no path answers now.
         let carried_size = options.carry.as_ref().and_then(|c| c.size_bytes);
         let geometry = if spec.size_bytes.is_none() && carried_size.is_some() {
@@ -539,12 +554,19 @@ impl Lun {
         let (reply, rx) = oneshot::channel();
         self.shared.send(Control::Manage(Manage::Carry { reply }));
         let health = rx.await.ok()?;
+        let mpio = self.mpio();
         let paths = self
             .shared
             .slots
             .iter()
             .zip(health)
-            .map(|(slot, h)| carry::path_carry(slot, h))
+            .map(|(slot, h)| {
+                let failed = match mpio.path(slot.id).map(|p| p.oper_status()) {
+                    Some(lunmpio_vds::OperStatus::Failed { reason }) => Some(reason.clone()),
+                    _ => None,
+                };
+                carry::path_carry(slot, h, failed)
+            })
             .collect();
         Some(LunCarry {
             size_bytes: Some(self.shared.geometry.load().size_bytes),
