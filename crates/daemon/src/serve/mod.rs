@@ -411,7 +411,10 @@ pub async fn run(
             config,
             StartOptions {
                 inherited,
-                config_path: Some(args.config.clone()),
+                // Absolute, so reloads and `lunmpio daemon` name the file wherever they run from.
+                config_path: Some(
+                    std::fs::canonicalize(&args.config).unwrap_or(args.config.clone()),
+                ),
                 handover,
                 config_text,
             },
