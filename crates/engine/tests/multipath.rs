@@ -577,6 +577,35 @@ async fn flush_fans_out_and_eio_on_every_path_reaches_the_client() {
     );
 }
 
+/// The rig's LUN started again over the same paths, with what it carried (an upgrade or a reload
+/// does this).
+async fn restart(
+    rig: &Rig,
+    carry: lunmpio_engine::LunCarry,
+    startup_timeout: Duration,
+) -> Result<Lun, lunmpio_vds::VdsError> {
+    let spec = LunSpec {
+        name: "lun0".into(),
+        source_id: 7,
+        settings: fast_settings(LoadBalancePolicy::RoundRobin),
+        size_bytes: None,
+        wwid: None,
+        shared_backing: false,
+        paths: rig
+            .proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| path_spec(i, p.uri()))
+            .collect(),
+    };
+    let options = LunOptions {
+        state_dir: None,
+        startup_timeout: Some(startup_timeout),
+        carry: Some(carry),
+    };
+    Lun::start(spec, options, Arc::clone(&rig.events)).await
+}
+
 /// What a LUN carries across its own restart (an upgrade, a reload): counters go on, and a marginal
 /// path stays held down for the rest of its hold-down, while another path serves.
 #[tokio::test]
@@ -594,29 +623,7 @@ async fn a_restarted_lun_keeps_its_counters_and_a_carried_hold_down() {
     rig.lun.shutdown();
     rig.lun.closed().await;
 
-    let specs = rig
-        .proxies
-        .iter()
-        .enumerate()
-        .map(|(i, p)| path_spec(i, p.uri()))
-        .collect();
-    let spec = LunSpec {
-        name: "lun0".into(),
-        source_id: 7,
-        settings: fast_settings(LoadBalancePolicy::RoundRobin),
-        size_bytes: None,
-        wwid: None,
-        shared_backing: false,
-        paths: specs,
-    };
-    let options = LunOptions {
-        state_dir: None,
-        startup_timeout: Some(Duration::from_secs(5)),
-        carry: Some(carry),
-    };
-    let again = Lun::start(spec, options, Arc::clone(&rig.events))
-        .await
-        .unwrap();
+    let again = restart(&rig, carry, Duration::from_secs(5)).await.unwrap();
     assert_eq!(path_ios(&again), ios_before, "the counters went on");
     let info = again.get_path_info();
     let (p0, p1) = (&info[0], &info[1]);
@@ -646,29 +653,10 @@ async fn a_path_failed_before_a_restart_does_not_hold_it() {
     rig.lun.shutdown();
     rig.lun.closed().await;
 
-    let spec = LunSpec {
-        name: "lun0".into(),
-        source_id: 7,
-        settings: fast_settings(LoadBalancePolicy::RoundRobin),
-        size_bytes: None,
-        wwid: None,
-        shared_backing: false,
-        paths: rig
-            .proxies
-            .iter()
-            .enumerate()
-            .map(|(i, p)| path_spec(i, p.uri()))
-            .collect(),
-    };
-    let options = LunOptions {
-        state_dir: None,
-        startup_timeout: Some(Duration::from_secs(30)),
-        carry: Some(carry),
-    };
     // Bounded well below the 30 s startup timeout a connection attempt to the hung target would take.
     let again = tokio::time::timeout(
         Duration::from_secs(10),
-        Lun::start(spec, options, Arc::clone(&rig.events)),
+        restart(&rig, carry, Duration::from_secs(30)),
     )
     .await
     .expect("the restart did not wait for the failed path")
