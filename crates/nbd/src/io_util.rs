@@ -27,3 +27,98 @@ pub(crate) fn reserve_total(buf: &mut BytesMut, total: usize) {
         buf.reserve(total - buf.len());
     }
 }
+
+/// A future polled only after it has woken its task.
+///
+/// Why: a connection's request loop polls every branch of its `select!` each time the task wakes,
+/// which is once or more per request. Some branches almost never fire (shutdown, removal, eviction,
+/// a handover). Each poll of their cancellation futures takes two mutexes: the token's, and its
+/// `Notify`'s. Wrapped in this, such a branch is polled once to register, and then only when its
+/// own wake-up came. Between those wake-ups a poll costs one atomic load.
+pub(crate) struct PollWhenWoken<F> {
+    inner: std::pin::Pin<Box<F>>,
+    flag: std::sync::Arc<WakeFlag>,
+}
+
+struct WakeFlag {
+    woken: std::sync::atomic::AtomicBool,
+    task: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for WakeFlag {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: std::future::Future> PollWhenWoken<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        PollWhenWoken {
+            inner: Box::pin(inner),
+            flag: std::sync::Arc::new(WakeFlag {
+                // Polled the first time, to register.
+                woken: std::sync::atomic::AtomicBool::new(true),
+                task: futures::task::AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for PollWhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // Registered before the flag is read: a wake-up in between is never lost.
+        self.flag.task.register(cx.waker());
+        if !self
+            .flag
+            .woken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(std::sync::Arc::clone(&self.flag));
+        let mut inner_cx = std::task::Context::from_waker(&waker);
+        self.inner.as_mut().poll(&mut inner_cx)
+    }
+}
+
+impl<F> Unpin for PollWhenWoken<F> {}
+
+#[cfg(test)]
+mod poll_when_woken_tests {
+    use super::PollWhenWoken;
+
+    #[tokio::test]
+    async fn it_completes_when_its_inner_future_does_and_not_before() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut waiting = PollWhenWoken::new(token.clone().cancelled_owned());
+        assert!(futures::poll!(&mut waiting).is_pending());
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "not woken: not polled"
+        );
+        token.cancel();
+        assert!(futures::poll!(&mut waiting).is_ready());
+    }
+
+    #[tokio::test]
+    async fn it_wakes_the_task_that_waits_on_it() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let waiting = tokio::spawn(PollWhenWoken::new(token.clone().cancelled_owned()));
+        tokio::task::yield_now().await;
+        token.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+    }
+}

@@ -5,7 +5,7 @@ use super::admission::Admitted;
 use super::gate::Ticket;
 use super::handshake::Negotiated;
 use super::{Backend, Server, ServerError};
-use crate::io_util::{fill, reserve_total};
+use crate::io_util::{PollWhenWoken, fill, reserve_total};
 use crate::proto::*;
 use crate::request::{Reply, Request};
 use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
@@ -251,12 +251,12 @@ impl<B: Backend> Server<B> {
         let gate = Arc::clone(&n.export.gate);
         let _counted = gate.connection();
         let mut at = ExportBackend::new(&n);
-        // Registered once, not per request.
-        let shutdown = self.shutdown.cancelled();
-        let removed = gate.closing.cancelled();
-        let evicted = connection.evicted.cancelled();
-        let detach = self.detach.cancelled();
-        tokio::pin!(shutdown, removed, evicted, detach);
+        // Registered once, and polled only when they fire (`PollWhenWoken`): they almost never do,
+        // and the loop goes round once or more per request.
+        let mut shutdown = PollWhenWoken::new(self.shutdown.clone().cancelled_owned());
+        let mut removed = PollWhenWoken::new(gate.closing.clone().cancelled_owned());
+        let mut evicted = PollWhenWoken::new(connection.evicted.clone().cancelled_owned());
+        let mut detach = PollWhenWoken::new(self.detach.clone().cancelled_owned());
         loop {
             if slot.is_none() {
                 slot = Arc::clone(&slots).try_acquire_owned().ok();
