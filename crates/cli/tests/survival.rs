@@ -128,23 +128,8 @@ fn systemd_socket_activate_starts_the_daemon_on_a_waiting_connection() {
         &format!("nbd_listen = \"127.0.0.1:{port}\""),
         &lun_toml(LUN, "round-robin", &[target.uri(0).to_string()]),
     );
-    let mut activator = ProcessGuard::spawn(
-        "systemd-socket-activate",
-        tool("systemd-socket-activate")
-            .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=nbd"])
-            .arg(lunmpio_bin())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info"),
-    );
-    let listening = wait_until(WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || !activator.is_running()
-    });
-    assert!(
-        listening && activator.is_running(),
-        "{:?}",
-        activator.output_so_far()
-    );
+    let mut activator = socket_activate(port, "nbd", &config);
+    assert!(activator.is_running(), "{:?}", activator.output_so_far());
     let out = run_ok(tool("nbdinfo").arg(format!("nbd://127.0.0.1:{port}/{LUN}")));
     assert!(
         stdout_text(&out).contains("export-size: 16777216"),
@@ -172,18 +157,7 @@ fn a_socket_that_matches_no_listener_stops_the_start_with_its_address() {
         &format!("nbd_listen = \"127.0.0.1:{other}\""),
         &lun_toml(LUN, "round-robin", &[target.uri(0).to_string()]),
     );
-    let mut activator = ProcessGuard::spawn(
-        "systemd-socket-activate",
-        tool("systemd-socket-activate")
-            .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=stray"])
-            .arg(lunmpio_bin())
-            .args(["serve", "--config"])
-            .arg(&config),
-    );
-    let listening = wait_until(WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || !activator.is_running()
-    });
-    assert!(listening, "{:?}", activator.output_so_far());
+    let mut activator = socket_activate(port, "stray", &config);
     let status = activator.wait_timeout(WAIT).expect("the daemon exits");
     assert!(!status.success());
     let (_, log) = activator.output_so_far();
@@ -191,6 +165,30 @@ fn a_socket_that_matches_no_listener_stops_the_start_with_its_address() {
         log.contains(&format!("127.0.0.1:{port}, named \"stray\") matches none")),
         "{log}"
     );
+}
+
+/// `systemd-socket-activate` listening on 127.0.0.1:`port` (descriptor named `name`) for
+/// `lunmpio serve --config CONFIG`; returns once the port takes connections (the daemon starts on
+/// the first one), or once it has exited.
+fn socket_activate(port: u16, name: &str, config: &Path) -> ProcessGuard {
+    let mut activator = ProcessGuard::spawn(
+        "systemd-socket-activate",
+        tool("systemd-socket-activate")
+            .args([
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                &format!("--fdname={name}"),
+            ])
+            .arg(lunmpio_bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info"),
+    );
+    let listening = wait_until(WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || !activator.is_running()
+    });
+    assert!(listening, "{:?}", activator.output_so_far());
+    activator
 }
 
 fn write_config(dir: &Path, daemon_extra: &str, rest: &str) -> PathBuf {

@@ -615,11 +615,11 @@ async fn a_restarted_lun_keeps_its_counters_and_a_carried_hold_down() {
         read(&rig.lun, i * BLOCK, BLOCK as u32).await.unwrap();
     }
     let mut carry = rig.lun.carry().await.expect("a running LUN carries");
-    assert_eq!(carry.paths.iter().map(|p| p.ios).sum::<u64>(), 8);
+    assert_eq!(carry.paths.iter().map(|p| p.counters.ios).sum::<u64>(), 8);
     let p0 = carry.paths.iter_mut().find(|p| p.path_id == 1).unwrap();
     p0.hold_left_ms = Some(60_000);
     p0.hold_level = 1;
-    let ios_before: Vec<u64> = carry.paths.iter().map(|p| p.ios).collect();
+    let ios_before: Vec<u64> = carry.paths.iter().map(|p| p.counters.ios).collect();
     rig.lun.shutdown();
     rig.lun.closed().await;
 

@@ -83,20 +83,26 @@ pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
 }
 
 fn daemon_keys_changed(a: &DaemonConfig, b: &DaemonConfig) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut check = |key: &str, same: bool| {
-        if !same {
-            keys.push(format!("daemon.{key}"));
-        }
-    };
-    check("nbd_listen", a.nbd_listen == b.nbd_listen);
-    check("control_socket", a.control_socket == b.control_socket);
-    check("metrics_listen", a.metrics_listen == b.metrics_listen);
-    check("state_dir", a.state_dir == b.state_dir);
-    check("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout);
-    check("max_connections", a.max_connections == b.max_connections);
-    check("data_threads", a.data_threads == b.data_threads);
-    keys
+    differing(&[
+        ("nbd_listen", a.nbd_listen == b.nbd_listen),
+        ("control_socket", a.control_socket == b.control_socket),
+        ("metrics_listen", a.metrics_listen == b.metrics_listen),
+        ("state_dir", a.state_dir == b.state_dir),
+        ("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout),
+        ("max_connections", a.max_connections == b.max_connections),
+        ("data_threads", a.data_threads == b.data_threads),
+    ])
+    .into_iter()
+    .map(|key| format!("daemon.{key}"))
+    .collect()
+}
+
+/// The keys whose values differ, from (key, same) pairs.
+fn differing(keys: &[(&'static str, bool)]) -> Vec<&'static str> {
+    keys.iter()
+        .filter(|(_, same)| !same)
+        .map(|(key, _)| *key)
+        .collect()
 }
 
 /// What differs between two tables of one LUN, in words ("path p2 added", "io_timeout 5s → 2s").
@@ -131,25 +137,21 @@ fn lun_changes(old: &LunTable, new: &LunTable) -> Vec<String> {
 
 fn settings_changes(a: &LunSpec, b: &LunSpec) -> String {
     let (x, y) = (&a.settings, &b.settings);
-    let mut keys: Vec<&'static str> = Vec::new();
-    let mut check = |key: &'static str, same: bool| {
-        if !same {
-            keys.push(key);
-        }
-    };
-    check("policy", x.policy == y.policy);
-    check("io_timeout", x.io_timeout == y.io_timeout);
-    check("adaptive_timeout", x.adaptive_timeout == y.adaptive_timeout);
-    check("check_interval", x.check_interval == y.check_interval);
-    check("no_path_retry", x.no_path_retry == y.no_path_retry);
-    check("failback", x.failback == y.failback);
-    check(
-        "no_path_queue_max",
-        x.no_path_queue_bytes_max == y.no_path_queue_bytes_max,
-    );
-    check("in_doubt_timeout", x.in_doubt_timeout == y.in_doubt_timeout);
-    check("fence_timeout", x.fence_timeout == y.fence_timeout);
-    check("fence", x.fence == y.fence);
+    let keys = differing(&[
+        ("policy", x.policy == y.policy),
+        ("io_timeout", x.io_timeout == y.io_timeout),
+        ("adaptive_timeout", x.adaptive_timeout == y.adaptive_timeout),
+        ("check_interval", x.check_interval == y.check_interval),
+        ("no_path_retry", x.no_path_retry == y.no_path_retry),
+        ("failback", x.failback == y.failback),
+        (
+            "no_path_queue_max",
+            x.no_path_queue_bytes_max == y.no_path_queue_bytes_max,
+        ),
+        ("in_doubt_timeout", x.in_doubt_timeout == y.in_doubt_timeout),
+        ("fence_timeout", x.fence_timeout == y.fence_timeout),
+        ("fence", x.fence == y.fence),
+    ]);
     format!("settings changed: {}", keys.join(", "))
 }
 

@@ -33,13 +33,8 @@ pub struct LunCarry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathCarry {
     pub path_id: u64,
-    pub reads: u64,
-    pub writes: u64,
-    pub ios: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    pub errors: u64,
-    pub failovers: u64,
+    #[serde(flatten)]
+    pub counters: CounterValues,
     /// What is left of a marginal path's hold-down.
     pub hold_left_ms: Option<u64>,
     pub hold_level: u32,
@@ -52,6 +47,48 @@ pub struct PathCarry {
     /// background) instead of holding the restart for a connection attempt.
     #[serde(default)]
     pub failed_reason: Option<String>,
+}
+
+/// A path's counters ([`PathCounters`]) as plain values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CounterValues {
+    pub reads: u64,
+    pub writes: u64,
+    pub ios: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+    pub failovers: u64,
+}
+
+impl PathCounters {
+    pub(crate) fn values(&self) -> CounterValues {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        CounterValues {
+            reads: load(&self.reads),
+            writes: load(&self.writes),
+            ios: load(&self.ios),
+            bytes_read: load(&self.bytes_read),
+            bytes_written: load(&self.bytes_written),
+            errors: load(&self.errors),
+            failovers: load(&self.failovers),
+        }
+    }
+
+    /// Sets every counter to an earlier run's values (a restart that carries them).
+    pub(crate) fn restore(&self, v: &CounterValues) {
+        for (counter, value) in [
+            (&self.reads, v.reads),
+            (&self.writes, v.writes),
+            (&self.ios, v.ios),
+            (&self.bytes_read, v.bytes_read),
+            (&self.bytes_written, v.bytes_written),
+            (&self.errors, v.errors),
+            (&self.failovers, v.failovers),
+        ] {
+            counter.store(value, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The control task's part of a path's carry (hold-downs and failure history).
@@ -96,17 +133,10 @@ pub(crate) fn path_carry(
     health: HealthCarry,
     failed_reason: Option<String>,
 ) -> PathCarry {
-    let c = &slot.counters;
     let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
     PathCarry {
         path_id: slot.id.path_id,
-        reads: c.reads.load(Ordering::Relaxed),
-        writes: c.writes.load(Ordering::Relaxed),
-        ios: c.ios.load(Ordering::Relaxed),
-        bytes_read: c.bytes_read.load(Ordering::Relaxed),
-        bytes_written: c.bytes_written.load(Ordering::Relaxed),
-        errors: c.errors.load(Ordering::Relaxed),
-        failovers: c.failovers.load(Ordering::Relaxed),
+        counters: slot.counters.values(),
         hold_left_ms: health.hold_left.map(ms),
         hold_level: health.hold_level,
         failures_ago_ms: health.failures_ago.into_iter().map(ms).collect(),
@@ -114,18 +144,6 @@ pub(crate) fn path_carry(
         ever_online: health.ever_online,
         failed_reason,
     }
-}
-
-pub(crate) fn restore_counters(counters: &PathCounters, p: &PathCarry) {
-    counters.reads.store(p.reads, Ordering::Relaxed);
-    counters.writes.store(p.writes, Ordering::Relaxed);
-    counters.ios.store(p.ios, Ordering::Relaxed);
-    counters.bytes_read.store(p.bytes_read, Ordering::Relaxed);
-    counters
-        .bytes_written
-        .store(p.bytes_written, Ordering::Relaxed);
-    counters.errors.store(p.errors, Ordering::Relaxed);
-    counters.failovers.store(p.failovers, Ordering::Relaxed);
 }
 
 impl PathCarry {

@@ -48,7 +48,7 @@ use crate::settings::{LunSettings, LunSpec, PathSpec};
 pub use crate::transport::Geometry;
 use crate::transport::{ConnectLimits, PathConnection, PathTarget};
 
-pub use carry::{LunCarry, PathCarry};
+pub use carry::{CounterValues, LunCarry, PathCarry};
 pub use dispatch::IoError;
 
 /// Per-path counters (cumulative since start).
@@ -526,7 +526,7 @@ impl Lun {
         let carried = options.carry.unwrap_or_default();
         for slot in shared.slots.iter() {
             if let Some(p) = carried.paths.iter().find(|p| p.path_id == slot.id.path_id) {
-                carry::restore_counters(&slot.counters, p);
+                slot.counters.restore(&p.counters);
             }
         }
         shared.fences_ok.store(carried.fences_ok, Ordering::Relaxed);
@@ -713,22 +713,22 @@ impl Lun {
             .iter()
             .zip(mpio.paths())
             .map(|(slot, path)| {
-                let c = &slot.counters;
+                let c = slot.counters.values();
                 PathStats {
                     path_id: slot.id,
                     name: slot.name.clone(),
                     status: path.reported_status(mpio.policy()).0,
-                    reads: c.reads.load(Ordering::Relaxed),
-                    writes: c.writes.load(Ordering::Relaxed),
-                    ios: c.ios.load(Ordering::Relaxed),
-                    bytes_read: c.bytes_read.load(Ordering::Relaxed),
-                    bytes_written: c.bytes_written.load(Ordering::Relaxed),
-                    errors: c.errors.load(Ordering::Relaxed),
+                    reads: c.reads,
+                    writes: c.writes,
+                    ios: c.ios,
+                    bytes_read: c.bytes_read,
+                    bytes_written: c.bytes_written,
+                    errors: c.errors,
                     in_flight: slot.load.requests_in_flight(),
                     in_flight_bytes: slot.load.bytes_in_flight(),
                     latency_p50_us: slot.histogram.quantile_us(0.50),
                     latency_p99_us: slot.histogram.quantile_us(0.99),
-                    failovers: c.failovers.load(Ordering::Relaxed),
+                    failovers: c.failovers,
                     timeout_ms: if self.shared.settings.adaptive_timeout {
                         slot.latency
                             .timeout(timeout_floor, self.shared.settings.io_timeout)

@@ -113,11 +113,6 @@ impl<B: Backend> Server<B> {
         std::mem::take(&mut *self.detached.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Whether [`Server::detach_all`] was called.
-    pub fn is_detaching(&self) -> bool {
-        self.detach.is_cancelled()
-    }
-
     pub(crate) fn keep_detached(&self, connection: DetachedConnection) {
         self.detached
             .lock()
