@@ -434,7 +434,7 @@ pub struct Target {
     process: ProcessGuard,
     pub uris: Vec<String>,
     pub control: PathBuf,
-    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr: LogTail,
     stdout_rest: Receiver<String>,
     pub dir: tempfile::TempDir,
 }
@@ -520,7 +520,7 @@ impl Target {
 
     /// The target's log so far (stderr).
     pub fn log(&self) -> String {
-        joined(&self.stderr)
+        self.stderr.text()
     }
 
     /// `lunmpio target fault --control ... --port I CMD`, which must succeed.
@@ -573,7 +573,10 @@ impl Target {
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.process.signal(Signal::SIGTERM);
         match self.process.wait_timeout(timeout) {
-            Some(s) => s,
+            Some(s) => {
+                self.stderr.wait_ended(LOG_END_WAIT);
+                s
+            }
             None => {
                 self.process.kill();
                 panic!(
@@ -725,7 +728,7 @@ pub struct Daemon {
     pub nbd: String,
     /// `127.0.0.1:PORT` of /metrics, when the config asked for it.
     pub metrics: Option<String>,
-    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr: LogTail,
     /// Sockets handed over as by systemd, when started with [`Daemon::spawn_activated`].
     activation: Option<Arc<Activation>>,
     /// The program file it runs (`lunmpio_bin()` unless [`Daemon::spawn_program`]).
@@ -802,13 +805,7 @@ impl Daemon {
             Ok(line) => line,
             Err(_) => {
                 let status = process.try_wait();
-                let log = stderr
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n");
+                let log = stderr.text();
                 panic!(
                     "lunmpio serve did not report ready within {DAEMON_START_TIMEOUT:?} (exit: {status:?}); log:\n{log}"
                 );
@@ -846,13 +843,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.stderr.text()
     }
 
     /// One JSON-RPC call over the control socket.
@@ -945,7 +936,10 @@ impl Daemon {
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         self.process.signal(Signal::SIGTERM);
         match self.process.wait_timeout(timeout) {
-            Some(s) => s,
+            Some(s) => {
+                self.stderr.wait_ended(LOG_END_WAIT);
+                s
+            }
             None => {
                 self.process.kill();
                 panic!(
@@ -1453,9 +1447,38 @@ fn line_channel(pipe: impl Read + Send + 'static) -> Receiver<String> {
 }
 
 /// The last `max` lines of a child's pipe, kept for failure messages (bounded: logs can be long).
-fn tail_lines(pipe: impl Read + Send + 'static, max: usize) -> Arc<Mutex<VecDeque<String>>> {
-    let tail = Arc::new(Mutex::new(VecDeque::new()));
-    let sink = tail.clone();
+/// The last lines a child wrote to a pipe, read in the background, and whether the pipe has ended.
+struct LogTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    ended: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl LogTail {
+    fn text(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits (bounded) until the reader has seen the end of the pipe: once the child has exited,
+    /// its last lines are then in `text()`.
+    fn wait_ended(&self, timeout: Duration) {
+        let (ended, changed) = &*self.ended;
+        let guard = ended.lock().unwrap();
+        let _ = changed
+            .wait_timeout_while(guard, timeout, |ended| !*ended)
+            .unwrap();
+    }
+}
+
+fn tail_lines(pipe: impl Read + Send + 'static, max: usize) -> LogTail {
+    let lines = Arc::new(Mutex::new(VecDeque::new()));
+    let ended = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let (sink, done) = (lines.clone(), ended.clone());
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
@@ -1465,18 +1488,14 @@ fn tail_lines(pipe: impl Read + Send + 'static, max: usize) -> Arc<Mutex<VecDequ
             }
             q.push_back(line);
         }
+        *done.0.lock().unwrap() = true;
+        done.1.notify_all();
     });
-    tail
+    LogTail { lines, ended }
 }
 
-fn joined(tail: &Mutex<VecDeque<String>>) -> String {
-    tail.lock()
-        .unwrap()
-        .iter()
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+/// How long a log's last lines may take to arrive after its process exited.
+const LOG_END_WAIT: Duration = Duration::from_secs(5);
 
 // -------------------------------------------------------------------------------------------------
 // Files
