@@ -257,15 +257,6 @@ fn a_client_that_never_reads_cannot_make_the_server_hold_a_gigabyte() {
 // -------------------------------------------------------------------------------------------------
 // D4: out of file descriptors
 
-/// CPU time (user + system) a process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// The daemon's open-file limit is exhausted by NBD clients (set low with prlimit while it runs):
 /// the accept loops back off instead of spinning, the control socket still answers (a spare
 /// descriptor is kept for it), and the condition is counted in the metrics.

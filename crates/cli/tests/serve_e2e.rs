@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use lunmpio_testkit::fio::Fio;
 use lunmpio_testkit::*;
 use serde_json::{Value, json};
 
@@ -251,5 +252,53 @@ fn per_path_io_counts_follow_each_policy() {
         deltas(&daemon, 100),
         [50, 0, 50],
         "round robin with subset over p0, p2"
+    );
+}
+
+/// `data_poll_us`: a data thread that keeps polling its sockets after each read instead of sleeping.
+/// Under a verifying workload at queue depth 1 it carries the I/O without going to sleep between
+/// requests (its voluntary context switches stay far below the I/O count; a thread that sleeps makes
+/// one or more per request), through a port going down, with zero errors. Once the I/O stops it
+/// sleeps: the daemon's CPU time stays nearly flat (a poller that never stopped would use a core).
+#[test]
+fn a_polling_data_thread_skips_the_sleeps_under_io_and_sleeps_when_idle() {
+    const DATA_THREAD: &str = "lunmpio-data";
+    let target = TargetSpec::memory("64MiB", 2).spawn();
+    let daemon = Daemon::spawn_with(
+        // Long enough that a loaded machine's scheduling gaps between requests stay inside it.
+        "data_poll_us = 5000\ndata_threads = 1\n",
+        &lun_toml(LUN, "round-robin", &target.uris),
+    );
+    let switches_before = voluntary_switches(daemon.pid(), DATA_THREAD);
+    let ios_before: u64 = daemon.path_ios(LUN).iter().sum();
+    let mut fio = Fio::start(&daemon.uri(LUN), Duration::from_secs(3), &["--iodepth=1"]);
+    assert!(wait_until(Duration::from_secs(10), || daemon
+        .path_ios(LUN)
+        .iter()
+        .sum::<u64>()
+        > ios_before + 500));
+    fio.assert_running("the port went down");
+    target.fault(0, "down");
+    daemon.wait_path_status(LUN, "p0", "VDS_MPS_FAILED", Duration::from_secs(10));
+    let report = fio.finish(Duration::from_secs(60));
+    report.assert_clean("polling data thread");
+    let ios = daemon.path_ios(LUN).iter().sum::<u64>() - ios_before;
+    let switches = voluntary_switches(daemon.pid(), DATA_THREAD) - switches_before;
+    eprintln!("{ios} I/Os through a polling data thread, {switches} voluntary context switches");
+    assert!(ios > 1_000, "too little I/O to judge: {ios}");
+    assert!(
+        switches * 4 < ios,
+        "the data thread slept {switches} times for {ios} I/Os: it is not polling"
+    );
+
+    let idle = Duration::from_secs(1);
+    let ticks_before = cpu_ticks(daemon.pid());
+    std::thread::sleep(idle); // measuring an idle second, not waiting for an event
+    let ticks = cpu_ticks(daemon.pid()) - ticks_before;
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        ticks * 4 < ticks_per_second,
+        "the idle daemon used {ticks} of {ticks_per_second} clock ticks in {idle:?}: the poller does not sleep"
     );
 }

@@ -48,10 +48,15 @@ pub struct DaemonConfig {
     /// Threads that run the data path (each LUN, its paths and its export connections on one of
     /// them); 0: one per LUN, at most one per CPU.
     pub data_threads: usize,
+    /// How long a data thread keeps polling its sockets after its last read instead of sleeping;
+    /// None (`data_poll_us = 0`): it sleeps at once.
+    pub data_poll: Option<Duration>,
 }
 
 /// Bound of `data_threads`.
 pub const DATA_THREADS_MAX: usize = 256;
+/// Bound of `data_poll_us`: past a few ms, polling saves nothing a sleep would not.
+pub const DATA_POLL_US_MAX: u64 = 10_000;
 
 /// Default and bound of `max_connections`.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 1024;
@@ -195,6 +200,7 @@ struct RawDaemon {
     shutdown_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<i64>>,
     data_threads: Option<Spanned<i64>>,
+    data_poll_us: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -348,6 +354,7 @@ impl Context<'_> {
             shutdown_timeout: None,
             max_connections: None,
             data_threads: None,
+            data_poll_us: None,
         });
         let nbd_listen = match &raw.nbd_listen {
             None => ListenAddr::Tcp("127.0.0.1:10809".parse().expect("constant")),
@@ -401,6 +408,23 @@ impl Context<'_> {
                     )
                 })?,
         };
+        let data_poll = match &raw.data_poll_us {
+            None => None,
+            Some(v) => u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|us| *us <= DATA_POLL_US_MAX)
+                .map(|us| (us > 0).then(|| Duration::from_micros(us)))
+                .ok_or_else(|| {
+                    self.error(
+                        v.span(),
+                        "daemon.data_poll_us".into(),
+                        format!(
+                            "{} is not in 0..={DATA_POLL_US_MAX} (0: a data thread sleeps when idle)",
+                            v.get_ref()
+                        ),
+                    )
+                })?,
+        };
         let path = |v: &Option<Spanned<String>>,
                     default: &str,
                     key: &str|
@@ -425,6 +449,7 @@ impl Context<'_> {
             shutdown_timeout,
             max_connections,
             data_threads,
+            data_poll,
         })
     }
 
@@ -883,6 +908,14 @@ weight = 10
         assert!(e.to_string().contains("0..=256"), "{e}");
         let ok = Config::parse("[daemon]\ndata_threads = 4\n", "t.toml").unwrap();
         assert_eq!(ok.daemon.data_threads, 4);
+        let e = err("[daemon]\ndata_poll_us = -5\n");
+        assert_eq!((e.line, e.key.as_str()), (2, "daemon.data_poll_us"), "{e}");
+        let e = err("[daemon]\ndata_poll_us = 10001\n");
+        assert!(e.to_string().contains("0..=10000"), "{e}");
+        let ok = Config::parse("[daemon]\ndata_poll_us = 50\n", "t.toml").unwrap();
+        assert_eq!(ok.daemon.data_poll, Some(Duration::from_micros(50)));
+        let ok = Config::parse("[daemon]\ndata_poll_us = 0\n", "t.toml").unwrap();
+        assert_eq!(ok.daemon.data_poll, None, "0 is no polling");
         let e = err("[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://x/y\"\nweight = -1\n");
         assert_eq!(
             (e.line, e.key.as_str()),

@@ -4,9 +4,11 @@
 //! * [`client`]: an async (tokio) client with many requests in flight on one connection.
 //! * [`server`]: an async server generic over a [`server::Backend`].
 //! * [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`).
+//! * [`activity`]: what a thread's connections have read, for a data thread that polls.
 //!
 //! The public surface is the contract in `docs/NBD_API.md`.
 
+pub mod activity;
 pub mod client;
 mod io_util;
 pub mod proto;

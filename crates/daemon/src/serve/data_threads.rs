@@ -7,8 +7,11 @@
 //! (docs/BENCHMARKS.md, "Where the CPU goes"). Each thread runs a current-thread runtime: a woken task
 //! waits behind the tasks already ready, so a writer finds the whole batch queued. The accept loops,
 //! the handshakes, the control socket and the metrics endpoint stay on the main runtime.
+//!
+//! With `data_poll_us` set, a thread keeps polling its sockets for that long after its last read
+//! instead of sleeping (`poll_after_reads`), trading CPU for the wake-ups of low queue depths.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +44,8 @@ pub fn thread_count(configured: usize, luns: usize) -> usize {
 impl DataThreads {
     /// Starts `count` data threads (at least one). Each builds its runtime on its own thread (a runtime
     /// must not be dropped where async code runs, as it would be if the thread failed to start).
-    pub fn start(count: usize) -> std::io::Result<DataThreads> {
+    /// `poll`: how long a thread polls after its last read before it sleeps (None: it sleeps at once).
+    pub fn start(count: usize, poll: Option<Duration>) -> std::io::Result<DataThreads> {
         let mut started = DataThreads {
             threads: Vec::with_capacity(count.max(1)),
         };
@@ -63,6 +67,9 @@ impl DataThreads {
                         }
                     };
                     let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                    if let Some(window) = poll {
+                        runtime.spawn(poll_after_reads(window));
+                    }
                     runtime.block_on(until.cancelled());
                     // Bounded: a blocking call stuck on a hung device is not waited for.
                     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
@@ -116,6 +123,34 @@ impl DataThreads {
     }
 }
 
+/// Keeps the thread's runtime polling its sockets without sleeping until `window` has passed
+/// without a read, then lets it sleep until the next read.
+///
+/// How: a task that yields is run again only after the runtime has polled its sockets, and while a
+/// task is waiting to run again the runtime polls with a zero timeout rather than sleeping. So while
+/// this task yields, the thread spins through `epoll_wait(0)` and the tasks it makes ready, and a
+/// request or a reply is picked up without a wake-up. Asleep, it costs nothing: the first read on
+/// the thread wakes it, and that wake-up does not cross threads.
+async fn poll_after_reads(window: Duration) {
+    debug_assert!(
+        !window.is_zero(),
+        "a zero window is no polling: not started"
+    );
+    loop {
+        lunmpio_nbd::activity::next_read().await;
+        let mut seen = lunmpio_nbd::activity::reads();
+        let mut last_read = Instant::now();
+        while last_read.elapsed() < window {
+            tokio::task::yield_now().await;
+            let now = lunmpio_nbd::activity::reads();
+            if now != seen {
+                seen = now;
+                last_read = Instant::now();
+            }
+        }
+    }
+}
+
 impl Drop for DataThreads {
     /// A daemon that failed to start, or was dropped without `Daemon::stop`, drops its threads
     /// without `stop`: they end all the same (what runs on them is dropped, without a drain).
@@ -141,7 +176,7 @@ mod tests {
 
     #[tokio::test]
     async fn luns_are_spread_over_the_threads_and_stop_ends_them() {
-        let threads = DataThreads::start(2).unwrap();
+        let threads = DataThreads::start(2, None).unwrap();
         let name = |lun: usize| {
             let handle = threads.for_lun(lun).clone();
             async move {

@@ -117,10 +117,10 @@ impl Daemon {
             max_connections,
             ..ServerOptions::default()
         }));
-        let data_threads = DataThreads::start(data_threads::thread_count(
-            config.daemon.data_threads,
-            config.luns.len(),
-        ))
+        let data_threads = DataThreads::start(
+            data_threads::thread_count(config.daemon.data_threads, config.luns.len()),
+            config.daemon.data_poll,
+        )
         .context("cannot start the data threads")?;
         let starter = reload::LunStarter {
             state_dir: config.daemon.state_dir.clone(),

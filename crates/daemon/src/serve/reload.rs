@@ -91,6 +91,7 @@ fn daemon_keys_changed(a: &DaemonConfig, b: &DaemonConfig) -> Vec<String> {
         ("shutdown_timeout", a.shutdown_timeout == b.shutdown_timeout),
         ("max_connections", a.max_connections == b.max_connections),
         ("data_threads", a.data_threads == b.data_threads),
+        ("data_poll_us", a.data_poll == b.data_poll),
     ])
     .into_iter()
     .map(|key| format!("daemon.{key}"))
