@@ -113,6 +113,12 @@ pub enum Command {
     #[command(after_help = UPGRADE_AFTER_HELP)]
     Upgrade(SocketOptions),
 
+    /// Check a config, and the daemon running it when it answers, for mistakes that bite later:
+    /// contradicting timeouts, missing fencing, single points of failure, unencrypted networks,
+    /// file-descriptor limits. Prints a fix for each finding.
+    #[command(after_help = DOCTOR_AFTER_HELP)]
+    Doctor(DoctorArgs),
+
     /// What a program answers before it takes over a daemon (used by `upgrade`).
     #[command(hide = true)]
     UpgradeCheck,
@@ -123,6 +129,43 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
 }
+
+/// `lunmpio doctor`'s options.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The config file to check.
+    #[arg(long, value_name = "FILE", default_value = "/etc/lunmpio/lunmpio.toml")]
+    pub config: std::path::PathBuf,
+    /// The running daemon's control socket (default: the config's control_socket).
+    #[arg(long, env = "LUNMPIO_SOCKET", value_name = "PATH")]
+    pub socket: Option<std::path::PathBuf>,
+    /// The NBD clients' own request timeout (kernel nbd-client -timeout, a VM's I/O timeout), to
+    /// check against io_timeout and no_path_retry: 30s, 2m.
+    #[arg(long, value_name = "DURATION", value_parser = lunmpio_human::parse_duration)]
+    pub client_timeout: Option<std::time::Duration>,
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const DOCTOR_AFTER_HELP: &str = "\
+Each finding has a severity, what it is about, a stable code, the problem and the fix:
+  error     does not work: the config does not parse, a LUN has no usable path, the clients give
+            up before lunmpio can re-drive a request
+  warning   works today, fails (or loses a guarantee) in a case the config invites: no fence with
+            a finite in_doubt_timeout, every path through one port, plain NBD across a network,
+            too few file descriptors, a failed path
+  info      worth knowing: the client settings to use, a check that needs the running daemon
+The config is checked on its own; when the daemon answers on its control socket, its live state is
+checked too (failed paths, targets without CAN_MULTI_CONN, its own open-file limit).
+
+Exit status: 0 nothing to fix, 1 warnings, 2 errors.
+
+Examples:
+  lunmpio doctor --config /etc/lunmpio/lunmpio.toml
+  lunmpio doctor --client-timeout 30s        # the clients are kernel nbd-client -timeout 30
+  lunmpio doctor --json | jq '.findings[] | select(.severity != \"info\")'
+";
 
 const RELOAD_AFTER_HELP: &str = "\
 What a reload does:

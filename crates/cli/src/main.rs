@@ -25,6 +25,21 @@ fn run_to_end<T>(
     result
 }
 
+/// `lunmpio doctor`: the report on stdout, its worst severity as the exit status.
+fn doctor(args: &args::DoctorArgs) -> anyhow::Result<ExitCode> {
+    let report = lunmpio_daemon::doctor::run(&lunmpio_daemon::doctor::DoctorOptions {
+        config: args.config.clone(),
+        socket: args.socket.clone(),
+        client_timeout: args.client_timeout,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::from(report.exit_code()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo talks to people on stdout and shows every event in its own view; its log would only
@@ -53,6 +68,7 @@ fn main() -> ExitCode {
                 runtime().and_then(|rt| run_to_end(rt, serve::run(args, inherited, handover)))
             })
             .map(|()| ExitCode::SUCCESS),
+        Command::Doctor(args) => doctor(&args),
         Command::UpgradeCheck => {
             println!("{}", serve::upgrade::check_line());
             Ok(ExitCode::SUCCESS)

@@ -233,6 +233,14 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         "lunmpio_path_latency_seconds_bucket{lun=\"lun0\",path=\"p0\",le=\"+Inf\"} 10",
         "lunmpio_lun_queued_ios{lun=\"lun0\"} 0",
         "lunmpio_lun_policy{lun=\"lun0\"} 2",
+        &format!(
+            "lunmpio_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        &format!(
+            "lunmpio_path_info{{lun=\"lun0\",path=\"p1\",uri=\"{}\",transport=\"tcp\",interconnect=\"VDS_HWT_UNKNOWN\"}} 1",
+            target.uris[1]
+        ),
     ] {
         assert!(
             body.lines().any(|l| l == line),
@@ -253,6 +261,29 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         let (status, _) = http_get(&addr, path);
         assert_eq!(status, 404, "GET {path}");
     }
+}
+
+/// `/healthz` answers while the daemon runs; `/readyz` answers 200 while every LUN has a usable path
+/// and 503 naming the LUN when one has none (every port of its target down), and 200 again once a
+/// path is back: what a Kubernetes readiness probe or a load balancer reads.
+#[test]
+fn healthz_and_readyz_follow_the_luns_usable_paths() {
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &target.uris));
+    let addr = daemon.metrics.clone().expect("metrics address");
+    assert_eq!(http_get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(&addr, "/readyz"), (200, "ready\n".to_string()));
+    target.fault(0, "down");
+    target.fault(1, "down");
+    daemon.wait_path_status("lun0", "p0", "VDS_MPS_FAILED", Duration::from_secs(10));
+    daemon.wait_path_status("lun0", "p1", "VDS_MPS_FAILED", Duration::from_secs(10));
+    let (status, body) = http_get(&addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no usable path for lun0"), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").0, 200, "alive while not ready");
+    target.fault(1, "up");
+    daemon.wait_path_status("lun0", "p1", "VDS_MPS_ONLINE", Duration::from_secs(10));
+    assert_eq!(http_get(&addr, "/readyz"), (200, "ready\n".to_string()));
 }
 
 #[test]

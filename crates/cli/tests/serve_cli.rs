@@ -351,3 +351,201 @@ fn an_unreachable_socket_is_a_clear_error() {
         );
     }
 }
+
+/// `lunmpio doctor --json` on `config`; the exit status and the findings' codes.
+fn doctor(config: &std::path::Path, socket: &std::path::Path, extra: &[&str]) -> (i32, Value) {
+    let out = run(
+        Command::new(lunmpio_bin())
+            .arg("doctor")
+            .arg("--config")
+            .arg(config)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--json")
+            .args(extra),
+        Duration::from_secs(30),
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("doctor --json: {e}\n{}", stdout_text(&out)));
+    (out.status.code().unwrap_or(-1), report)
+}
+
+fn codes(report: &Value) -> Vec<String> {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Without a daemon, doctor checks the file: a client timeout shorter than io_timeout is an error,
+/// a finite in_doubt_timeout without fence and every path through one target port are warnings;
+/// each finding has a fix, and the text report prints it.
+#[test]
+fn doctor_checks_a_config_without_a_daemon() {
+    let dir = tempdir();
+    let config = dir.path().join("lunmpio.toml");
+    std::fs::write(
+        &config,
+        "[[lun]]\nname = \"vol\"\nio_timeout = \"10s\"\n\
+         [[lun.path]]\nuri = \"nbd://127.0.0.1:10809/vol\"\n\
+         [[lun.path]]\nuri = \"nbd://127.0.0.1:10809/vol-b\"\nname = \"again\"\n",
+    )
+    .unwrap();
+    let socket = dir.path().join("none.sock");
+    let (status, report) = doctor(&config, &socket, &["--client-timeout", "5s"]);
+    let found = codes(&report);
+    assert_eq!(status, 2, "{report:#}");
+    for code in [
+        "timeouts.client_before_io_timeout",
+        "in_doubt.no_fence",
+        "paths.one_target_port",
+        "clients.settings",
+    ] {
+        assert!(
+            found.iter().any(|c| c == code),
+            "{code} missing: {report:#}"
+        );
+    }
+    assert!(
+        report["daemon"].as_str().unwrap().contains("not reachable"),
+        "{report:#}"
+    );
+    for f in report["findings"].as_array().unwrap() {
+        assert!(
+            !f["fix"].as_str().unwrap().is_empty(),
+            "a finding without a fix: {f}"
+        );
+    }
+    assert_eq!(
+        report["findings"][0]["severity"], "error",
+        "worst first: {report:#}"
+    );
+
+    let text = run(
+        Command::new(lunmpio_bin())
+            .args(["doctor", "--client-timeout", "5s", "--config"])
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket),
+        Duration::from_secs(30),
+    );
+    let text = stdout_text(&text);
+    assert!(
+        text.contains("fix: ") && text.contains("[in_doubt.no_fence]"),
+        "{text}"
+    );
+    assert!(text.contains("1 error(s)"), "{text}");
+}
+
+/// A config that does not parse is an error naming the line; nothing else is claimed.
+#[test]
+fn doctor_reports_a_broken_config_with_its_line() {
+    let dir = tempdir();
+    let config = dir.path().join("lunmpio.toml");
+    std::fs::write(&config, "[[lun]]\nname = \"vol\"\nio_timeut = \"5s\"\n").unwrap();
+    let (status, report) = doctor(&config, &dir.path().join("none.sock"), &[]);
+    assert_eq!(status, 2, "{report:#}");
+    assert_eq!(codes(&report), ["config.invalid"], "{report:#}");
+    let problem = report["findings"][0]["problem"].as_str().unwrap();
+    assert!(
+        problem.contains(":3:") && problem.contains("io_timeut"),
+        "{problem}"
+    );
+    let (status, report) = doctor(
+        &dir.path().join("missing.toml"),
+        &dir.path().join("none.sock"),
+        &[],
+    );
+    assert_eq!(
+        (status, codes(&report)),
+        (2, vec!["config.invalid".to_string()])
+    );
+}
+
+/// With the daemon answering, doctor reads its live state: a failed path (a port of the target
+/// down) with its reason, a LUN left with one usable path, and a LUN whose target does not
+/// advertise CAN_MULTI_CONN so the configured round robin fell back to failover. Once the port is
+/// back and only the multi-conn LUN is left out, a sound config has notes only: exit 0.
+#[test]
+fn doctor_reads_the_running_daemon() {
+    require_tool("nbdkit", "nbdkit");
+    let target = TargetSpec::memory("32MiB", 2).spawn();
+    let dir = tempdir();
+    let nbdkit_sock = dir.path().join("nomc.sock");
+    let _nbdkit = spawn_unix_server(
+        "nbdkit",
+        tool("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "-U"])
+            .arg(&nbdkit_sock)
+            .args([
+                "--filter=multi-conn",
+                "memory",
+                "16M",
+                "multi-conn-mode=disable",
+            ]),
+        &nbdkit_sock,
+    );
+    let sound = format!(
+        "[[lun]]\nname = \"lun0\"\nin_doubt_timeout = \"never\"\n\
+         [[lun.path]]\nuri = \"{}\"\nname = \"p0\"\nbind = \"127.0.0.1\"\n\
+         [[lun.path]]\nuri = \"{}\"\nname = \"p1\"\nbind = \"127.0.0.2\"\n",
+        target.uri(0),
+        target.uri(1)
+    );
+    let single_cache = format!(
+        "[[lun]]\nname = \"nomc\"\npolicy = \"round-robin\"\nin_doubt_timeout = \"never\"\n\
+         [[lun.path]]\nuri = \"{}\"\nname = \"a\"\n[[lun.path]]\nuri = \"{}\"\nname = \"b\"\n",
+        unix_uri("a", &nbdkit_sock),
+        unix_uri("b", &nbdkit_sock)
+    );
+    let daemon = Daemon::spawn_with("max_connections = 64\n", &format!("{sound}{single_cache}"));
+    target.fault(1, "down");
+    daemon.wait_path_status("lun0", "p1", "VDS_MPS_FAILED", Duration::from_secs(10));
+    let (status, report) = doctor(&daemon.config, &daemon.socket, &[]);
+    let found = codes(&report);
+    assert_eq!(status, 1, "{report:#}");
+    for code in ["path.failed", "lun.one_usable_path", "multi_conn.fallback"] {
+        assert!(
+            found.iter().any(|c| c == code),
+            "{code} missing: {report:#}"
+        );
+    }
+    assert!(
+        report["daemon"].as_str().unwrap().starts_with("answered"),
+        "{report:#}"
+    );
+    let failed = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "path.failed")
+        .unwrap();
+    assert_eq!(failed["subject"], "lun0/p1", "{failed}");
+
+    target.fault(1, "up");
+    daemon.wait_path_status("lun0", "p1", "VDS_MPS_ONLINE", Duration::from_secs(10));
+    let sound_only = dir.path().join("sound.toml");
+    let daemon_keys = std::fs::read_to_string(&daemon.config).unwrap();
+    let daemon_keys = &daemon_keys[..daemon_keys.find("[[lun]]").unwrap()];
+    std::fs::write(&sound_only, format!("{daemon_keys}{sound}")).unwrap();
+    let (status, report) = doctor(&sound_only, &daemon.socket, &["--client-timeout", "5m"]);
+    let serious: Vec<&Value> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["severity"] != "info" && f["subject"] != "nomc")
+        .collect();
+    assert!(serious.is_empty(), "{serious:#?}");
+    assert!(
+        codes(&report).iter().any(|c| c == "daemon.other_config"),
+        "{report:#}"
+    );
+    let nomc_warnings = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["severity"] != "info" && f["subject"] == "nomc");
+    assert_eq!(status, i32::from(nomc_warnings), "{report:#}");
+}

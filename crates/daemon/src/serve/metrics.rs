@@ -62,22 +62,54 @@ async fn scrape(
         }
     }
     let head = String::from_utf8_lossy(&request[..used]);
-    let first = head.lines().next().unwrap_or("");
-    let response = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-        let body = render(service);
-        format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    } else {
-        let body = "lunmpio: metrics are at /metrics\n";
-        format!(
-            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
+    let response = answer(head.lines().next().unwrap_or(""), service);
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The target of a `GET` request line (`GET /metrics HTTP/1.1`, or HTTP/0.9's `GET /metrics`).
+fn get_target(request_line: &str) -> Option<&str> {
+    let mut words = request_line.split(' ');
+    (words.next() == Some("GET"))
+        .then(|| words.next())
+        .flatten()
+}
+
+/// The HTTP response to one request line: `/metrics`, `/healthz`, `/readyz`, else 404.
+fn answer(request_line: &str, service: &ControlService) -> String {
+    let (status, content_type, body) = match get_target(request_line) {
+        Some("/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(service),
+        ),
+        // Alive: the daemon's main runtime answered this request.
+        Some("/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        Some("/readyz") => match not_ready(service) {
+            None => ("200 OK", "text/plain", "ready\n".to_string()),
+            Some(why) => ("503 Service Unavailable", "text/plain", why),
+        },
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "lunmpio: GET /metrics, /healthz or /readyz\n".to_string(),
+        ),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Ready means every LUN has a path that can carry I/O now; None when ready, else which are not.
+fn not_ready(service: &ControlService) -> Option<String> {
+    let luns = service.luns.load();
+    let down: Vec<&str> = luns
+        .iter()
+        .filter(|l| l.mpio().usable_path_count() == 0)
+        .map(|l| l.name())
+        .collect();
+    (!down.is_empty()).then(|| format!("not ready: no usable path for {}\n", down.join(", ")))
 }
 
 /// The exposition text for every LUN and path.
@@ -91,6 +123,30 @@ pub fn render(m: &ControlService) -> String {
         .map(|l| (l.name().to_string(), l.statistics(), l.mpio().policy()))
         .collect();
 
+    let _ = writeln!(
+        out,
+        "# HELP lunmpio_build_info The running program (always 1; its version in the label).\n\
+         # TYPE lunmpio_build_info gauge\nlunmpio_build_info{{version=\"{}\"}} 1",
+        esc(env!("CARGO_PKG_VERSION"))
+    );
+    // One series per path with its descriptive labels, for joins (`* on(lun, path) group_left(uri)`).
+    let _ = writeln!(
+        out,
+        "# HELP lunmpio_path_info A path's URI, transport and interconnect (always 1).\n# TYPE lunmpio_path_info gauge"
+    );
+    for lun in m.luns.load().iter() {
+        for p in lun.get_path_info() {
+            let _ = writeln!(
+                out,
+                "lunmpio_path_info{{lun=\"{}\",path=\"{}\",uri=\"{}\",transport=\"{}\",interconnect=\"{}\"}} 1",
+                esc(lun.name()),
+                esc(&p.name),
+                esc(&p.uri),
+                esc(p.transport.name()),
+                esc(p.hw_type.vds_name())
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP lunmpio_path_ios_total Requests completed on a path, by operation.\n# TYPE lunmpio_path_ios_total counter"
@@ -386,4 +442,18 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_get_of_a_known_route_is_routed() {
+        assert_eq!(get_target("GET /readyz HTTP/1.1"), Some("/readyz"));
+        assert_eq!(get_target("GET /metrics"), Some("/metrics"), "HTTP/0.9");
+        assert_eq!(get_target("POST /metrics HTTP/1.1"), None);
+        assert_eq!(get_target(""), None);
+        assert_eq!(get_target("GET"), None);
+    }
 }
