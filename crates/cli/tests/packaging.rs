@@ -119,3 +119,150 @@ fn socket_units_match_the_example_config() {
     );
     assert_eq!(value(&service, "RuntimeDirectoryPreserve"), "yes");
 }
+
+fn packaging_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../packaging")
+}
+
+/// Every `lunmpio_*` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("lunmpio_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// `promtool check rules` accepts packaging/prometheus/alerts.yml, `promtool test rules` passes its
+/// unit tests (alerts_test.yml), and every alert has a test that expects it to fire.
+#[test]
+fn prometheus_alerts_pass_promtool_and_each_has_a_unit_test() {
+    lunmpio_testkit::require_tool(
+        "promtool",
+        "prometheus` (or run scripts/install-deps, which installs only promtool",
+    );
+    let dir = packaging_dir().join("prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (rules, _) = packaging("prometheus/alerts.yml");
+    let (tests, _) = packaging("prometheus/alerts_test.yml");
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 6, "{alerts:?}");
+    for alert in alerts {
+        // A test case that expects it: its alertname followed by a non-empty exp_alerts.
+        let fires = tests.split("- eval_time:").any(|case| {
+            case.contains(&format!("alertname: {alert}\n")) && case.contains("exp_labels:")
+        });
+        assert!(fires, "no unit test expects {alert} to fire");
+    }
+}
+
+/// Every metric the alerts and the Grafana dashboard name exists in a live daemon's `/metrics`, so a
+/// rename cannot silently blind them.
+#[test]
+fn every_metric_in_the_alerts_and_the_dashboard_is_served() {
+    use lunmpio_testkit::*;
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &target.uris));
+    let (status, body) = http_get(daemon.metrics.as_deref().expect("metrics"), "/metrics");
+    assert_eq!(status, 200);
+    let served: std::collections::BTreeSet<String> = body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l[..l.find(['{', ' ']).unwrap_or(l.len())].to_string())
+        .collect();
+    let (rules, _) = packaging("prometheus/alerts.yml");
+    let (dashboard, _) = packaging("grafana/lunmpio.json");
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
+    for (file, text) in [("alerts.yml", &rules), ("lunmpio.json", &dashboard)] {
+        let named = metric_names(text);
+        assert!(named.len() >= 5, "{file} names {named:?}");
+        let missing: Vec<&String> = named.iter().filter(|n| !served.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "{file} names metrics a daemon does not serve: {missing:?}\nserved: {served:?}"
+        );
+    }
+}
+
+/// The Kubernetes manifests fit the daemon: the ConfigMap's config parses with the daemon's parser,
+/// the probes ask /healthz and /readyz on the port the config's metrics listener uses, on an address
+/// the kubelet reaches (host network), and the hostPath volumes are where the config keeps its
+/// control socket and state.
+#[test]
+fn kubernetes_manifests_match_the_daemon() {
+    let (configmap, file) = packaging("kubernetes/configmap.yaml");
+    // The block under `lunmpio.toml: |`, de-indented.
+    let lines: Vec<&str> = configmap.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == "lunmpio.toml: |")
+        .expect("lunmpio.toml in the ConfigMap")
+        + 1;
+    let indent = lines[start].len() - lines[start].trim_start().len();
+    let toml: String = lines[start..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| format!("{}\n", l.get(indent..).unwrap_or("")))
+        .collect();
+    let config = Config::parse(&toml, &file).unwrap_or_else(|e| panic!("{e}"));
+    let metrics = config.daemon.metrics_listen.expect("metrics on");
+    assert!(
+        metrics.ip().is_unspecified(),
+        "the kubelet probes the node address: {metrics}"
+    );
+
+    let (ds, _) = packaging("kubernetes/daemonset.yaml");
+    let has = |line: &str| ds.lines().any(|l| l.trim() == line);
+    for line in [
+        "hostNetwork: true",
+        "path: /healthz",
+        "path: /readyz",
+        &format!("containerPort: {}", metrics.port()),
+        "args: [\"serve\", \"--config\", \"/etc/lunmpio/lunmpio.toml\"]",
+        "mountPath: /etc/lunmpio",
+        &format!(
+            "mountPath: {}",
+            config.daemon.control_socket.parent().unwrap().display()
+        ),
+        &format!("mountPath: {}", config.daemon.state_dir.display()),
+        "allowPrivilegeEscalation: false",
+        "readOnlyRootFilesystem: true",
+        "drop: [\"ALL\"]",
+    ] {
+        assert!(has(line), "daemonset.yaml lacks `{line}`");
+    }
+    let grace: u64 = ds
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .expect("terminationGracePeriodSeconds")
+        .parse()
+        .unwrap();
+    assert!(
+        Duration::from_secs(grace) > config.daemon.shutdown_timeout,
+        "the pod is killed before the daemon's drain ends"
+    );
+}

@@ -423,6 +423,51 @@ pub fn render(m: &ControlService) -> String {
             ),
         ],
     );
+    let path_counts: Vec<(String, usize, usize)> = m
+        .luns
+        .load()
+        .iter()
+        .map(|l| {
+            let mpio = l.mpio();
+            (
+                l.name().to_string(),
+                mpio.paths().len(),
+                mpio.usable_path_count(),
+            )
+        })
+        .collect();
+    section(
+        &mut out,
+        "lunmpio_lun_paths",
+        "gauge",
+        "Paths configured for the LUN.",
+        path_counts
+            .iter()
+            .map(|(lun, n, _)| {
+                (
+                    format!("lun=\"{}\"", esc(lun)),
+                    String::new(),
+                    n.to_string(),
+                )
+            })
+            .collect(),
+    );
+    section(
+        &mut out,
+        "lunmpio_lun_usable_paths",
+        "gauge",
+        "Paths of the LUN that can carry I/O now (0: all paths down; /readyz is 503).",
+        path_counts
+            .iter()
+            .map(|(lun, _, n)| {
+                (
+                    format!("lun=\"{}\"", esc(lun)),
+                    String::new(),
+                    n.to_string(),
+                )
+            })
+            .collect(),
+    );
     section(
         &mut out,
         "lunmpio_lun_policy",
