@@ -221,6 +221,9 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         "# TYPE lunmpio_path_latency_seconds histogram",
         "# TYPE lunmpio_lun_queued_ios gauge",
         "# TYPE lunmpio_lun_policy gauge",
+        "# TYPE lunmpio_lun_usable_paths gauge",
+        "# TYPE lunmpio_events_total counter",
+        "# TYPE lunmpio_build_info gauge",
     ] {
         assert!(body.contains(family), "missing {family:?} in:\n{body}");
     }
@@ -230,9 +233,11 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         "lunmpio_path_status{lun=\"lun0\",path=\"p1\"} 1",
         "lunmpio_path_read_bytes_total{lun=\"lun0\",path=\"p0\"} 40960",
         "lunmpio_path_latency_seconds_count{lun=\"lun0\",path=\"p0\"} 10",
-        "lunmpio_path_latency_seconds_bucket{lun=\"lun0\",path=\"p0\",le=\"+Inf\"} 10",
+        "lunmpio_path_latency_seconds_bucket{le=\"+Inf\",lun=\"lun0\",path=\"p0\"} 10",
         "lunmpio_lun_queued_ios{lun=\"lun0\"} 0",
         "lunmpio_lun_policy{lun=\"lun0\"} 2",
+        "lunmpio_lun_usable_paths{lun=\"lun0\"} 2",
+        "lunmpio_events_total{lun=\"lun0\",kind=\"path_online\"} 2",
         &format!(
             "lunmpio_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
@@ -261,6 +266,59 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         let (status, _) = http_get(&addr, path);
         assert_eq!(status, 404, "GET {path}");
     }
+    // Prometheus's own parser (promtool) accepts the classic text and finds nothing to lint.
+    require_tool(
+        "promtool",
+        "prometheus` (or run scripts/install-deps, which installs only promtool",
+    );
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    {
+        use std::io::Write;
+        lint.stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+    }
+    let lint = lint.wait_with_output().unwrap();
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    // A scraper that asks for OpenMetrics (Prometheus does) gets it: the same samples, families named
+    // without `_total`, and the closing `# EOF`.
+    let (status, head, om) = http_get_with(
+        &addr,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(om.contains("# TYPE lunmpio_path_ios counter\n"), "{om}");
+    assert!(om.contains("# TYPE lunmpio_build info\n"), "{om}");
+    let samples = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        samples(&om).len(),
+        samples(&body).len(),
+        "the same samples in both formats"
+    );
 }
 
 /// `/healthz` answers while the daemon runs; `/readyz` answers 200 while every LUN has a usable path

@@ -35,6 +35,24 @@ pub struct EventLog {
 struct Inner {
     next_seq: u64,
     events: VecDeque<Event>,
+    /// Events ever pushed, by LUN and kind ([`event_kind`]): counters for the metrics, which the
+    /// bounded `events` cannot give once old events are dropped.
+    counts: std::collections::BTreeMap<(String, &'static str), u64>,
+}
+
+/// Distinct (LUN, kind) counters kept at most: LUN names come from the config, so this only bounds
+/// a daemon reloaded with ever new names.
+const EVENT_COUNTS_MAX: usize = 4096;
+
+/// The kind of an event, for counting: where a path went, or `lun` for LUN-wide events.
+pub fn event_kind(to: Option<PathStatus>, path: bool) -> &'static str {
+    match (path, to) {
+        (false, _) => "lun",
+        (true, Some(PathStatus::Online)) => "path_online",
+        (true, Some(PathStatus::Failed)) => "path_failed",
+        (true, Some(PathStatus::Standby)) => "path_standby",
+        (true, _) => "path_other",
+    }
 }
 
 impl Default for EventLog {
@@ -49,6 +67,7 @@ impl EventLog {
             inner: Mutex::new(Inner {
                 next_seq: 1,
                 events: VecDeque::with_capacity(256),
+                counts: std::collections::BTreeMap::new(),
             }),
             live: broadcast::channel(1024).0,
         }
@@ -77,6 +96,13 @@ impl EventLog {
                 cause,
             };
             inner.next_seq += 1;
+            let key = (
+                event.lun.clone(),
+                event_kind(event.to, event.path_name.is_some()),
+            );
+            if inner.counts.len() < EVENT_COUNTS_MAX || inner.counts.contains_key(&key) {
+                *inner.counts.entry(key).or_insert(0) += 1;
+            }
             if inner.events.len() == EVENTS_MAX {
                 inner.events.pop_front();
             }
@@ -109,6 +135,16 @@ impl EventLog {
             .iter()
             .filter(|e| e.seq > since && lun.is_none_or(|l| e.lun == l))
             .cloned()
+            .collect()
+    }
+
+    /// Events ever pushed, by LUN and kind ([`event_kind`]).
+    pub fn counts(&self) -> Vec<(String, &'static str, u64)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .counts
+            .iter()
+            .map(|((lun, kind), n)| (lun.clone(), *kind, *n))
             .collect()
     }
 

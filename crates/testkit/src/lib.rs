@@ -1126,13 +1126,20 @@ pub fn drive_reads(addr: &str, export: &str, count: usize) {
 
 /// One HTTP/1.1 GET over a plain TCP connection: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_with(addr, path, "");
+    (status, body)
+}
+
+/// `GET path` with extra header lines (`"Accept: ...\r\n"`): the status, the response's header
+/// block and its body.
+pub fn http_get_with(addr: &str, path: &str, headers: &str) -> (u16, String, String) {
     use std::io::Write;
     let mut s =
         std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut text = String::new();
@@ -1142,11 +1149,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
 }
 
 /// fio's verified random-write job through an NBD URI, as a command (the caller runs or spawns it).

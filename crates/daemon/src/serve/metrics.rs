@@ -1,14 +1,18 @@
-//! Prometheus metrics (docs/OPERATIONS.md, metrics) at `http://METRICS_LISTEN/metrics`, in the text exposition
-//! format, rendered on each scrape from the engine's counters (nothing is kept twice).
+//! Prometheus metrics (docs/OPERATIONS.md, metrics) at `http://METRICS_LISTEN/metrics` in the
+//! OpenMetrics text format, encoded by `prometheus-client` from a snapshot of the engine's counters
+//! taken on each scrape (nothing is kept twice); `/healthz` and `/readyz` beside them.
 //!
-//! The HTTP side is deliberately tiny — one GET route, bounded request size, a timeout per
+//! The HTTP side is deliberately tiny — three GET routes, bounded request size, a timeout per
 //! connection — since it serves a scraper on a management network, not the public.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lunmpio_engine::latency::BUCKET_BOUNDS_US;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -62,7 +66,7 @@ async fn scrape(
         }
     }
     let head = String::from_utf8_lossy(&request[..used]);
-    let response = answer(head.lines().next().unwrap_or(""), service);
+    let response = answer(&head, service);
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
@@ -75,13 +79,30 @@ fn get_target(request_line: &str) -> Option<&str> {
         .flatten()
 }
 
-/// The HTTP response to one request line: `/metrics`, `/healthz`, `/readyz`, else 404.
-fn answer(request_line: &str, service: &ControlService) -> String {
+/// Whether the request's `Accept` header asks for OpenMetrics (Prometheus does).
+fn accepts_openmetrics(head: &str) -> bool {
+    head.lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("accept")
+                && value.contains("application/openmetrics-text")
+        })
+    })
+}
+
+/// The HTTP response to one request (its head): `/metrics`, `/healthz`, `/readyz`, else 404.
+fn answer(head: &str, service: &ControlService) -> String {
+    let request_line = head.lines().next().unwrap_or("");
     let (status, content_type, body) = match get_target(request_line) {
+        Some("/metrics") if accepts_openmetrics(head) => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render(service),
+        ),
+        // curl, older scrapers and text-format tools get the classic text format.
         Some("/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render(service),
+            classic_text(&render(service)),
         ),
         // Alive: the daemon's main runtime answered this request.
         Some("/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
@@ -112,381 +133,416 @@ fn not_ready(service: &ControlService) -> Option<String> {
     (!down.is_empty()).then(|| format!("not ready: no usable path for {}\n", down.join(", ")))
 }
 
-/// The exposition text for every LUN and path.
+/// The exposition (OpenMetrics text) for every LUN and path: a snapshot of the engine's counters,
+/// encoded by `prometheus-client`.
 pub fn render(m: &ControlService) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape::take(m)));
     let mut out = String::with_capacity(16 << 10);
-    // Gather each LUN's numbers once per scrape.
-    let luns: Vec<_> = m
-        .luns
-        .load()
-        .iter()
-        .map(|l| (l.name().to_string(), l.statistics(), l.mpio().policy()))
-        .collect();
-
-    let _ = writeln!(
-        out,
-        "# HELP lunmpio_build_info The running program (always 1; its version in the label).\n\
-         # TYPE lunmpio_build_info gauge\nlunmpio_build_info{{version=\"{}\"}} 1",
-        esc(env!("CARGO_PKG_VERSION"))
-    );
-    // One series per path with its descriptive labels, for joins (`* on(lun, path) group_left(uri)`).
-    let _ = writeln!(
-        out,
-        "# HELP lunmpio_path_info A path's URI, transport and interconnect (always 1).\n# TYPE lunmpio_path_info gauge"
-    );
-    for lun in m.luns.load().iter() {
-        for p in lun.get_path_info() {
-            let _ = writeln!(
-                out,
-                "lunmpio_path_info{{lun=\"{}\",path=\"{}\",uri=\"{}\",transport=\"{}\",interconnect=\"{}\"}} 1",
-                esc(lun.name()),
-                esc(&p.name),
-                esc(&p.uri),
-                esc(p.transport.name()),
-                esc(p.hw_type.vds_name())
-            );
-        }
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        // Only a metric the encoder refuses can get here; say so rather than serve half a page.
+        tracing::warn!("metrics encoding failed: {e}");
+        return "# lunmpio: metrics encoding failed\n# EOF\n".to_string();
     }
-    let _ = writeln!(
-        out,
-        "# HELP lunmpio_path_ios_total Requests completed on a path, by operation.\n# TYPE lunmpio_path_ios_total counter"
-    );
-    for (lun, stats, _) in &luns {
-        for p in &stats.paths {
-            let other = p.ios.saturating_sub(p.reads + p.writes);
-            for (op, n) in [("read", p.reads), ("write", p.writes), ("other", other)] {
-                let _ = writeln!(
-                    out,
-                    "lunmpio_path_ios_total{{lun=\"{}\",path=\"{}\",op=\"{op}\"}} {n}",
-                    esc(lun),
-                    esc(&p.name)
-                );
-            }
-        }
-    }
-
-    let section = |out: &mut String,
-                   name: &str,
-                   kind: &str,
-                   help: &str,
-                   rows: Vec<(String, String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, suffix, value) in rows {
-            let _ = writeln!(out, "{name}{suffix}{{{labels}}} {value}");
-        }
-    };
-    let per_path =
-        |f: &dyn Fn(&lunmpio_engine::PathStats) -> String| -> Vec<(String, String, String)> {
-            luns.iter()
-                .flat_map(|(lun, stats, _)| {
-                    stats.paths.iter().map(move |p| {
-                        (
-                            format!("lun=\"{}\",path=\"{}\"", esc(lun), esc(&p.name)),
-                            String::new(),
-                            f(p),
-                        )
-                    })
-                })
-                .collect()
-        };
-    section(
-        &mut out,
-        "lunmpio_path_read_bytes_total",
-        "counter",
-        "Bytes read through a path.",
-        per_path(&|p| p.bytes_read.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_written_bytes_total",
-        "counter",
-        "Bytes written through a path.",
-        per_path(&|p| p.bytes_written.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_errors_total",
-        "counter",
-        "Requests that failed on a path (and were re-driven or returned).",
-        per_path(&|p| p.errors.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_in_flight",
-        "gauge",
-        "Requests in flight on a path.",
-        per_path(&|p| p.in_flight.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_in_flight_bytes",
-        "gauge",
-        "Bytes in flight on a path.",
-        per_path(&|p| p.in_flight_bytes.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_status",
-        "gauge",
-        "VDS_PATH_STATUS of a path: 0 unknown, 1 online, 5 failed, 7 standby.",
-        per_path(&|p| (p.status as i32).to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_failovers_total",
-        "counter",
-        "Times I/O failed away from a path.",
-        per_path(&|p| p.failovers.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_path_timeout_seconds",
-        "gauge",
-        "The adaptive deadline a request on the path gets now.",
-        per_path(&|p| secs(p.timeout_ms * 1000)),
-    );
-
-    // Latency histogram: cumulative buckets in seconds.
-    let _ = writeln!(
-        out,
-        "# HELP lunmpio_path_latency_seconds Completion latency of requests on a path.\n# TYPE lunmpio_path_latency_seconds histogram"
-    );
-    for (lun, stats, _) in &luns {
-        for p in &stats.paths {
-            let labels = format!("lun=\"{}\",path=\"{}\"", esc(lun), esc(&p.name));
-            let mut cumulative = 0u64;
-            for (i, count) in p.latency_buckets.iter().enumerate() {
-                cumulative += count;
-                let le = BUCKET_BOUNDS_US
-                    .get(i)
-                    .map(|us| secs(*us))
-                    .unwrap_or_else(|| "+Inf".into());
-                let _ = writeln!(
-                    out,
-                    "lunmpio_path_latency_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "lunmpio_path_latency_seconds_sum{{{labels}}} {}",
-                secs(p.latency_sum_us)
-            );
-            let _ = writeln!(
-                out,
-                "lunmpio_path_latency_seconds_count{{{labels}}} {cumulative}"
-            );
-        }
-    }
-
-    let per_lun = |f: &dyn Fn(
-        &lunmpio_engine::LunStats,
-        lunmpio_vds::LoadBalancePolicy,
-    ) -> String|
-     -> Vec<(String, String, String)> {
-        luns.iter()
-            .map(|(lun, stats, policy)| {
-                (
-                    format!("lun=\"{}\"", esc(lun)),
-                    String::new(),
-                    f(stats, *policy),
-                )
-            })
-            .collect()
-    };
-    section(
-        &mut out,
-        "lunmpio_lun_queued_ios",
-        "gauge",
-        "Requests queued because no path is usable.",
-        per_lun(&|s, _| s.queued_ios.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_queued_bytes",
-        "gauge",
-        "Bytes queued because no path is usable.",
-        per_lun(&|s, _| s.queued_bytes.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_in_doubt_writes",
-        "gauge",
-        "Old copies of writes that a failed, hung or slow path may still execute, right now; each holds its range for new writes.",
-        per_lun(&|s, _| s.in_doubt_writes.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_in_doubt_writes_total",
-        "counter",
-        "Copies of writes ever put in doubt.",
-        per_lun(&|s, _| s.in_doubt_writes_total.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_in_doubt_answered_total",
-        "counter",
-        "In-doubt copies released because their target answered them on the old connection.",
-        per_lun(&|s, _| s.in_doubt_answered_total.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_in_doubt_fenced_total",
-        "counter",
-        "In-doubt copies released because their path's fence succeeded.",
-        per_lun(&|s, _| s.in_doubt_fenced_total.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_in_doubt_expired_total",
-        "counter",
-        "In-doubt copies whose in_doubt_timeout passed unresolved: a late copy could overwrite newer data.",
-        per_lun(&|s, _| s.in_doubt_expired_total.to_string()),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_fences_total",
-        "counter",
-        "Fence runs by result.",
-        luns.iter()
-            .flat_map(|(lun, stats, _)| {
-                [
-                    (
-                        format!("lun=\"{}\",result=\"ok\"", esc(lun)),
-                        String::new(),
-                        stats.fences_ok_total.to_string(),
-                    ),
-                    (
-                        format!("lun=\"{}\",result=\"failed\"", esc(lun)),
-                        String::new(),
-                        stats.fences_failed_total.to_string(),
-                    ),
-                ]
-            })
-            .collect(),
-    );
-    let server = &m.server;
-    let errors = &m.accept_errors;
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    section(
-        &mut out,
-        "lunmpio_nbd_connections",
-        "gauge",
-        "Export (NBD client) connections being served.",
-        vec![(
-            String::new(),
-            String::new(),
-            server.connections().to_string(),
-        )],
-    );
-    section(
-        &mut out,
-        "lunmpio_nbd_connections_evicted_total",
-        "counter",
-        "Idle export connections closed to make room at max_connections.",
-        vec![(
-            String::new(),
-            String::new(),
-            server.connections_evicted().to_string(),
-        )],
-    );
-    section(
-        &mut out,
-        "lunmpio_nbd_connections_refused_total",
-        "counter",
-        "Export connections refused at max_connections (none idle to make room).",
-        vec![(
-            String::new(),
-            String::new(),
-            server.connections_refused().to_string(),
-        )],
-    );
-    section(
-        &mut out,
-        "lunmpio_accept_errors_total",
-        "counter",
-        "Failed accepts by listener (EMFILE: out of file descriptors).",
-        vec![
-            (
-                "listener=\"nbd\"".into(),
-                String::new(),
-                (server.accept_errors() + load(&errors.nbd)).to_string(),
-            ),
-            (
-                "listener=\"control\"".into(),
-                String::new(),
-                load(&errors.control).to_string(),
-            ),
-            (
-                "listener=\"metrics\"".into(),
-                String::new(),
-                load(&errors.metrics).to_string(),
-            ),
-        ],
-    );
-    let path_counts: Vec<(String, usize, usize)> = m
-        .luns
-        .load()
-        .iter()
-        .map(|l| {
-            let mpio = l.mpio();
-            (
-                l.name().to_string(),
-                mpio.paths().len(),
-                mpio.usable_path_count(),
-            )
-        })
-        .collect();
-    section(
-        &mut out,
-        "lunmpio_lun_paths",
-        "gauge",
-        "Paths configured for the LUN.",
-        path_counts
-            .iter()
-            .map(|(lun, n, _)| {
-                (
-                    format!("lun=\"{}\"", esc(lun)),
-                    String::new(),
-                    n.to_string(),
-                )
-            })
-            .collect(),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_usable_paths",
-        "gauge",
-        "Paths of the LUN that can carry I/O now (0: all paths down; /readyz is 503).",
-        path_counts
-            .iter()
-            .map(|(lun, _, n)| {
-                (
-                    format!("lun=\"{}\"", esc(lun)),
-                    String::new(),
-                    n.to_string(),
-                )
-            })
-            .collect(),
-    );
-    section(
-        &mut out,
-        "lunmpio_lun_policy",
-        "gauge",
-        "VDS_LOADBALANCE_POLICY_ENUM of the LUN (1 failover ... 7 vendor specific = service-time).",
-        per_lun(&|_, p| (p as i32).to_string()),
-    );
     out
 }
 
-fn secs(us: u64) -> String {
-    format!("{}", us as f64 / 1e6)
+/// The OpenMetrics exposition in the classic Prometheus text format (0.0.4): family names are the
+/// sample names (a counter's `_total`, an info's `_info`, which becomes a gauge), no `# UNIT`, no
+/// `# EOF`. The samples themselves are the same.
+fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // The suffix of the family whose HELP line was just seen, applied to its TYPE line too.
+    let family_suffix = |line: &str| -> Option<(&'static str, &'static str)> {
+        let kind = line.strip_prefix("# TYPE ")?.rsplit(' ').next()?;
+        match kind {
+            "counter" => Some(("_total", "counter")),
+            "info" => Some(("_info", "gauge")),
+            _ => None,
+        }
+    };
+    let lines: Vec<&str> = openmetrics.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rename = |line: &str, prefix: &str, suffix: &str, kind: Option<&str>| -> String {
+            let rest = &line[prefix.len()..];
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            match kind {
+                Some(kind) => format!("{prefix}{name}{suffix} {kind}"),
+                None => format!("{prefix}{name}{suffix} {tail}"),
+            }
+        };
+        if line.starts_with("# HELP ") {
+            // The TYPE line follows the HELP line of its family.
+            match lines.get(i + 1).and_then(|next| family_suffix(next)) {
+                Some((suffix, _)) => out.push_str(&rename(line, "# HELP ", suffix, None)),
+                None => out.push_str(line),
+            }
+        } else if let Some((suffix, kind)) = family_suffix(line) {
+            out.push_str(&rename(line, "# TYPE ", suffix, Some(kind)));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
-/// Escapes a label value (backslash, quote, newline).
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Everything one scrape reports, taken at once (nothing is kept twice: the engine's counters are
+/// the metrics).
+#[derive(Debug)]
+struct Scrape {
+    luns: Vec<LunSnapshot>,
+    events: Vec<(String, &'static str, u64)>,
+    connections: u64,
+    connections_evicted: u64,
+    connections_refused: u64,
+    accept_errors: [(&'static str, u64); 3],
+}
+
+#[derive(Debug)]
+struct LunSnapshot {
+    name: String,
+    stats: lunmpio_engine::LunStats,
+    policy: lunmpio_vds::LoadBalancePolicy,
+    info: Vec<lunmpio_vds::PathInfo>,
+    usable_paths: usize,
+}
+
+impl Scrape {
+    fn take(m: &ControlService) -> Scrape {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let errors = &m.accept_errors;
+        Scrape {
+            luns: m
+                .luns
+                .load()
+                .iter()
+                .map(|l| {
+                    let mpio = l.mpio();
+                    LunSnapshot {
+                        name: l.name().to_string(),
+                        stats: l.statistics(),
+                        policy: mpio.policy(),
+                        info: l.get_path_info(),
+                        usable_paths: mpio.usable_path_count(),
+                    }
+                })
+                .collect(),
+            events: m.events.counts(),
+            connections: m.server.connections() as u64,
+            connections_evicted: m.server.connections_evicted(),
+            connections_refused: m.server.connections_refused(),
+            accept_errors: [
+                ("nbd", m.server.accept_errors() + load(&errors.nbd)),
+                ("control", load(&errors.control)),
+                ("metrics", load(&errors.metrics)),
+            ],
+        }
+    }
+
+    fn paths(&self) -> impl Iterator<Item = (&str, &lunmpio_engine::PathStats)> {
+        self.luns
+            .iter()
+            .flat_map(|l| l.stats.paths.iter().map(move |p| (l.name.as_str(), p)))
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn path_labels(lun: &str, path: &str) -> Labels {
+    vec![("lun", lun.to_string()), ("path", path.to_string())]
+}
+
+fn lun_labels(lun: &str) -> Labels {
+    vec![("lun", lun.to_string())]
+}
+
+/// A counter family; `name` without `_total`, which the encoder adds.
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> std::fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in rows {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, u64, f64>(&value, None)?;
+    }
+    Ok(())
+}
+
+fn gauges<V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, V)>,
+) -> std::fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        family.encode_family(&labels)?.encode_gauge(&value)?;
+    }
+    Ok(())
+}
+
+fn seconds(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        enc.encode_descriptor(
+            "lunmpio_build",
+            "The running program; its version in the label.",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&vec![("version", env!("CARGO_PKG_VERSION"))])?;
+        // One series per path with its descriptive labels, for joins (`* on(lun, path) group_left(uri)`).
+        let mut info = enc.encode_descriptor(
+            "lunmpio_path",
+            "A path's URI, transport and interconnect.",
+            None,
+            MetricType::Info,
+        )?;
+        for lun in &self.luns {
+            for p in &lun.info {
+                let mut labels = path_labels(&lun.name, &p.name);
+                labels.push(("uri", p.uri.clone()));
+                labels.push(("transport", p.transport.name().to_string()));
+                labels.push(("interconnect", p.hw_type.vds_name().to_string()));
+                info.encode_info(&labels)?;
+            }
+        }
+        self.encode_paths(&mut enc)?;
+        self.encode_luns(&mut enc)?;
+        self.encode_server(&mut enc)
+    }
+}
+
+impl Scrape {
+    fn encode_paths(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let per_path = |f: &dyn Fn(&lunmpio_engine::PathStats) -> u64| -> Vec<(Labels, u64)> {
+            self.paths()
+                .map(|(lun, p)| (path_labels(lun, &p.name), f(p)))
+                .collect()
+        };
+        let by_op = self.paths().flat_map(|(lun, p)| {
+            let other = p.ios.saturating_sub(p.reads + p.writes);
+            [("read", p.reads), ("write", p.writes), ("other", other)].map(|(op, n)| {
+                let mut labels = path_labels(lun, &p.name);
+                labels.push(("op", op.to_string()));
+                (labels, n)
+            })
+        });
+        counters(
+            enc,
+            "lunmpio_path_ios",
+            "Requests completed on a path, by operation.",
+            by_op,
+        )?;
+        counters(
+            enc,
+            "lunmpio_path_read_bytes",
+            "Bytes read through a path.",
+            per_path(&|p| p.bytes_read),
+        )?;
+        counters(
+            enc,
+            "lunmpio_path_written_bytes",
+            "Bytes written through a path.",
+            per_path(&|p| p.bytes_written),
+        )?;
+        counters(
+            enc,
+            "lunmpio_path_errors",
+            "Requests that failed on a path (and were re-driven or returned).",
+            per_path(&|p| p.errors),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_path_in_flight",
+            "Requests in flight on a path.",
+            per_path(&|p| p.in_flight),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_path_in_flight_bytes",
+            "Bytes in flight on a path.",
+            per_path(&|p| p.in_flight_bytes),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_path_status",
+            "VDS_PATH_STATUS of a path: 0 unknown, 1 online, 5 failed, 7 standby.",
+            per_path(&|p| p.status as u64),
+        )?;
+        counters(
+            enc,
+            "lunmpio_path_failovers",
+            "Times I/O failed away from a path.",
+            per_path(&|p| p.failovers),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_path_timeout_seconds",
+            "The adaptive deadline a request on the path gets now.",
+            self.paths()
+                .map(|(lun, p)| (path_labels(lun, &p.name), seconds(p.timeout_ms * 1000))),
+        )?;
+        let mut latency = enc.encode_descriptor(
+            "lunmpio_path_latency_seconds",
+            "Completion latency of requests on a path.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (lun, p) in self.paths() {
+            // The engine's buckets are per bucket, the last one unbounded (+Inf).
+            let buckets: Vec<(f64, u64)> = p
+                .latency_buckets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        BUCKET_BOUNDS_US.get(i).map_or(f64::MAX, |us| seconds(*us)),
+                        *n,
+                    )
+                })
+                .collect();
+            let count = p.latency_buckets.iter().sum();
+            let labels = path_labels(lun, &p.name);
+            latency
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(seconds(p.latency_sum_us), count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn encode_luns(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let per_lun = |f: &dyn Fn(&LunSnapshot) -> u64| -> Vec<(Labels, u64)> {
+            self.luns
+                .iter()
+                .map(|l| (lun_labels(&l.name), f(l)))
+                .collect()
+        };
+        gauges(
+            enc,
+            "lunmpio_lun_paths",
+            "Paths configured for the LUN.",
+            per_lun(&|l| l.info.len() as u64),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_usable_paths",
+            "Paths of the LUN that can carry I/O now (0: all paths down; /readyz is 503).",
+            per_lun(&|l| l.usable_paths as u64),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_queued_ios",
+            "Requests queued because no path is usable.",
+            per_lun(&|l| l.stats.queued_ios),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_queued_bytes",
+            "Bytes queued because no path is usable.",
+            per_lun(&|l| l.stats.queued_bytes),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_in_doubt_writes",
+            "Old copies of writes that a failed, hung or slow path may still execute, right now; each holds its range for new writes.",
+            per_lun(&|l| l.stats.in_doubt_writes),
+        )?;
+        counters(
+            enc,
+            "lunmpio_lun_in_doubt_writes",
+            "Copies of writes ever put in doubt.",
+            per_lun(&|l| l.stats.in_doubt_writes_total),
+        )?;
+        counters(
+            enc,
+            "lunmpio_lun_in_doubt_answered",
+            "In-doubt copies released because their target answered them on the old connection.",
+            per_lun(&|l| l.stats.in_doubt_answered_total),
+        )?;
+        counters(
+            enc,
+            "lunmpio_lun_in_doubt_fenced",
+            "In-doubt copies released because their path's fence succeeded.",
+            per_lun(&|l| l.stats.in_doubt_fenced_total),
+        )?;
+        counters(
+            enc,
+            "lunmpio_lun_in_doubt_expired",
+            "In-doubt copies whose in_doubt_timeout passed unresolved: a late copy could overwrite newer data.",
+            per_lun(&|l| l.stats.in_doubt_expired_total),
+        )?;
+        let fences = self.luns.iter().flat_map(|l| {
+            [
+                ("ok", l.stats.fences_ok_total),
+                ("failed", l.stats.fences_failed_total),
+            ]
+            .map(|(result, n)| {
+                let mut labels = lun_labels(&l.name);
+                labels.push(("result", result.to_string()));
+                (labels, n)
+            })
+        });
+        counters(enc, "lunmpio_lun_fences", "Fence runs by result.", fences)?;
+        gauges(
+            enc,
+            "lunmpio_lun_policy",
+            "VDS_LOADBALANCE_POLICY_ENUM of the LUN (1 failover ... 7 vendor specific = service-time).",
+            per_lun(&|l| l.policy as u64),
+        )?;
+        let events = self.events.iter().map(|(lun, kind, n)| {
+            let mut labels = lun_labels(lun);
+            labels.push(("kind", kind.to_string()));
+            (labels, *n)
+        });
+        counters(
+            enc,
+            "lunmpio_events",
+            "Events of the event log (lunmpio events), by LUN and kind: a path going online, failed, standby or other, or a LUN-wide event.",
+            events,
+        )
+    }
+
+    fn encode_server(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let none = || Labels::new();
+        gauges(
+            enc,
+            "lunmpio_nbd_connections",
+            "Export (NBD client) connections being served.",
+            [(none(), self.connections)],
+        )?;
+        counters(
+            enc,
+            "lunmpio_nbd_connections_evicted",
+            "Idle export connections closed to make room at max_connections.",
+            [(none(), self.connections_evicted)],
+        )?;
+        counters(
+            enc,
+            "lunmpio_nbd_connections_refused",
+            "Export connections refused at max_connections (none idle to make room).",
+            [(none(), self.connections_refused)],
+        )?;
+        counters(
+            enc,
+            "lunmpio_accept_errors",
+            "Failed accepts by listener (EMFILE: out of file descriptors).",
+            self.accept_errors
+                .iter()
+                .map(|(listener, n)| (vec![("listener", listener.to_string())], *n)),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -500,5 +556,30 @@ mod tests {
         assert_eq!(get_target("POST /metrics HTTP/1.1"), None);
         assert_eq!(get_target(""), None);
         assert_eq!(get_target("GET"), None);
+    }
+
+    #[test]
+    fn openmetrics_is_served_to_who_asks_and_the_classic_format_to_the_rest() {
+        assert!(accepts_openmetrics(
+            "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n"
+        ));
+        assert!(accepts_openmetrics(
+            "GET /metrics HTTP/1.1\r\naccept:application/openmetrics-text\r\n"
+        ));
+        assert!(!accepts_openmetrics(
+            "GET /metrics HTTP/1.1\r\nAccept: */*\r\n"
+        ));
+        assert!(!accepts_openmetrics("GET /metrics HTTP/1.1\r\n"));
+        let om = "# HELP x_build The program.\n# TYPE x_build info\nx_build_info{version=\"1\"} 1\n\
+                  # HELP x_ios Requests.\n# TYPE x_ios counter\nx_ios_total{op=\"read\"} 3\n\
+                  # HELP x_lat Latency.\n# TYPE x_lat histogram\nx_lat_sum 0.5\nx_lat_count 2\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP x_build_info The program.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n\
+             # HELP x_ios_total Requests.\n# TYPE x_ios_total counter\nx_ios_total{op=\"read\"} 3\n\
+             # HELP x_lat Latency.\n# TYPE x_lat histogram\nx_lat_sum 0.5\nx_lat_count 2\n\
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
     }
 }
