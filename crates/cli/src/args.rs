@@ -113,6 +113,11 @@ pub enum Command {
     #[command(after_help = UPGRADE_AFTER_HELP)]
     Upgrade(SocketOptions),
 
+    /// A live full-screen console: LUNs, paths with status, rates, latency and trends, the last
+    /// events; keys change the policy and fail, stand by or reinstate a path.
+    #[command(after_help = TOP_AFTER_HELP)]
+    Top(TopArgs),
+
     /// Check a config, and the daemon running it when it answers, for mistakes that bite later:
     /// contradicting timeouts, missing fencing, single points of failure, unencrypted networks,
     /// file-descriptor limits. Prints a fix for each finding.
@@ -129,6 +134,58 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
 }
+
+/// `lunmpio top`'s options.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        env = "LUNMPIO_SOCKET",
+        default_value = "/run/lunmpio/control.sock",
+        value_name = "PATH"
+    )]
+    pub socket: std::path::PathBuf,
+    /// How often to refresh, 100ms … 60s.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_interval)]
+    pub interval: std::time::Duration,
+    /// The LUN to show first (else the first one).
+    #[arg(long, value_name = "NAME")]
+    pub lun: Option<String>,
+}
+
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = lunmpio_human::parse_duration(text)?;
+    let (min, max) = (
+        lunmpio_console::app::INTERVAL_MIN,
+        lunmpio_console::app::INTERVAL_MAX,
+    );
+    if d < min || d > max {
+        return Err(format!("{text} is not between {min:?} and {max:?}"));
+    }
+    Ok(d)
+}
+
+const TOP_AFTER_HELP: &str = "\
+Screen (80x24 at least; it grows with the window):
+  title      the daemon's version and PID, the refresh period
+  LUN tabs   every LUN; the selected one is highlighted
+  summary    size, policy, usable/total paths, queued I/O, in-doubt writes
+  paths      status, IOPS, MiB/s, p99 latency, requests in flight (QD), an IOPS sparkline, reason
+  events     the newest status changes and LUN events with their causes
+
+Keys:
+  left/right, Tab   switch LUN            up/down, j/k   select a path
+  p                 change the policy (a list of the LUN's supported policies, then y/n)
+  f / s / r         fail / stand by / reinstate the selected path (y/n first)
+  q, Esc, Ctrl-C    quit
+Each change shows the daemon's VDS result (S_OK, or the error's name and HRESULT). The console exits
+with the reason when the daemon goes away.
+
+Examples:
+  lunmpio top
+  lunmpio top --socket /tmp/tour/control.sock --interval 500ms --lun db-data
+";
 
 /// `lunmpio doctor`'s options.
 #[derive(Debug, Args)]

@@ -69,6 +69,13 @@ fn main() -> ExitCode {
             })
             .map(|()| ExitCode::SUCCESS),
         Command::Doctor(args) => doctor(&args),
+        Command::Top(args) => lunmpio_console::run(&lunmpio_console::TopOptions {
+            socket: args.socket,
+            interval: args.interval,
+            lun: args.lun,
+        })
+        .map(|()| ExitCode::SUCCESS)
+        .map_err(anyhow::Error::from),
         Command::UpgradeCheck => {
             println!("{}", serve::upgrade::check_line());
             Ok(ExitCode::SUCCESS)
