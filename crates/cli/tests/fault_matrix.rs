@@ -330,6 +330,13 @@ fn target_port_error_rate() {
     assert!(errors > 0, "the engine never saw an EIO from p1");
 }
 
+/// One sample's value from the daemon's `/metrics` (the classic text), by its name and labels.
+fn metric(daemon: &Daemon, series: &str) -> Option<f64> {
+    let (_, body) = http_get(daemon.metrics.as_deref()?, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 #[test]
 fn target_port_flaps_and_is_held_down() {
     let (target, daemon) = target_setup();
@@ -338,6 +345,7 @@ fn target_port_flaps_and_is_held_down() {
     wait_io_moves(&daemon, 2000, &mut fio, "flapping");
     let t0 = Instant::now();
     let mut marginal_seen = None;
+    let mut hold_down_metric = None;
     // Down/up every second for 12 s (sleeping is the point here: it is the flap).
     while t0.elapsed() < Duration::from_secs(12) {
         target.fault(1, "down");
@@ -347,8 +355,16 @@ fn target_port_flaps_and_is_held_down() {
         let reason = daemon.path_reason(LUN, "p1");
         if marginal_seen.is_none() && reason.contains("marginal") {
             marginal_seen = Some((t0.elapsed(), reason));
+            hold_down_metric = metric(
+                &daemon,
+                &format!("lunmpio_path_hold_down_seconds{{lun=\"{LUN}\",path=\"p1\"}}"),
+            );
         }
     }
+    assert!(
+        hold_down_metric.is_some_and(|s| s > 0.0),
+        "the hold-down shows in the metrics: {hold_down_metric:?}"
+    );
     fio.assert_running("the end of the flapping");
     let report = fio.finish(Duration::from_secs(80));
     report.assert_clean("flapping");

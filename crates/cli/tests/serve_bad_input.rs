@@ -224,6 +224,9 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
         "# TYPE lunmpio_lun_usable_paths gauge",
         "# TYPE lunmpio_events_total counter",
         "# TYPE lunmpio_build_info gauge",
+        "# TYPE lunmpio_path_hold_down_seconds gauge",
+        "# TYPE lunmpio_lun_all_paths_down_seconds gauge",
+        "# TYPE lunmpio_lun_outage_seconds_total counter",
     ] {
         assert!(body.contains(family), "missing {family:?} in:\n{body}");
     }
@@ -339,9 +342,26 @@ fn healthz_and_readyz_follow_the_luns_usable_paths() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no usable path for lun0"), "{body}");
     assert_eq!(http_get(&addr, "/healthz").0, 200, "alive while not ready");
+    let sample = |series: &str| -> f64 {
+        let (_, body) = http_get(&addr, "/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+    // The outage is measured while it lasts (the LUN is path-less once its control task says so).
+    assert!(wait_until(Duration::from_secs(10), || {
+        sample("lunmpio_lun_all_paths_down_seconds{lun=\"lun0\"}") > 0.0
+    }));
     target.fault(1, "up");
     daemon.wait_path_status("lun0", "p1", "VDS_MPS_ONLINE", Duration::from_secs(10));
     assert_eq!(http_get(&addr, "/readyz"), (200, "ready\n".to_string()));
+    assert!(wait_until(Duration::from_secs(10), || {
+        sample("lunmpio_lun_all_paths_down_seconds{lun=\"lun0\"}") == 0.0
+    }));
+    assert!(
+        sample("lunmpio_lun_outage_seconds_total{lun=\"lun0\"}") > 0.0,
+        "the outage is counted"
+    );
 }
 
 #[test]

@@ -62,6 +62,8 @@ struct Waiters {
     queue: VecDeque<oneshot::Sender<Release>>,
     /// When the LUN lost its last path (None while it has one).
     down_since: Option<Instant>,
+    /// Time without a path in earlier outages (the current one is `down_since`'s).
+    down_before: Duration,
     shutting_down: bool,
 }
 
@@ -73,6 +75,7 @@ impl NoPathQueue {
             waiters: Mutex::new(Waiters {
                 queue: VecDeque::new(),
                 down_since: None,
+                down_before: Duration::ZERO,
                 shutting_down: false,
             }),
             queued_ios: AtomicU64::new(0),
@@ -157,7 +160,9 @@ impl NoPathQueue {
     /// A path is usable again: resume every waiter, oldest first.
     pub fn path_available(&self) {
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        w.down_since = None;
+        if let Some(since) = w.down_since.take() {
+            w.down_before += since.elapsed();
+        }
         while let Some(sender) = w.queue.pop_front() {
             let _ = sender.send(Release::Retry); // a waiter that gave up (deadline) is simply gone
         }
@@ -175,6 +180,14 @@ impl NoPathQueue {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .down_since
+    }
+
+    /// How long the LUN has been without a path now (zero while it has one), and in all (this
+    /// outage and the earlier ones).
+    pub fn down_durations(&self) -> (Duration, Duration) {
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let now = w.down_since.map_or(Duration::ZERO, |since| since.elapsed());
+        (now, w.down_before + now)
     }
 
     /// Shutdown: fail everything queued now, and everything that would queue later.

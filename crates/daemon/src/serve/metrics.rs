@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use lunmpio_engine::latency::BUCKET_BOUNDS_US;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, NoLabelSet};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -261,17 +263,17 @@ fn lun_labels(lun: &str) -> Labels {
 }
 
 /// A counter family; `name` without `_total`, which the encoder adds.
-fn counters(
+fn counters<V: EncodeCounterValue>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    rows: impl IntoIterator<Item = (Labels, u64)>,
+    rows: impl IntoIterator<Item = (Labels, V)>,
 ) -> std::fmt::Result {
     let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, value) in rows {
         family
             .encode_family(&labels)?
-            .encode_counter::<NoLabelSet, u64, f64>(&value, None)?;
+            .encode_counter::<NoLabelSet, V, f64>(&value, None)?;
     }
     Ok(())
 }
@@ -394,6 +396,13 @@ impl Scrape {
             self.paths()
                 .map(|(lun, p)| (path_labels(lun, &p.name), seconds(p.timeout_ms * 1000))),
         )?;
+        gauges(
+            enc,
+            "lunmpio_path_hold_down_seconds",
+            "What is left of a marginal (flapping) path's hold-down: it is kept out of service until then (0: none).",
+            self.paths()
+                .map(|(lun, p)| (path_labels(lun, &p.name), p.hold_down_ms as f64 / 1e3)),
+        )?;
         let mut latency = enc.encode_descriptor(
             "lunmpio_path_latency_seconds",
             "Completion latency of requests on a path.",
@@ -482,6 +491,25 @@ impl Scrape {
             "lunmpio_lun_in_doubt_expired",
             "In-doubt copies whose in_doubt_timeout passed unresolved: a late copy could overwrite newer data.",
             per_lun(&|l| l.stats.in_doubt_expired_total),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_all_paths_down_seconds",
+            "How long the LUN has been without a usable path now (0 while it has one).",
+            self.luns
+                .iter()
+                .map(|l| (lun_labels(&l.name), l.stats.all_paths_down_ms as f64 / 1e3)),
+        )?;
+        counters(
+            enc,
+            "lunmpio_lun_outage_seconds",
+            "Time the LUN spent without a usable path since the daemon started, the current outage included.",
+            self.luns.iter().map(|l| {
+                (
+                    lun_labels(&l.name),
+                    l.stats.all_paths_down_ms_total as f64 / 1e3,
+                )
+            }),
         )?;
         let fences = self.luns.iter().flat_map(|l| {
             [

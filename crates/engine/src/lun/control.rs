@@ -162,13 +162,18 @@ impl ControlTask {
         let fencing = (0..shared.slots.len())
             .map(|_| Fencing::default())
             .collect();
-        ControlTask {
+        let task = ControlTask {
             shared,
             mpio,
             state_file,
             health,
             fencing,
+        };
+        // Hold-downs carried over a restart show in the statistics from the start.
+        for index in 0..task.health.len() {
+            task.publish_hold(index);
         }
+        task
     }
 
     /// Installs the connections of the first attempts that match the LUN's identity. A path still in
@@ -562,6 +567,16 @@ impl ControlTask {
         );
     }
 
+    /// Publishes the end of a path's hold-down for the statistics (`hold_until_ns`, 0: none).
+    fn publish_hold(&self, index: usize) {
+        let until = self.health[index]
+            .hold_until
+            .map_or(0, |t| self.shared.ns_at(t).max(1));
+        self.shared.slots[index]
+            .hold_until_ns
+            .store(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Counts a failure; a path failing too often is held out with an exponential hold-down.
     fn record_failure(&mut self, index: usize, cause: &str) -> String {
         let now = Instant::now();
@@ -589,6 +604,7 @@ impl ControlTask {
         h.hold_level += 1;
         h.hold_until = Some(now + hold);
         h.failures.clear();
+        self.publish_hold(index);
         format!(
             "{cause}; marginal: {MARGINAL_FAILURES} failures in {}, hold-down {}",
             format_duration(MARGINAL_WINDOW),
@@ -627,6 +643,7 @@ impl ControlTask {
         h.ever_online = true;
         if h.hold_until.is_some_and(|t| t <= now) {
             h.hold_until = None; // served its hold-down; the level stays, so the next one is longer
+            self.publish_hold(index);
         }
         let cause = if in_hold.is_some() {
             self.start_failback(index, generation, Failback::Immediate);
@@ -825,6 +842,7 @@ impl ControlTask {
                     // A reinstate also forgives the path's failure history.
                     self.health[index].hold_until = None;
                     self.health[index].failures.clear();
+                    self.publish_hold(index);
                     self.shared.slots[index].probe_now.notify_one();
                 }
                 let _ = reply.send(result);

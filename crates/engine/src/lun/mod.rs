@@ -174,6 +174,9 @@ pub(crate) struct PathSlot {
     /// `now_ns` of the last request this path completed successfully: proof of life, so the periodic
     /// probe is skipped while I/O flows.
     pub(crate) success_last_ns: AtomicU64,
+    /// `now_ns` at which a marginal path's hold-down ends (0: none), published by the control task
+    /// for the statistics.
+    pub(crate) hold_until_ns: AtomicU64,
     /// Wakes the health task for a probe now (a request on the path timed out or failed).
     pub(crate) probe_now: Notify,
     /// Signalled whenever the control task installs or removes the connection.
@@ -351,6 +354,8 @@ pub struct PathStats {
     pub timeout_ms: u64,
     pub latency_buckets: Vec<u64>,
     pub latency_sum_us: u64,
+    /// What is left of a marginal path's hold-down (0: none).
+    pub hold_down_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -369,6 +374,10 @@ pub struct LunStats {
     /// Fence runs that succeeded and that failed (or timed out).
     pub fences_ok_total: u64,
     pub fences_failed_total: u64,
+    /// How long the LUN has been without a usable path now (0 while it has one).
+    pub all_paths_down_ms: u64,
+    /// Time without a usable path since the LUN started, the current outage included.
+    pub all_paths_down_ms_total: u64,
 }
 
 impl Lun {
@@ -420,6 +429,7 @@ impl Lun {
                     room_waiters: AtomicUsize::new(0),
                     room: Notify::new(),
                     success_last_ns: AtomicU64::new(0),
+                    hold_until_ns: AtomicU64::new(0),
                     probe_now: Notify::new(),
                     changed: Notify::new(),
                 }
@@ -705,6 +715,8 @@ impl Lun {
     /// GetStatistics.
     pub fn statistics(&self) -> LunStats {
         let mpio = self.mpio();
+        let now_ns = self.shared.now_ns();
+        let (down_now, down_total) = self.shared.no_path.down_durations();
         let timeout_floor =
             crate::settings::ADAPTIVE_TIMEOUT_FLOOR.min(self.shared.settings.io_timeout);
         let paths = self
@@ -738,6 +750,11 @@ impl Lun {
                     },
                     latency_buckets: slot.histogram.counts().to_vec(),
                     latency_sum_us: slot.histogram.sum_us(),
+                    hold_down_ms: slot
+                        .hold_until_ns
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(now_ns)
+                        / 1_000_000,
                 }
             })
             .collect();
@@ -752,6 +769,8 @@ impl Lun {
             in_doubt_expired_total: self.shared.in_doubt.expired_total(),
             fences_ok_total: self.shared.fences_ok.load(Ordering::Relaxed),
             fences_failed_total: self.shared.fences_failed.load(Ordering::Relaxed),
+            all_paths_down_ms: down_now.as_millis() as u64,
+            all_paths_down_ms_total: down_total.as_millis() as u64,
         }
     }
 
