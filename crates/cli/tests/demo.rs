@@ -252,3 +252,35 @@ fn bad_flags_are_refused_with_a_message() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// On a terminal (tmux) the live view is a ratatui inline viewport with the paths table of
+/// `lunmpio top` under the phase and workload lines, the event lines scroll above it, the last panel
+/// stays on the screen above the summary, and the run passes.
+#[test]
+fn on_a_terminal_the_live_view_draws_the_consoles_paths_table() {
+    let bin = lunmpio_testkit::lunmpio_bin();
+    let screen =
+        lunmpio_testkit::tmux::Tmux::start(&[bin.to_str().unwrap(), "demo", "--quick"], 110, 32);
+    let live = screen.wait_screen("the live panel", Duration::from_secs(60), |s| {
+        s.contains("── t=") && s.contains("PATH       STATUS   IOPS") && s.contains("port0")
+    });
+    assert!(live.contains("workload:"), "{live}");
+    assert_eq!(
+        screen.wait_exit(Duration::from_secs(120)),
+        0,
+        "{}",
+        screen.scrollback()
+    );
+    let all = screen.scrollback();
+    let panel = all.rfind("── t=").expect("the last panel");
+    let summary = all.rfind("summary").expect("the summary");
+    assert!(
+        panel < summary,
+        "the last panel stays above the summary:\n{all}"
+    );
+    assert!(all.contains("result: PASS"), "{all}");
+    assert!(
+        all.contains("── phase 2: port0 crashed"),
+        "event lines scroll above:\n{all}"
+    );
+}

@@ -187,11 +187,13 @@ fn path_row(row: &PathRow, spark_width: usize) -> Row<'static> {
     ])
 }
 
-fn draw_paths(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
+/// The paths table (a row per path: status, IOPS, MiB/s, p99, QD, IOPS trend, reason) for `width`
+/// columns: the one widget of `lunmpio top` and of the demo's live view.
+pub fn paths_table(rows: &[PathRow], width: u16) -> Table<'static> {
     // The sparkline and the reason share what the fixed columns (and the spaces between the
     // columns) leave; the sparkline shows at most half a minute at the default refresh.
     let fixed = 10 + 8 + 8 + 7 + 7 + 4 + 7;
-    let spark_width = ((area.width as usize).saturating_sub(fixed) / 2).clamp(8, 30);
+    let spark_width = ((width as usize).saturating_sub(fixed) / 2).clamp(8, 30);
     let widths = [
         Constraint::Length(10),
         Constraint::Length(8),
@@ -213,10 +215,14 @@ fn draw_paths(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
         "REASON",
     ])
     .style(Style::new().add_modifier(Modifier::BOLD));
-    let table = Table::new(model.rows.iter().map(|r| path_row(r, spark_width)), widths)
+    Table::new(rows.iter().map(|r| path_row(r, spark_width)), widths)
         .header(header)
-        .block(Block::new().borders(Borders::TOP).title(" paths "))
-        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED));
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+}
+
+fn draw_paths(frame: &mut Frame, area: Rect, model: &Model, ui: &Ui) {
+    let table = paths_table(&model.rows, area.width)
+        .block(Block::new().borders(Borders::TOP).title(" paths "));
     let mut state =
         TableState::default().with_selected((!model.rows.is_empty()).then_some(ui.path));
     frame.render_stateful_widget(table, area, &mut state);

@@ -1,7 +1,8 @@
 //! The demo's live view and its summary text.
 //!
-//! On a terminal a panel (phase, policy, workload rates, one status line and throughput bar per path)
-//! is redrawn four times a second at the bottom of the screen, with event lines scrolling above it.
+//! On a terminal a panel (phase, policy, workload rates, and the paths table of `lunmpio top`: status,
+//! IOPS, MiB/s, p99, in flight, an IOPS trend, reason) is redrawn four times a second at the bottom of
+//! the screen in a ratatui inline viewport, with event lines scrolling above it.
 //! Anywhere else (a pipe, a file, `TERM=dumb`) the same information comes as plain lines: every
 //! event and action as it happens, and one status line every few seconds.
 
@@ -22,7 +23,11 @@ use lunmpio_human::format_duration;
 use lunmpio_human::render_table;
 
 const TICK: Duration = Duration::from_millis(250);
-const BAR: usize = 32;
+/// Lines of the panel above the paths table (phase, workload).
+const PANEL_HEAD_LINES: u16 = 2;
+
+/// The demo's terminal: an inline viewport at the bottom of the screen.
+type Tui = ratatui::Terminal<ratatui::backend::CrosstermBackend<Box<dyn Write + Send>>>;
 
 /// Where people read the demo: stdout, or stderr when stdout carries the JSON summary.
 #[derive(Clone)]
@@ -60,6 +65,22 @@ impl Output {
         }
     }
 
+    /// An inline viewport of `height` lines at the bottom of this output's terminal.
+    fn tui(&self, height: u16) -> Option<Tui> {
+        let writer: Box<dyn Write + Send> = if self.stderr {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        };
+        ratatui::Terminal::with_options(
+            ratatui::backend::CrosstermBackend::new(writer),
+            ratatui::TerminalOptions {
+                viewport: ratatui::Viewport::Inline(height),
+            },
+        )
+        .ok()
+    }
+
     pub fn line(&self, text: &str) {
         self.write(&format!("{text}\n"));
     }
@@ -94,7 +115,8 @@ struct State {
     samples: Vec<Sample>,
     markers: Vec<Marker>,
     max_queued: u64,
-    bar_scale: f64,
+    /// IOPS of each path at each tick (for the trend column), oldest first.
+    history: Vec<std::collections::VecDeque<u64>>,
 }
 
 pub struct Ticker {
@@ -224,7 +246,14 @@ impl Live {
         let token = stop.clone();
         let task = tokio::spawn(async move {
             let mut last = Snapshot::take(&me);
-            let mut panel_lines = 0usize;
+            let height = PANEL_HEAD_LINES + 1 + last.paths.len() as u16;
+            // A terminal that cannot host the viewport (its size or cursor cannot be read) gets the
+            // plain lines instead.
+            let mut tui = if me.inner.tty {
+                me.inner.output.tui(height)
+            } else {
+                None
+            };
             let mut last_plain = Instant::now();
             let mut interval = tokio::time::interval(TICK);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,7 +266,7 @@ impl Live {
                 let now = Snapshot::take(&me);
                 let rates = now.rates(&last);
                 last = now;
-                panel_lines = me.draw(&rates, panel_lines, &mut last_plain, stopping);
+                me.draw(&rates, &mut tui, &mut last_plain, stopping);
                 if stopping {
                     return;
                 }
@@ -259,41 +288,55 @@ impl Live {
         }
     }
 
-    /// One redraw; returns how many panel lines are on the screen now.
-    fn draw(
-        &self,
-        rates: &Rates,
-        panel_lines: usize,
-        last_plain: &mut Instant,
-        last: bool,
-    ) -> usize {
-        let (pending, phase, scale) = {
+    /// One redraw: the lines that came since the last one, then the panel (or, without a terminal,
+    /// a status line every few seconds).
+    fn draw(&self, rates: &Rates, tui: &mut Option<Tui>, last_plain: &mut Instant, last: bool) {
+        let (pending, phase, rows) = {
             let mut s = self.state();
             s.samples.push(Sample {
                 t: rates.t,
                 mib_per_s: rates.paths.iter().map(|p| p.mib_per_s).collect(),
             });
             s.max_queued = s.max_queued.max(rates.queued);
-            let peak = rates.paths.iter().map(|p| p.mib_per_s).fold(0.0, f64::max);
-            s.bar_scale = s.bar_scale.max(peak);
-            (std::mem::take(&mut s.pending), s.phase.clone(), s.bar_scale)
+            s.history.resize_with(rates.paths.len(), Default::default);
+            let rows = rates
+                .paths
+                .iter()
+                .zip(s.history.iter_mut())
+                .enumerate()
+                .map(|(i, (p, history))| {
+                    if history.len() == lunmpio_console::model::HISTORY_MAX {
+                        history.pop_front();
+                    }
+                    history.push_back(p.iops.round() as u64);
+                    lunmpio_console::model::PathRow {
+                        id: lunmpio_vds::PathId {
+                            source_id: 0,
+                            path_id: i as u64,
+                        },
+                        name: p.name.clone(),
+                        status: lunmpio_console::model::status_word(p.status.vds_name()),
+                        reason: p.reason.clone(),
+                        iops: p.iops,
+                        mib_s: p.mib_per_s,
+                        p99_us: p.p99_us,
+                        in_flight: p.in_flight,
+                        history: history.iter().copied().collect(),
+                    }
+                })
+                .collect::<Vec<_>>();
+            (std::mem::take(&mut s.pending), s.phase.clone(), rows)
         };
         let policy = self.inner.lun.mpio().policy().config_name();
-        let mut out = String::new();
-        if self.inner.tty {
-            if panel_lines > 0 {
-                out.push_str(&format!("\x1b[{panel_lines}F\x1b[J"));
+        if let Some(terminal) = tui {
+            let drawn = self.draw_panel(terminal, &pending, rates, &phase, policy, &rows, last);
+            if drawn.is_ok() {
+                return;
             }
-            for line in &pending {
-                out.push_str(line);
-                out.push('\n');
-            }
-            let panel = self.panel(rates, &phase, policy, scale);
-            let lines = panel.lines().count();
-            out.push_str(&panel);
-            self.inner.output.write(&out);
-            return if last { 0 } else { lines };
+            // The terminal went away (closed, or not one after all): plain lines from now on.
+            *tui = None;
         }
+        let mut out = String::new();
         for line in &pending {
             out.push_str(line);
             out.push('\n');
@@ -324,43 +367,69 @@ impl Live {
         if !out.is_empty() {
             self.inner.output.write(&out);
         }
-        0
     }
 
-    fn panel(&self, rates: &Rates, phase: &str, policy: &str, scale: f64) -> String {
-        let mut p = String::new();
-        p.push_str(&format!(
-            "\x1b[1m── t={:.1}s  phase {phase}  ·  policy {policy}\x1b[0m\n",
-            rates.t
-        ));
-        p.push_str(&format!(
-            "   workload: {:>7.0} IOPS {:>7.1} MiB/s  in flight {:>3}  I/Os {}  errors {}  mismatches {}  queued {}\n",
-            rates.iops, rates.mib_per_s, rates.in_flight, rates.ios, rates.errors, rates.mismatches, rates.queued
-        ));
-        for path in &rates.paths {
-            let filled = if scale > 0.0 {
-                ((path.mib_per_s / scale) * BAR as f64).round() as usize
-            } else {
-                0
-            }
-            .min(BAR);
-            let colour = match path.status {
-                PathStatus::Online => "\x1b[32m",
-                PathStatus::Failed => "\x1b[31m",
-                _ => "\x1b[33m",
-            };
-            p.push_str(&format!(
-                "   {:<8} {colour}{:<8}\x1b[0m {}{} {:>7.1} MiB/s {:>7.0} IOPS  in flight {:>3}\n",
-                path.name,
-                short(path.status),
-                "█".repeat(filled),
-                "·".repeat(BAR - filled),
-                path.mib_per_s,
-                path.iops,
-                path.in_flight
-            ));
+    /// The lines above the viewport, then the panel: two lines of phase and workload, and the paths
+    /// table of `lunmpio top` (`lunmpio_console::view::paths_table`). On the last draw the cursor
+    /// moves below the panel, which stays on the screen.
+    #[allow(clippy::too_many_arguments)]
+    fn draw_panel(
+        &self,
+        terminal: &mut Tui,
+        pending: &[String],
+        rates: &Rates,
+        phase: &str,
+        policy: &str,
+        rows: &[lunmpio_console::model::PathRow],
+        last: bool,
+    ) -> std::io::Result<()> {
+        use ratatui::layout::{Constraint, Layout};
+        use ratatui::style::{Modifier, Style};
+        use ratatui::widgets::{Paragraph, Widget};
+        if !pending.is_empty() {
+            let text = pending.join("\n");
+            let width = terminal.size()?.width.max(1) as usize;
+            // Lines longer than the screen wrap: ask for the rows they take.
+            let height: usize = pending
+                .iter()
+                .map(|l| l.chars().count().div_ceil(width).max(1))
+                .sum();
+            terminal.insert_before(height.min(u16::MAX as usize) as u16, |buf| {
+                Paragraph::new(text)
+                    .wrap(ratatui::widgets::Wrap { trim: false })
+                    .render(buf.area, buf);
+            })?;
         }
-        p
+        let head = vec![
+            ratatui::text::Line::styled(
+                format!("── t={:.1}s  phase {phase}  ·  policy {policy}", rates.t),
+                Style::new().add_modifier(Modifier::BOLD),
+            ),
+            ratatui::text::Line::from(format!(
+                "   workload: {:>7.0} IOPS {:>7.1} MiB/s  in flight {:>3}  I/Os {}  errors {}  mismatches {}  queued {}",
+                rates.iops,
+                rates.mib_per_s,
+                rates.in_flight,
+                rates.ios,
+                rates.errors,
+                rates.mismatches,
+                rates.queued
+            )),
+        ];
+        let frame = terminal.draw(|f| {
+            let [top, table] =
+                Layout::vertical([Constraint::Length(PANEL_HEAD_LINES), Constraint::Fill(1)])
+                    .areas(f.area());
+            f.render_widget(Paragraph::new(head), top);
+            f.render_widget(lunmpio_console::view::paths_table(rows, table.width), table);
+        })?;
+        if last {
+            let area = frame.area;
+            terminal.show_cursor()?;
+            terminal.set_cursor_position((0, area.y + area.height.saturating_sub(1)))?;
+            self.inner.output.write("\n");
+        }
+        Ok(())
     }
 }
 
@@ -373,13 +442,21 @@ struct Snapshot {
     mismatches: u64,
     in_flight: u64,
     queued: u64,
-    paths: Vec<(String, PathStatus, u64, u64, u64)>,
+    /// Name, status, I/Os, bytes, in flight, p99 latency (µs), reason.
+    paths: Vec<(String, PathStatus, u64, u64, u64, u64, String)>,
 }
 
 impl Snapshot {
     fn take(live: &Live) -> Snapshot {
         let c = &live.inner.workload.counters;
         let stats = live.inner.lun.statistics();
+        let info = live.inner.lun.get_path_info();
+        let reason = |name: &str| {
+            info.iter()
+                .find(|p| p.name == name)
+                .map(|p| p.status_reason.clone())
+                .unwrap_or_default()
+        };
         Snapshot {
             at: Instant::now(),
             t: live.inner.epoch.elapsed().as_secs_f64(),
@@ -398,6 +475,12 @@ impl Snapshot {
                         p.reads + p.writes,
                         p.bytes_read + p.bytes_written,
                         p.in_flight,
+                        p.latency_p99_us,
+                        if p.status == PathStatus::Online {
+                            String::new()
+                        } else {
+                            reason(&p.name)
+                        },
                     )
                 })
                 .collect(),
@@ -420,16 +503,20 @@ impl Snapshot {
                 .paths
                 .iter()
                 .enumerate()
-                .map(|(i, (name, status, ios, bytes, in_flight))| {
-                    let (b_ios, b_bytes) = before.paths.get(i).map_or((0, 0), |p| (p.2, p.3));
-                    PathRate {
-                        name: name.clone(),
-                        status: *status,
-                        iops: per(*ios, b_ios),
-                        mib_per_s: per(*bytes, b_bytes) / 1048576.0,
-                        in_flight: *in_flight,
-                    }
-                })
+                .map(
+                    |(i, (name, status, ios, bytes, in_flight, p99_us, reason))| {
+                        let (b_ios, b_bytes) = before.paths.get(i).map_or((0, 0), |p| (p.2, p.3));
+                        PathRate {
+                            name: name.clone(),
+                            status: *status,
+                            iops: per(*ios, b_ios),
+                            mib_per_s: per(*bytes, b_bytes) / 1048576.0,
+                            in_flight: *in_flight,
+                            p99_us: *p99_us,
+                            reason: reason.clone(),
+                        }
+                    },
+                )
                 .collect(),
         }
     }
@@ -453,6 +540,8 @@ struct PathRate {
     iops: f64,
     mib_per_s: f64,
     in_flight: u64,
+    p99_us: u64,
+    reason: String,
 }
 
 /// `Online`, `Failed`, … from `VDS_MPS_ONLINE`.
