@@ -284,3 +284,28 @@ fn on_a_terminal_the_live_view_draws_the_consoles_paths_table() {
         "event lines scroll above:\n{all}"
     );
 }
+
+/// With `--json` the view goes to stderr (a terminal here) and stdout to a file: the file holds the
+/// JSON summary and nothing else (no terminal query, no panel).
+#[test]
+fn json_on_stdout_stays_clean_when_the_view_is_on_a_terminal() {
+    let bin = lunmpio_testkit::lunmpio_bin();
+    let dir = tempdir();
+    let json = dir.path().join("summary.json");
+    let script = format!(
+        "'{}' demo --quick --json > '{}'",
+        bin.display(),
+        json.display()
+    );
+    let screen = lunmpio_testkit::tmux::Tmux::start(&["sh", "-c", &script], 110, 32);
+    assert_eq!(
+        screen.wait_exit(Duration::from_secs(120)),
+        0,
+        "{}",
+        screen.scrollback()
+    );
+    let text = std::fs::read_to_string(&json).expect("the summary file");
+    let summary: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("stdout is not only JSON ({e}):\n{text:?}"));
+    assert_eq!(summary["guaranteesHeld"], true, "{summary}");
+}

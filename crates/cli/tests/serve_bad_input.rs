@@ -311,6 +311,15 @@ fn metrics_answer_get_metrics_with_every_family_and_404_elsewhere() {
     assert!(om.ends_with("# EOF\n"), "{om}");
     assert!(om.contains("# TYPE lunmpio_path_ios counter\n"), "{om}");
     assert!(om.contains("# TYPE lunmpio_build info\n"), "{om}");
+    // OpenMetrics family names are unique (a gauge and a counter may not share one).
+    let mut families: Vec<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next())
+        .collect();
+    let count = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(families.len(), count, "a family name twice in:\n{om}");
     let samples = |text: &str| -> Vec<String> {
         text.lines()
             .filter(|l| !l.starts_with('#'))

@@ -542,10 +542,6 @@ fn doctor_reads_the_running_daemon() {
         codes(&report).iter().any(|c| c == "daemon.other_config"),
         "{report:#}"
     );
-    let nomc_warnings = report["findings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|f| f["severity"] != "info" && f["subject"] == "nomc");
-    assert_eq!(status, i32::from(nomc_warnings), "{report:#}");
+    // The nomc LUN is live but not in sound.toml: nothing is claimed about its configured policy.
+    assert_eq!(status, 0, "{report:#}");
 }

@@ -62,6 +62,15 @@ fn gone(e: ClientError) -> TopError {
     TopError::DaemonGone(e.to_string())
 }
 
+fn lun_detail(client: &mut Client, name: &str) -> Result<LunDetail, ClientError> {
+    Ok(LunDetail {
+        name: name.to_string(),
+        paths: client.get_path_info(name)?.paths,
+        stats: client.get_statistics(name)?,
+        supported: client.get_supported_lb_policies(name)?,
+    })
+}
+
 fn refresh(
     client: &mut Client,
     model: &mut Model,
@@ -78,12 +87,16 @@ fn refresh(
     ui.lun = ui.lun.min(luns.len().saturating_sub(1));
     let lun = match luns.get(ui.lun) {
         None => None,
-        Some(l) => Some(LunDetail {
-            name: l.name.clone(),
-            paths: client.get_path_info(&l.name).map_err(gone)?.paths,
-            stats: client.get_statistics(&l.name).map_err(gone)?,
-            supported: client.get_supported_lb_policies(&l.name).map_err(gone)?,
-        }),
+        Some(l) => match lun_detail(client, &l.name) {
+            Ok(detail) => Some(detail),
+            // The LUN went between ListLuns and these calls (a reload removed it): the next
+            // refresh shows the new list. Only a lost connection ends the console.
+            Err(ClientError::Rpc(e)) => {
+                ui.message = Some(format!("{}: {e}", l.name));
+                None
+            }
+            Err(e) => return Err(gone(e)),
+        },
     };
     let events = client
         .get_events(None, model.last_event_seq)

@@ -82,6 +82,12 @@ impl Model {
     /// the same LUN (none at the first one, or after a counter went back, as after a restart).
     pub fn update(&mut self, snapshot: Snapshot, at: Instant) {
         self.rows.clear();
+        let shown = |s: Option<&Snapshot>| s.and_then(|s| s.lun.as_ref()).map(|l| l.name.clone());
+        if shown(self.snapshot.as_ref()) != shown(Some(&snapshot)) {
+            // Back on a LUN shown before: its counters moved while it was not shown, and a rate over
+            // that whole time would mislead; the first refresh has none.
+            self.last.clear();
+        }
         if let Some(lun) = &snapshot.lun {
             for info in &lun.paths {
                 let key = (lun.name.clone(), info.path_id);

@@ -65,13 +65,14 @@ impl Output {
         }
     }
 
-    /// An inline viewport of `height` lines at the bottom of this output's terminal.
+    /// An inline viewport of `height` lines at the bottom of this output's terminal. Only on stdout:
+    /// the viewport asks the terminal where its cursor is, and crossterm writes that question to
+    /// stdout, which carries the JSON summary when the view is on stderr (`--json`).
     fn tui(&self, height: u16) -> Option<Tui> {
-        let writer: Box<dyn Write + Send> = if self.stderr {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(std::io::stdout())
-        };
+        if self.stderr {
+            return None;
+        }
+        let writer: Box<dyn Write + Send> = Box::new(std::io::stdout());
         ratatui::Terminal::with_options(
             ratatui::backend::CrosstermBackend::new(writer),
             ratatui::TerminalOptions {
@@ -422,10 +423,13 @@ impl Live {
                     .areas(f.area());
             f.render_widget(Paragraph::new(head), top);
             f.render_widget(lunmpio_console::view::paths_table(rows, table.width), table);
+            // The cursor stays visible (on the panel's last line): a demo stopped with Ctrl-C
+            // leaves the shell with a cursor.
+            let area = f.area();
+            f.set_cursor_position((0, area.y + area.height.saturating_sub(1)));
         })?;
         if last {
             let area = frame.area;
-            terminal.show_cursor()?;
             terminal.set_cursor_position((0, area.y + area.height.saturating_sub(1)))?;
             self.inner.output.write("\n");
         }

@@ -1,4 +1,5 @@
-//! What a thread's sockets have received, for a data thread that polls instead of sleeping.
+//! What a thread's export connections have received, for a data thread that polls instead of
+//! sleeping.
 //!
 //! Why: at low queue depth every request pays two wake-ups in lunmpio (the client's request, the
 //! path's reply), and on a VM a wake-up costs tens of µs. A data thread with `data_poll_us` set keeps
@@ -21,7 +22,9 @@ thread_local! {
     static POLLER: Cell<Option<Waker>> = const { Cell::new(None) };
 }
 
-/// Counts a read that returned data, and wakes this thread's sleeping poller.
+/// Counts a read of an export connection that returned data (requests from a client: only they start
+/// a polling window, so an idle daemon's health probes do not keep it spinning), and wakes this
+/// thread's sleeping poller.
 pub(crate) fn note_read() {
     READS.with(|r| r.set(r.get().wrapping_add(1)));
     if let Some(w) = POLLER.with(Cell::take) {

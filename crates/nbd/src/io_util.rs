@@ -18,11 +18,7 @@ pub(crate) async fn fill<R: AsyncRead + Unpin>(
     if buf.capacity() - buf.len() < READ_SPACE_MIN_BYTES {
         buf.reserve(READ_BUFFER_BYTES);
     }
-    let n = rd.read_buf(buf).await?;
-    if n > 0 {
-        crate::activity::note_read();
-    }
-    Ok(n)
+    rd.read_buf(buf).await
 }
 
 /// Makes sure `buf` can hold `total` bytes without growing during the reads that follow.

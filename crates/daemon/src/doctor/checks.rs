@@ -34,9 +34,7 @@ pub fn check(config: &Config, facts: &Facts) -> Vec<Finding> {
     open_files(config, facts, &mut out);
     polling(config, facts, &mut out);
     if let Some(live) = &facts.live {
-        if live.info.config != facts.config_path.display().to_string()
-            && !live.info.config.is_empty()
-        {
+        if !live.info.config.is_empty() && !same_file(&live.info.config, &facts.config_path) {
             out.push(Finding::new(
                 Severity::Info,
                 "daemon.other_config",
@@ -59,6 +57,17 @@ pub fn check(config: &Config, facts: &Facts) -> Vec<Finding> {
     }
     client_settings(config, &mut out);
     out
+}
+
+/// Whether the daemon's config path and the checked one name the same file (one may be a symlink,
+/// as a Kubernetes ConfigMap's is).
+fn same_file(daemon: &str, checked: &std::path::Path) -> bool {
+    let daemon = std::path::Path::new(daemon);
+    daemon == checked
+        || std::fs::canonicalize(daemon)
+            .ok()
+            .zip(std::fs::canonicalize(checked).ok())
+            .is_some_and(|(a, b)| a == b)
 }
 
 /// The time a request may take inside lunmpio before it fails, when every path is lost while it
@@ -392,10 +401,11 @@ fn polling(config: &Config, facts: &Facts, out: &mut Vec<Finding>) {
     let Some(window) = config.daemon.data_poll else {
         return;
     };
-    let threads = super::super::serve::data_threads::thread_count(
-        config.daemon.data_threads,
-        config.luns.len(),
-    );
+    // As `data_threads::thread_count` does, with this host's CPU count from the facts.
+    let threads = match config.daemon.data_threads {
+        0 => config.luns.len().clamp(1, facts.host.cpus.max(1)),
+        n => n,
+    };
     if threads < facts.host.cpus {
         return;
     }

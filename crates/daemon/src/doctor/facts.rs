@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lunmpio_rpc::client::Client;
+use lunmpio_rpc::client::{Client, ClientError};
 use lunmpio_rpc::{DaemonInfo, LunSummary, PathInfoList, SupportedLbPolicies};
 
 /// How long the daemon has to answer each question before it is reported as not reachable.
@@ -80,17 +80,19 @@ pub fn gather_live(socket: &Path) -> Result<Live, String> {
         .map_err(|e| format!("ListLuns failed: {e}"))?;
     let mut luns = Vec::with_capacity(list.luns.len().min(LIVE_LUNS_MAX));
     for summary in list.luns.into_iter().take(LIVE_LUNS_MAX) {
-        let supported = client
+        let answers = client
             .get_supported_lb_policies(&summary.name)
-            .map_err(|e| format!("GetSupportedLbPolicies({}) failed: {e}", summary.name))?;
-        let paths = client
-            .get_path_info(&summary.name)
-            .map_err(|e| format!("GetPathInfo({}) failed: {e}", summary.name))?;
-        luns.push(LiveLun {
-            summary,
-            supported,
-            paths,
-        });
+            .and_then(|supported| Ok((supported, client.get_path_info(&summary.name)?)));
+        match answers {
+            Ok((supported, paths)) => luns.push(LiveLun {
+                summary,
+                supported,
+                paths,
+            }),
+            // The LUN went since ListLuns (a reload): the others are still checked.
+            Err(ClientError::Rpc(_)) => continue,
+            Err(e) => return Err(format!("asking about LUN {}: {e}", summary.name)),
+        }
     }
     let open_files_hard = hard_open_files_of(info.pid);
     Ok(Live {
@@ -100,8 +102,15 @@ pub fn gather_live(socket: &Path) -> Result<Live, String> {
     })
 }
 
-/// The hard "Max open files" of a process, from `/proc/PID/limits`.
+/// The hard "Max open files" of a process, from `/proc/PID/limits`, if that PID is a `lunmpio serve`
+/// here: in another PID namespace (a daemon in a container, asked through its socket on the node)
+/// the PID it reports is some other process of ours, whose limit says nothing about it.
 fn hard_open_files_of(pid: u32) -> Option<u64> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    if !args.iter().any(|a| *a == b"serve") {
+        return None;
+    }
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
     parse_hard_open_files(&text)
 }
@@ -136,8 +145,11 @@ mod tests {
             None,
             "a short line"
         );
-        let own = hard_open_files_of(std::process::id());
-        assert!(own.is_some_and(|n| n > 0), "this process's limit: {own:?}");
+        assert_eq!(
+            hard_open_files_of(std::process::id()),
+            None,
+            "a process that is not `lunmpio serve` is not read"
+        );
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub fn run(options: &DoctorOptions) -> Report {
                 live: live.ok(),
                 client_timeout: options.client_timeout,
                 // The daemon reports its file as an absolute path.
-                config_path: std::fs::canonicalize(&options.config)
+                config_path: std::path::absolute(&options.config)
                     .unwrap_or_else(|_| options.config.clone()),
             };
             check(config, &facts)

@@ -124,7 +124,8 @@ impl DataThreads {
 }
 
 /// Keeps the thread's runtime polling its sockets without sleeping until `window` has passed
-/// without a read, then lets it sleep until the next read.
+/// without a read from an export connection, then lets it sleep until the next one. Path replies
+/// that come while it polls are picked up without a wake-up too; health probes alone do not wake it.
 ///
 /// How: a task that yields is run again only after the runtime has polled its sockets, and while a
 /// task is waiting to run again the runtime polls with a zero timeout rather than sleeping. So while

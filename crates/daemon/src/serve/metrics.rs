@@ -254,12 +254,21 @@ impl Scrape {
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A label value as the exposition formats want it: `\`, `"` and newlines escaped (the encoder
+/// writes values as given, and names and URIs come from the config).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn path_labels(lun: &str, path: &str) -> Labels {
-    vec![("lun", lun.to_string()), ("path", path.to_string())]
+    vec![("lun", label(lun)), ("path", label(path))]
 }
 
 fn lun_labels(lun: &str) -> Labels {
-    vec![("lun", lun.to_string())]
+    vec![("lun", label(lun))]
 }
 
 /// A counter family; `name` without `_total`, which the encoder adds.
@@ -303,7 +312,7 @@ impl Collector for Scrape {
             None,
             MetricType::Info,
         )?
-        .encode_info(&vec![("version", env!("CARGO_PKG_VERSION"))])?;
+        .encode_info(&vec![("version", label(env!("CARGO_PKG_VERSION")))])?;
         // One series per path with its descriptive labels, for joins (`* on(lun, path) group_left(uri)`).
         let mut info = enc.encode_descriptor(
             "lunmpio_path",
@@ -314,7 +323,7 @@ impl Collector for Scrape {
         for lun in &self.luns {
             for p in &lun.info {
                 let mut labels = path_labels(&lun.name, &p.name);
-                labels.push(("uri", p.uri.clone()));
+                labels.push(("uri", label(&p.uri)));
                 labels.push(("transport", p.transport.name().to_string()));
                 labels.push(("interconnect", p.hw_type.vds_name().to_string()));
                 info.encode_info(&labels)?;
@@ -468,9 +477,10 @@ impl Scrape {
             "Old copies of writes that a failed, hung or slow path may still execute, right now; each holds its range for new writes.",
             per_lun(&|l| l.stats.in_doubt_writes),
         )?;
+        // Not `lunmpio_lun_in_doubt_writes` (the gauge's family): OpenMetrics family names are unique.
         counters(
             enc,
-            "lunmpio_lun_in_doubt_writes",
+            "lunmpio_lun_in_doubt_copies",
             "Copies of writes ever put in doubt.",
             per_lun(&|l| l.stats.in_doubt_writes_total),
         )?;
@@ -584,6 +594,13 @@ mod tests {
         assert_eq!(get_target("POST /metrics HTTP/1.1"), None);
         assert_eq!(get_target(""), None);
         assert_eq!(get_target("GET"), None);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label("x\ny"), "x\\ny");
+        assert_eq!(label("plain-name_0"), "plain-name_0");
     }
 
     #[test]

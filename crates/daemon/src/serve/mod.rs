@@ -411,10 +411,10 @@ pub async fn run(
             config,
             StartOptions {
                 inherited,
-                // Absolute, so reloads and `lunmpio daemon` name the file wherever they run from.
-                config_path: Some(
-                    std::fs::canonicalize(&args.config).unwrap_or(args.config.clone()),
-                ),
+                // Absolute, so reloads and `lunmpio daemon` name the file wherever they run from;
+                // not resolved: a Kubernetes ConfigMap's file is a symlink into a directory the
+                // kubelet replaces on every update, and a reload must read the new one.
+                config_path: Some(std::path::absolute(&args.config).unwrap_or(args.config.clone())),
                 handover,
                 config_text,
             },

@@ -706,6 +706,8 @@ async fn read_request<R: AsyncRead + Unpin>(
             }
             return Err(ServerError::Truncated);
         }
+        // A client's requests keep a polling data thread polling; a path's probe replies do not.
+        crate::activity::note_read();
     }
 }
 
