@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use lunmpio_engine::transport::PathTarget;
+use lunmpio_engine::transport::{PathTarget, TlsFiles};
 use lunmpio_engine::{Failback, LunSettings, LunSpec, NoPathRetry, PathSpec, stable_id};
 use lunmpio_vds::{HwProviderType, LoadBalancePolicy, Wwn};
 use serde::Deserialize;
@@ -272,6 +272,9 @@ struct RawPath {
     hba_wwnn: Option<Spanned<String>>,
     hba_wwpn: Option<Spanned<String>>,
     fence: Option<Spanned<Vec<String>>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -334,6 +337,44 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// A path's `tls_ca`, `tls_cert` and `tls_key`; relative file names are relative to the config
+    /// file's directory.
+    fn tls_files(&self, raw: &RawPath, table: &str) -> Result<Option<TlsFiles>, ConfigError> {
+        let file = |v: &Spanned<String>| {
+            let path = Path::new(v.get_ref());
+            match Path::new(self.file).parent() {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path.to_path_buf(),
+            }
+        };
+        let identity = match (&raw.tls_cert, &raw.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((file(cert), file(key))),
+            (Some(v), None) | (None, Some(v)) => {
+                return Err(self.error(
+                    v.span(),
+                    format!("{table}.tls_cert"),
+                    "tls_cert and tls_key go together (the client certificate and its key)",
+                ));
+            }
+        };
+        match (&raw.tls_ca, identity) {
+            (None, None) => Ok(None),
+            (Some(ca), identity) => Ok(Some(TlsFiles {
+                ca: file(ca),
+                identity,
+            })),
+            (None, Some(_)) => {
+                let span = raw.tls_cert.as_ref().map(|v| v.span()).unwrap_or(0..0);
+                Err(self.error(
+                    span,
+                    format!("{table}.tls_ca"),
+                    "a client certificate needs tls_ca too (the CA that signed the server's certificate)",
+                ))
+            }
+        }
+    }
+
     fn error(&self, span: Range<usize>, key: String, message: impl Into<String>) -> ConfigError {
         let (line, column) = line_column(self.text, span.start);
         ConfigError {
@@ -648,12 +689,18 @@ impl Context<'_> {
 
     fn path(&self, raw: &RawPath, table: &str) -> Result<PathTable, ConfigError> {
         let uri = raw.uri.get_ref().clone();
-        let supported = ["nbd://", "nbd+unix://", "file://"];
+        let supported = [
+            "nbd://",
+            "nbd+unix://",
+            "nbds://",
+            "nbds+unix://",
+            "file://",
+        ];
         if !supported.iter().any(|s| uri.starts_with(s)) {
             return Err(self.error(
                 raw.uri.span(),
                 format!("{table}.uri"),
-                format!("{uri:?}: expected nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH or file:///PATH"),
+                format!("{uri:?}: expected nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, their TLS forms nbds:// and nbds+unix://, or file:///PATH"),
             ));
         }
         let name = match &raw.name {
@@ -684,15 +731,16 @@ impl Context<'_> {
                 )
             })?),
         };
-        if bind.is_some() && !uri.starts_with("nbd://") {
+        if bind.is_some() && !(uri.starts_with("nbd://") || uri.starts_with("nbds://")) {
             let span = raw.bind.as_ref().map(|b| b.span()).unwrap_or(0..0);
             return Err(self.error(
                 span,
                 format!("{table}.bind"),
-                "bind applies to nbd:// (TCP) paths only",
+                "bind applies to nbd:// and nbds:// (TCP) paths only",
             ));
         }
-        let target = PathTarget::parse(&uri, bind)
+        let tls = self.tls_files(raw, table)?;
+        let target = PathTarget::parse_tls(&uri, bind, tls.as_ref())
             .map_err(|e| self.error(raw.uri.span(), format!("{table}.uri"), e.reason))?;
         let interconnect = match &raw.interconnect {
             None => None,

@@ -4,6 +4,7 @@
 //! * [`client`]: an async (tokio) client with many requests in flight on one connection.
 //! * [`server`]: an async server generic over a [`server::Backend`].
 //! * [`uri`]: NBD URIs (`nbd://`, `nbd+unix://`).
+//! * [`tls`]: TLS 1.3 (rustls) for `nbds://` paths: the client side of NBD_OPT_STARTTLS.
 //! * [`activity`]: what a thread's connections have read, for a data thread that polls.
 //!
 //! The public surface is the contract in `docs/NBD_API.md`.
@@ -14,6 +15,7 @@ mod io_util;
 pub mod proto;
 mod request;
 pub mod server;
+pub mod tls;
 mod types;
 pub mod uri;
 

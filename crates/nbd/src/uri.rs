@@ -1,5 +1,6 @@
-//! NBD URIs (NBD's `doc/uri.md`): `nbd://HOST[:PORT]/EXPORT` and
-//! `nbd+unix:///EXPORT?socket=PATH`. TLS schemes are recognised and refused for now.
+//! NBD URIs (NBD's `doc/uri.md`): `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`,
+//! and their TLS forms `nbds://` and `nbds+unix://` (with `?tls-hostname=NAME` for the name the
+//! server's certificate must carry, when it is not the host).
 
 use crate::client::Endpoint;
 use crate::proto::NBD_DEFAULT_PORT;
@@ -10,6 +11,10 @@ use std::path::PathBuf;
 pub struct NbdUri {
     pub endpoint: Endpoint,
     pub export: String,
+    /// `nbds://` or `nbds+unix://`: the connection must be upgraded to TLS (STARTTLS).
+    pub tls: bool,
+    /// `tls-hostname=`: the name to verify in the server's certificate instead of the host.
+    pub tls_hostname: Option<String>,
 }
 
 /// Longest URI accepted (a sanity bound).
@@ -19,8 +24,6 @@ pub const URI_BYTES_MAX: usize = 8192;
 pub enum UriError {
     #[error("not an NBD URI (expected nbd:// or nbd+unix://): {0}")]
     Scheme(String),
-    #[error("TLS not supported yet ({0})")]
-    TlsNotSupported(String),
     #[error("bad host: {0}")]
     Host(String),
     #[error("bad port: {0}")]
@@ -44,11 +47,12 @@ pub fn parse(s: &str) -> Result<NbdUri, UriError> {
         .split_once("://")
         .ok_or_else(|| UriError::Scheme(s.to_string()))?;
     let scheme = scheme.to_ascii_lowercase();
-    match scheme.as_str() {
-        "nbd" | "nbd+unix" => {}
-        "nbds" | "nbds+unix" => return Err(UriError::TlsNotSupported(scheme)),
+    let tls = match scheme.as_str() {
+        "nbd" | "nbd+unix" => false,
+        "nbds" | "nbds+unix" => true,
         _ => return Err(UriError::Scheme(s.to_string())),
-    }
+    };
+    let unix = scheme.ends_with("+unix");
     // Fragment is ignored; query comes after the path.
     let rest = rest.split('#').next().unwrap_or_default();
     let (before_query, query) = match rest.split_once('?') {
@@ -61,6 +65,7 @@ pub fn parse(s: &str) -> Result<NbdUri, UriError> {
     };
     let export = percent_decode(path)?;
     let mut socket = None;
+    let mut tls_hostname = None;
     for pair in query
         .unwrap_or_default()
         .split('&')
@@ -69,12 +74,14 @@ pub fn parse(s: &str) -> Result<NbdUri, UriError> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
             "socket" => socket = Some(percent_decode(v)?),
-            // Accepted for compatibility, meaningless without TLS.
+            "tls-hostname" if tls => tls_hostname = Some(percent_decode(v)?),
+            // Accepted for compatibility with libnbd's URIs; lunmpio takes its TLS files from its
+            // config (tls_ca, tls_cert, tls_key).
             "tls-certificates" | "tls-psk-file" | "tls-username" | "tls-hostname" => {}
             other => return Err(UriError::Query(format!("unknown parameter {other:?}"))),
         }
     }
-    if scheme == "nbd+unix" {
+    if unix {
         if !authority.is_empty() {
             return Err(UriError::Host(format!(
                 "nbd+unix:// takes no host, got {authority:?}"
@@ -88,6 +95,8 @@ pub fn parse(s: &str) -> Result<NbdUri, UriError> {
                 path: PathBuf::from(path),
             },
             export,
+            tls,
+            tls_hostname,
         });
     }
     if socket.is_some() {
@@ -101,6 +110,8 @@ pub fn parse(s: &str) -> Result<NbdUri, UriError> {
             bind: None,
         },
         export,
+        tls,
+        tls_hostname,
     })
 }
 
@@ -193,7 +204,9 @@ mod tests {
             u,
             NbdUri {
                 endpoint: tcp("localhost", 10809),
-                export: "disk".into()
+                export: "disk".into(),
+                tls: false,
+                tls_hostname: None,
             }
         );
         assert_eq!(parse("nbd://10.0.0.1:10900/a%20b").unwrap().export, "a b");
@@ -231,14 +244,22 @@ mod tests {
 
     #[test]
     fn errors() {
+        let t = parse("nbds://h:10900/x?tls-hostname=storage.example").unwrap();
         assert_eq!(
-            parse("nbds://h/x").unwrap_err().to_string(),
-            "TLS not supported yet (nbds)"
+            (t.tls, t.tls_hostname.as_deref()),
+            (true, Some("storage.example"))
         );
-        assert!(matches!(
-            parse("nbds+unix:///x?socket=/s"),
-            Err(UriError::TlsNotSupported(_))
-        ));
+        assert_eq!(t.endpoint, tcp("h", 10900));
+        let u = parse("nbds+unix:///x?socket=/s").unwrap();
+        assert!(u.tls && u.tls_hostname.is_none());
+        assert!(
+            !parse("nbd://h/x?tls-hostname=y").unwrap().tls,
+            "plain stays plain"
+        );
+        assert_eq!(
+            parse("nbd://h/x?tls-hostname=y").unwrap().tls_hostname,
+            None
+        );
         assert!(matches!(parse("http://h/x"), Err(UriError::Scheme(_))));
         assert!(matches!(parse("h/x"), Err(UriError::Scheme(_))));
         assert!(matches!(parse("nbd://h:0/x"), Err(UriError::Port(_))));

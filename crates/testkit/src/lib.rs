@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 pub mod fio;
 pub mod inprocess;
 pub mod relay;
+pub mod tls;
 pub mod tmux;
 
 use nix::sys::signal::{Signal, kill};

@@ -330,6 +330,7 @@ fn unencrypted_paths(lun: &LunTable, paths: &[PathSpec], out: &mut Vec<Finding>)
         .filter_map(|p| match &p.target {
             PathTarget::Nbd {
                 endpoint: Endpoint::Tcp { host, .. },
+                tls: None,
                 ..
             } if !is_loopback_host(host) => Some(format!("{} ({host})", p.name)),
             _ => None,
@@ -347,8 +348,8 @@ fn unencrypted_paths(lun: &LunTable, paths: &[PathSpec], out: &mut Vec<Finding>)
             remote.join(", "),
             if remote.len() == 1 { "es" } else { "" }
         ),
-        "keep the paths on an isolated storage network, or carry them through an encrypted tunnel \
-         (WireGuard, IPsec); this version of lunmpio has no nbds:// (TLS) yet",
+        "use nbds:// with tls_ca (and tls_cert/tls_key if the server verifies its clients), or keep \
+         the paths on an isolated storage network",
     ));
 }
 

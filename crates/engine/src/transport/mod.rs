@@ -176,8 +176,18 @@ pub enum PathTarget {
     Nbd {
         endpoint: lunmpio_nbd::client::Endpoint,
         export: String,
+        /// `nbds://`: the connection is upgraded to TLS with this configuration.
+        tls: Option<lunmpio_nbd::tls::ClientTls>,
     },
     File(FileTarget),
+}
+
+/// The files a `nbds://` path verifies its server with (`tls_ca`) and, when the server wants a
+/// client certificate, proves itself with (`tls_cert`, `tls_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// A path URI that cannot be used.
@@ -190,7 +200,19 @@ pub struct UriError {
 
 impl PathTarget {
     /// Parses a path URI. `bind` is the local source address for TCP (the path's initiator port).
+    /// A `nbds://` URI needs [`PathTarget::parse_tls`].
     pub fn parse(uri: &str, bind: Option<IpAddr>) -> Result<PathTarget, UriError> {
+        PathTarget::parse_tls(uri, bind, None)
+    }
+
+    /// [`PathTarget::parse`], with the TLS files of a `nbds://` path (read now: a file that cannot
+    /// be used is an error here, not at the first connect). The server's certificate must name the
+    /// URI's host, or its `tls-hostname=`.
+    pub fn parse_tls(
+        uri: &str,
+        bind: Option<IpAddr>,
+        tls: Option<&TlsFiles>,
+    ) -> Result<PathTarget, UriError> {
         let bad = |reason: String| UriError {
             uri: uri.to_string(),
             reason,
@@ -207,6 +229,35 @@ impl PathTarget {
             return Ok(PathTarget::File(FileTarget::new(PathBuf::from(rest))));
         }
         let parsed = lunmpio_nbd::uri::parse(uri).map_err(|e| bad(e.to_string()))?;
+        let tls = match (parsed.tls, tls) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(bad(
+                    "tls_ca, tls_cert and tls_key apply to nbds:// paths only".into(),
+                ));
+            }
+            (true, None) => {
+                return Err(bad(
+                    "an nbds:// path needs tls_ca (the CA that signed the server's certificate)"
+                        .into(),
+                ));
+            }
+            (true, Some(files)) => {
+                let server_name = match (&parsed.tls_hostname, &parsed.endpoint) {
+                    (Some(name), _) => name.clone(),
+                    (None, lunmpio_nbd::client::Endpoint::Tcp { host, .. }) => host.clone(),
+                    (None, lunmpio_nbd::client::Endpoint::Unix { .. }) => "localhost".to_string(),
+                };
+                let identity = files
+                    .identity
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path()));
+                Some(
+                    lunmpio_nbd::tls::ClientTls::new(&files.ca, identity, &server_name)
+                        .map_err(|e| bad(e.to_string()))?,
+                )
+            }
+        };
         let endpoint = match (parsed.endpoint, bind) {
             (lunmpio_nbd::client::Endpoint::Tcp { host, port, .. }, bind) => {
                 lunmpio_nbd::client::Endpoint::Tcp { host, port, bind }
@@ -219,6 +270,7 @@ impl PathTarget {
         Ok(PathTarget::Nbd {
             endpoint,
             export: parsed.export,
+            tls,
         })
     }
 
@@ -240,11 +292,13 @@ impl PathTarget {
     /// Connects and negotiates, bounded by `limits.connect_timeout`.
     pub async fn connect(&self, limits: ConnectLimits) -> Result<PathConnection, PathError> {
         match self {
-            PathTarget::Nbd { endpoint, export } => {
-                NbdConnection::connect(endpoint.clone(), export.clone(), limits)
-                    .await
-                    .map(PathConnection::Nbd)
-            }
+            PathTarget::Nbd {
+                endpoint,
+                export,
+                tls,
+            } => NbdConnection::connect(endpoint.clone(), export.clone(), tls.clone(), limits)
+                .await
+                .map(PathConnection::Nbd),
             PathTarget::File(target) => target.open().await.map(PathConnection::File),
         }
     }
@@ -334,6 +388,7 @@ mod tests {
             PathTarget::Nbd {
                 endpoint: lunmpio_nbd::client::Endpoint::Tcp { port, bind, .. },
                 export,
+                tls: None,
             } => {
                 assert_eq!(port, 10809);
                 assert_eq!(export, "lun0");

@@ -18,9 +18,11 @@ impl NbdConnection {
     pub(super) async fn connect(
         endpoint: Endpoint,
         export: String,
+        tls: Option<lunmpio_nbd::tls::ClientTls>,
         limits: ConnectLimits,
     ) -> Result<NbdConnection, PathError> {
         let mut options = ConnectOptions::new(endpoint, export);
+        options.tls = tls;
         options.connect_timeout = limits.connect_timeout;
         options.max_in_flight = limits.in_flight_max;
         // The engine applies its own (adaptive) deadline per request; the client never times out

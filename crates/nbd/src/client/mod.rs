@@ -55,6 +55,9 @@ pub struct ConnectOptions {
     /// Ask for `base:allocation` (needs structured replies).
     pub base_allocation: bool,
     pub max_in_flight: usize,
+    /// Upgrade the connection to TLS (NBD_OPT_STARTTLS) before anything else is negotiated; the
+    /// handshake fails if the server refuses or its certificate does not verify.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ConnectOptions {
@@ -67,6 +70,7 @@ impl ConnectOptions {
             structured_replies: true,
             base_allocation: true,
             max_in_flight: 256,
+            tls: None,
         }
     }
 

@@ -15,20 +15,114 @@ const OPTION_REPLIES_MAX: usize = 4096;
 pub(super) async fn connect(options: &ConnectOptions) -> Result<Client, ClientError> {
     match &options.endpoint {
         Endpoint::Tcp { host, port, bind } => {
-            let stream = connect_tcp(host, *port, *bind).await?;
+            let mut stream = connect_tcp(host, *port, *bind).await?;
+            if let Some(tls) = &options.tls {
+                let no_zeroes = {
+                    let (mut rd, mut wr) = stream.split();
+                    start_tls(&mut rd, &mut wr).await?
+                };
+                return over_tls(stream, tls, no_zeroes, options).await;
+            }
             let (mut rd, mut wr) = stream.into_split();
             let (info, leftover) = negotiate(&mut rd, &mut wr, options).await?;
             Ok(Client::start(rd, wr, leftover, info, options))
         }
         Endpoint::Unix { path } => {
-            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+            let mut stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                 ClientError::Connection(format!("connect to {}: {e}", path.display()))
             })?;
+            if let Some(tls) = &options.tls {
+                let no_zeroes = {
+                    let (mut rd, mut wr) = stream.split();
+                    start_tls(&mut rd, &mut wr).await?
+                };
+                return over_tls(stream, tls, no_zeroes, options).await;
+            }
             let (mut rd, mut wr) = stream.into_split();
             let (info, leftover) = negotiate(&mut rd, &mut wr, options).await?;
             Ok(Client::start(rd, wr, leftover, info, options))
         }
     }
+}
+
+/// The greeting and NBD_OPT_STARTTLS on the plain stream; whether the zero padding is off. Nothing
+/// but the TLS handshake may follow the server's acknowledgement.
+async fn start_tls<R, W>(rd: &mut R, wr: &mut W) -> Result<bool, ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut c = Conv {
+        rd,
+        wr,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(512),
+    };
+    let no_zeroes = c.greet().await?;
+    c.send_option(&ClientOption::StartTls).await?;
+    match c.reply(NBD_OPT_STARTTLS).await? {
+        OptionReply::Ack => {}
+        OptionReply::Error { error, message } => {
+            return Err(hs(format!(
+                "the server refused TLS (NBD_OPT_STARTTLS: {}{})",
+                error.name(),
+                if message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {message}")
+                }
+            )));
+        }
+        other => {
+            return Err(hs(format!(
+                "unexpected reply to NBD_OPT_STARTTLS: {other:?}"
+            )));
+        }
+    }
+    if !c.buf.is_empty() {
+        return Err(hs("the server sent data after acknowledging STARTTLS"));
+    }
+    Ok(no_zeroes)
+}
+
+/// The TLS handshake on `stream`, then the rest of the negotiation over TLS.
+async fn over_tls<S>(
+    stream: S,
+    tls: &crate::tls::ClientTls,
+    no_zeroes: bool,
+    options: &ConnectOptions,
+) -> Result<Client, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(&tls.config));
+    let stream = connector
+        .connect(tls.server_name.clone(), stream)
+        .await
+        .map_err(|e| hs(format!("TLS handshake: {e}")))?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let c = Conv {
+        rd: &mut rd,
+        wr: &mut wr,
+        buf: BytesMut::with_capacity(4096),
+        out: BytesMut::with_capacity(512),
+    };
+    let (info, leftover) = c.negotiate_options(options, no_zeroes).await.map_err(|e| {
+        // In TLS 1.3 the server judges the client's certificate after the handshake has
+        // completed on our side: a refusal shows as the session closing under the first option.
+        let text = e.to_string();
+        if options.tls.as_ref().is_some_and(|t| t.identity.is_none())
+            && (text.contains("close_notify") || text.contains("closed"))
+        {
+            hs(format!(
+                "the server closed the TLS session (does it require a client certificate? set \
+                 tls_cert and tls_key): {text}"
+            ))
+        } else {
+            e
+        }
+    })?;
+    Ok(Client::start(rd, wr, leftover, info, options))
 }
 
 async fn connect_tcp(
@@ -147,30 +241,43 @@ where
         out: BytesMut::with_capacity(512),
     };
     let no_zeroes = c.greet().await?;
-    let structured = c.structured_replies(options.structured_replies).await?;
-    let base_allocation = if structured && options.base_allocation {
-        c.base_allocation(&options.export).await?
-    } else {
-        None
-    };
-    let (size, flags, block_size, negotiated_with) = match c.go(&options.export).await? {
-        Some((size, flags, block_size)) => (size, flags, block_size, Negotiation::Go),
-        // An old server: EXPORT_NAME, which says nothing of block sizes.
-        None => {
-            let (size, flags) = c.export_name(&options.export, no_zeroes).await?;
-            (size, flags, None, Negotiation::ExportName)
-        }
-    };
-    let info = ExportInfo {
-        name: options.export.clone(),
-        size,
-        flags,
-        block_size: sanitize_block_size(block_size)?,
-        structured_replies: structured,
-        base_allocation,
-        negotiated_with,
-    };
-    Ok((info, c.buf))
+    c.negotiate_options(options, no_zeroes).await
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
+    /// Everything after the greeting (and after STARTTLS, over TLS): structured replies, the
+    /// metadata context, GO or EXPORT_NAME.
+    async fn negotiate_options(
+        mut self,
+        options: &ConnectOptions,
+        no_zeroes: bool,
+    ) -> Result<(ExportInfo, BytesMut), ClientError> {
+        let c = &mut self;
+        let structured = c.structured_replies(options.structured_replies).await?;
+        let base_allocation = if structured && options.base_allocation {
+            c.base_allocation(&options.export).await?
+        } else {
+            None
+        };
+        let (size, flags, block_size, negotiated_with) = match c.go(&options.export).await? {
+            Some((size, flags, block_size)) => (size, flags, block_size, Negotiation::Go),
+            // An old server: EXPORT_NAME, which says nothing of block sizes.
+            None => {
+                let (size, flags) = c.export_name(&options.export, no_zeroes).await?;
+                (size, flags, None, Negotiation::ExportName)
+            }
+        };
+        let info = ExportInfo {
+            name: options.export.clone(),
+            size,
+            flags,
+            block_size: sanitize_block_size(block_size)?,
+            structured_replies: structured,
+            base_allocation,
+            negotiated_with,
+        };
+        Ok((info, std::mem::take(&mut c.buf)))
+    }
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
@@ -268,8 +375,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
                     } else {
                         format!(" ({message})")
                     };
+                    let hint = if error == OptionError::TlsReqd {
+                        " (the server requires TLS: use an nbds:// URI with tls_ca)"
+                    } else {
+                        ""
+                    };
                     return Err(hs(format!(
-                        "server refused export {export:?}: {}{detail}",
+                        "server refused export {export:?}: {}{detail}{hint}",
                         error.name()
                     )));
                 }

@@ -1,0 +1,228 @@
+//! `nbds://` paths: TLS 1.3 (NBD_OPT_STARTTLS) from lunmpio's paths to servers we did not write,
+//! with certificates made in the test: qemu-nbd with `tls-creds-x509` (which verifies our client
+//! certificate) and nbdkit `--tls=require`. Verified I/O flows over both; a server certificate
+//! from another CA, a client without a certificate, and a plain `nbd://` path to a TLS-only server
+//! each leave the path Failed with the reason, carrying no I/O, while the daemon serves on.
+
+use std::time::Duration;
+
+use lunmpio_testkit::fio::Fio;
+use lunmpio_testkit::tls::{Certs, make_certs};
+use lunmpio_testkit::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// qemu-nbd serving a 64 MiB image over TLS on a free TCP port (`-e 4`: several paths), verifying
+/// its clients' certificates.
+fn qemu_nbd_tls(certs: &Certs) -> (ProcessGuard, u16, tempfile::TempDir) {
+    require_tool("qemu-nbd", "qemu-utils");
+    let dir = tempdir();
+    let image = dir.path().join("disk.img");
+    run_ok(
+        tool("qemu-img")
+            .args(["create", "-f", "raw"])
+            .arg(&image)
+            .arg("64M"),
+    );
+    let port = free_port();
+    let guard = spawn_tcp_server(
+        "qemu-nbd",
+        tool("qemu-nbd")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                certs.dir.path().display()
+            ))
+            .args([
+                "--tls-creds",
+                "tls0",
+                "-f",
+                "raw",
+                "-x",
+                "vol",
+                "-e",
+                "4",
+                "-t",
+            ])
+            .args(["-b", "127.0.0.1", "-p", &port.to_string()])
+            .arg(&image),
+        port,
+    );
+    (guard, port, dir)
+}
+
+/// nbdkit refusing every option but STARTTLS before TLS, over a 64 MiB RAM disk.
+fn nbdkit_tls(certs: &Certs) -> (ProcessGuard, u16) {
+    require_tool("nbdkit", "nbdkit");
+    let port = free_port();
+    let guard = spawn_tcp_server(
+        "nbdkit",
+        tool("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "--tls=require"])
+            .arg(format!("--tls-certificates={}", certs.dir.path().display()))
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "memory", "64M"]),
+        port,
+    );
+    (guard, port)
+}
+
+fn tls_path(name: &str, uri: &str, ca: &std::path::Path, client: Option<&Certs>) -> String {
+    let mut t = format!(
+        "[[lun.path]]\nname = \"{name}\"\nuri = \"{uri}\"\ntls_ca = \"{}\"\n",
+        ca.display()
+    );
+    if let Some(c) = client {
+        t.push_str(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            c.client_cert().display(),
+            c.client_key().display()
+        ));
+    }
+    t
+}
+
+#[test]
+fn nbds_paths_to_qemu_nbd_and_nbdkit_carry_verified_io() {
+    let certs = make_certs("lunmpio test CA");
+    let (_qemu, qport, _img) = qemu_nbd_tls(&certs);
+    let (_kit, kport) = nbdkit_tls(&certs);
+    let config = format!(
+        "[[lun]]\nname = \"q\"\npolicy = \"round-robin\"\nshared_backing = true\n{}{}\
+         [[lun]]\nname = \"k\"\n{}",
+        tls_path(
+            "q0",
+            &format!("nbds://127.0.0.1:{qport}/vol"),
+            &certs.ca(),
+            Some(&certs)
+        ),
+        tls_path(
+            "q1",
+            &format!("nbds://localhost:{qport}/vol"),
+            &certs.ca(),
+            Some(&certs)
+        ),
+        tls_path(
+            "k0",
+            &format!("nbds://127.0.0.1:{kport}/"),
+            &certs.ca(),
+            None
+        ),
+    );
+    let daemon = Daemon::spawn(&config);
+    for (lun, path) in [("q", "q0"), ("q", "q1"), ("k", "k0")] {
+        daemon.wait_path_status(lun, path, "VDS_MPS_ONLINE", WAIT);
+    }
+    for lun in ["q", "k"] {
+        let fio = Fio::start(&daemon.uri(lun), Duration::from_secs(2), &[]);
+        fio.finish(Duration::from_secs(60))
+            .assert_clean(&format!("TLS LUN {lun}"));
+    }
+    let ios = daemon.path_ios("q");
+    assert!(
+        ios.iter().all(|n| *n > 0),
+        "both TLS paths carried I/O: {ios:?}"
+    );
+}
+
+#[test]
+fn a_path_that_fails_tls_is_failed_with_the_reason_and_carries_nothing() {
+    let certs = make_certs("lunmpio test CA");
+    let other = make_certs("some other CA");
+    let (_qemu, qport, _img) = qemu_nbd_tls(&certs);
+    let (_kit, kport) = nbdkit_tls(&certs);
+    let config = format!(
+        "[[lun]]\nname = \"q\"\npolicy = \"round-robin\"\nshared_backing = true\n{}{}{}\
+         [[lun]]\nname = \"k\"\n{}[[lun.path]]\nname = \"plain\"\nuri = \"nbd://127.0.0.1:{kport}/\"\n",
+        tls_path(
+            "good",
+            &format!("nbds://127.0.0.1:{qport}/vol"),
+            &certs.ca(),
+            Some(&certs)
+        ),
+        // The server's certificate is not signed by the CA this path trusts.
+        tls_path(
+            "wrong-ca",
+            &format!("nbds://localhost:{qport}/vol"),
+            &other.ca(),
+            Some(&certs)
+        ),
+        // qemu-nbd verifies its peers: no client certificate, no connection.
+        tls_path(
+            "no-cert",
+            &format!("nbds://127.0.0.1:{qport}/vol?tls-hostname=localhost"),
+            &certs.ca(),
+            None,
+        ),
+        tls_path(
+            "k0",
+            &format!("nbds://127.0.0.1:{kport}/"),
+            &certs.ca(),
+            None
+        ),
+    );
+    let daemon = Daemon::spawn(&config);
+    daemon.wait_path_status("q", "good", "VDS_MPS_ONLINE", WAIT);
+    daemon.wait_path_status("k", "k0", "VDS_MPS_ONLINE", WAIT);
+    for (lun, path, says) in [
+        ("q", "wrong-ca", "certificate"),
+        ("q", "no-cert", "client certificate"),
+        ("k", "plain", "the server requires TLS"),
+    ] {
+        daemon.wait_path_status(lun, path, "VDS_MPS_FAILED", WAIT);
+        let reason = daemon.path_reason(lun, path);
+        eprintln!("{lun}/{path}: {reason}");
+        assert!(
+            reason.contains(says),
+            "{lun}/{path}: {reason:?} should mention {says:?}"
+        );
+    }
+    let fio = Fio::start(&daemon.uri("q"), Duration::from_secs(2), &[]);
+    fio.finish(Duration::from_secs(60))
+        .assert_clean("a LUN with failed TLS paths");
+    let stats = daemon.stats("q");
+    for p in stats["paths"].as_array().unwrap() {
+        if p["name"] != "good" {
+            assert_eq!(p["ios"], 0, "a path that failed TLS carried I/O: {p}");
+        }
+    }
+}
+
+/// An `nbds://` path without `tls_ca`, and TLS keys on a plain path, stop the start with the key
+/// and the line.
+#[test]
+fn tls_keys_are_checked_at_start() {
+    let dir = tempdir();
+    let config = dir.path().join("lunmpio.toml");
+    for (text, says) in [
+        (
+            "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbds://127.0.0.1:1/x\"\n",
+            "needs tls_ca",
+        ),
+        (
+            "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbd://127.0.0.1:1/x\"\ntls_ca = \"/etc/hostname\"\n",
+            "nbds:// paths only",
+        ),
+        (
+            "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbds://127.0.0.1:1/x\"\ntls_ca = \"/nonexistent/ca.pem\"\n",
+            "/nonexistent/ca.pem",
+        ),
+        (
+            "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbds://127.0.0.1:1/x\"\ntls_ca = \"ca.pem\"\ntls_cert = \"c.pem\"\n",
+            "tls_cert and tls_key go together",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = run(
+            std::process::Command::new(lunmpio_bin())
+                .args(["doctor", "--config"])
+                .arg(&config),
+            Duration::from_secs(10),
+        );
+        let stdout = stdout_text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stdout}");
+        assert!(
+            stdout.contains("config.invalid") && stdout.contains(says),
+            "{says:?} missing:\n{stdout}"
+        );
+    }
+}
