@@ -210,6 +210,19 @@ fn tls_keys_are_checked_at_start() {
             "[[lun]]\nname = \"a\"\n[[lun.path]]\nuri = \"nbds://127.0.0.1:1/x\"\ntls_ca = \"ca.pem\"\ntls_cert = \"c.pem\"\n",
             "tls_cert and tls_key go together",
         ),
+        ("[daemon]\ntls = \"maybe\"\n", "not off, on or require"),
+        (
+            "[daemon]\ntls = \"require\"\n",
+            "needs tls_cert and tls_key",
+        ),
+        (
+            "[daemon]\ntls_cert = \"c.pem\"\n",
+            "to use TLS on the exports",
+        ),
+        (
+            "[daemon]\ntls = \"on\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+            "/nonexistent/c.pem",
+        ),
     ] {
         std::fs::write(&config, text).unwrap();
         let out = run(
@@ -225,4 +238,186 @@ fn tls_keys_are_checked_at_start() {
             "{says:?} missing:\n{stdout}"
         );
     }
+}
+
+/// A daemon whose exports speak TLS (`tls = mode`), with the test's server certificate.
+fn tls_daemon(certs: &Certs, mode: &str, client_ca: bool) -> (Daemon, Target) {
+    let target = TargetSpec::memory("16MiB", 2).spawn();
+    let mut extra = format!(
+        "tls = \"{mode}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        certs.path("server-cert.pem").display(),
+        certs.path("server-key.pem").display()
+    );
+    if client_ca {
+        extra.push_str(&format!("tls_client_ca = \"{}\"\n", certs.ca().display()));
+    }
+    let daemon = Daemon::spawn_with(&extra, &lun_toml("lun0", "round-robin", &target.uris));
+    (daemon, target)
+}
+
+/// nbdinfo over `nbds://` with libnbd's `tls-certificates` directory (its `ca-cert.pem`, and
+/// `client-cert.pem`/`client-key.pem` when there).
+fn nbdinfo_tls(daemon: &Daemon, dir: &std::path::Path) -> std::process::Output {
+    require_tool("nbdinfo", "libnbd-bin");
+    run(
+        tool("nbdinfo").arg("--json").arg(format!(
+            "nbds://{}/lun0?tls-certificates={}",
+            daemon.nbd,
+            dir.display()
+        )),
+        Duration::from_secs(20),
+    )
+}
+
+/// A directory with only the CA of `certs` (a client without a certificate of its own).
+fn ca_only(certs: &Certs) -> tempfile::TempDir {
+    let dir = tempdir();
+    std::fs::copy(certs.ca(), dir.path().join("ca-cert.pem")).unwrap();
+    dir
+}
+
+/// `tls = "require"`: nbdinfo and qemu-img reach the export over TLS with the right CA; a plain
+/// client is refused (NBD_REP_ERR_TLS_REQD) and a client trusting another CA fails its handshake,
+/// both cleanly, and the export serves on.
+#[test]
+fn the_export_requires_tls_and_real_clients_use_it() {
+    let certs = make_certs("lunmpio test CA");
+    let other = make_certs("some other CA");
+    let (daemon, _target) = tls_daemon(&certs, "require", false);
+    let ca = ca_only(&certs);
+    let out = nbdinfo_tls(&daemon, ca.path());
+    assert!(
+        out.status.success(),
+        "nbdinfo over TLS: {}",
+        stderr_text(&out)
+    );
+    assert!(
+        stdout_text(&out).contains("\"export-size\": 16777216"),
+        "{}",
+        stdout_text(&out)
+    );
+
+    require_tool("qemu-img", "qemu-utils");
+    let qemu = run(
+        tool("qemu-img")
+            .args(["info", "--output=json", "--object"])
+            .arg(format!("tls-creds-x509,id=tls0,dir={},endpoint=client", ca.path().display()))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=lun0,tls-creds=tls0",
+                daemon.nbd.rsplit(':').next().unwrap()
+            )),
+        Duration::from_secs(20),
+    );
+    assert!(
+        qemu.status.success(),
+        "qemu-img over TLS: {}",
+        stderr_text(&qemu)
+    );
+    assert!(
+        stdout_text(&qemu).contains("\"virtual-size\": 16777216"),
+        "{}",
+        stdout_text(&qemu)
+    );
+
+    let plain = run(
+        tool("nbdinfo").arg(format!("nbd://{}/lun0", daemon.nbd)),
+        Duration::from_secs(20),
+    );
+    assert!(
+        !plain.status.success(),
+        "a plain client was served by a TLS-only export"
+    );
+    let wrong = nbdinfo_tls(&daemon, ca_only(&other).path());
+    assert!(
+        !wrong.status.success(),
+        "a client trusting another CA got through"
+    );
+    let again = nbdinfo_tls(&daemon, ca.path());
+    assert!(
+        again.status.success(),
+        "the export serves on: {}",
+        stderr_text(&again)
+    );
+}
+
+/// Mutual TLS (`tls_client_ca`): a client without a certificate is refused, one with a certificate
+/// the CA signed is served; `tls = "on"` serves plain clients and TLS clients alike.
+#[test]
+fn mutual_tls_and_optional_tls() {
+    let certs = make_certs("lunmpio test CA");
+    let (daemon, _t) = tls_daemon(&certs, "require", true);
+    assert!(
+        !nbdinfo_tls(&daemon, ca_only(&certs).path())
+            .status
+            .success(),
+        "no client certificate"
+    );
+    let with_cert = nbdinfo_tls(&daemon, certs.dir.path());
+    assert!(
+        with_cert.status.success(),
+        "with a client certificate: {}",
+        stderr_text(&with_cert)
+    );
+
+    let (daemon, _t) = tls_daemon(&certs, "on", false);
+    assert!(
+        nbdinfo_tls(&daemon, ca_only(&certs).path())
+            .status
+            .success(),
+        "TLS when offered"
+    );
+    let plain = run(
+        tool("nbdinfo").arg(format!("nbd://{}/lun0", daemon.nbd)),
+        Duration::from_secs(20),
+    );
+    assert!(
+        plain.status.success(),
+        "plain when TLS is only offered: {}",
+        stderr_text(&plain)
+    );
+}
+
+/// New certificates are taken by a reload without dropping a connection: fio keeps verifying over
+/// the old session while the files change, and new clients need the new CA.
+#[test]
+fn a_reload_takes_new_certificates_and_keeps_connections() {
+    let first = make_certs("first CA");
+    let second = make_certs("second CA");
+    let live = tempdir();
+    for name in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(first.path(name), live.path().join(name)).unwrap();
+    }
+    let target = TargetSpec::memory("64MiB", 2).spawn();
+    let daemon = Daemon::spawn_with(
+        &format!(
+            "tls = \"on\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            live.path().join("server-cert.pem").display(),
+            live.path().join("server-key.pem").display()
+        ),
+        &lun_toml("lun0", "round-robin", &target.uris),
+    );
+    assert!(
+        nbdinfo_tls(&daemon, ca_only(&first).path())
+            .status
+            .success()
+    );
+    // A plain fio keeps a connection through the reload (fio's nbd engine has no TLS).
+    let mut fio = Fio::start(&daemon.uri("lun0"), Duration::from_secs(3), &[]);
+    for name in ["server-cert.pem", "server-key.pem"] {
+        std::fs::copy(second.path(name), live.path().join(name)).unwrap();
+    }
+    let out = run(daemon.cli().arg("reload"), Duration::from_secs(20));
+    assert!(out.status.success(), "reload: {}", stderr_text(&out));
+    fio.assert_running("after the reload");
+    assert!(
+        !nbdinfo_tls(&daemon, ca_only(&first).path())
+            .status
+            .success(),
+        "the old CA"
+    );
+    let new = nbdinfo_tls(&daemon, ca_only(&second).path());
+    assert!(new.status.success(), "the new CA: {}", stderr_text(&new));
+    fio.finish(Duration::from_secs(60))
+        .assert_clean("a reload of TLS certificates");
 }

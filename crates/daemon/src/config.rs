@@ -51,6 +51,32 @@ pub struct DaemonConfig {
     /// How long a data thread keeps polling its sockets after its last read instead of sleeping;
     /// None (`data_poll_us = 0`): it sleeps at once.
     pub data_poll: Option<Duration>,
+    /// TLS on the exports (`tls = "on"` or `"require"`); None: `"off"`.
+    pub tls: Option<ExportTls>,
+}
+
+/// `[daemon] tls`, `tls_cert`, `tls_key`, `tls_client_ca`: the files, read again at every start
+/// and reload (a renewed certificate is taken without a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportTls {
+    /// `require`: clients must start TLS before any other option.
+    pub require: bool,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Mutual TLS: clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ExportTls {
+    /// The rustls configuration from the files as they are now.
+    pub fn load(&self) -> Result<lunmpio_nbd::tls::ServerTls, lunmpio_nbd::tls::TlsError> {
+        lunmpio_nbd::tls::ServerTls::new(
+            &self.cert,
+            &self.key,
+            self.client_ca.as_deref(),
+            self.require,
+        )
+    }
 }
 
 /// Bound of `data_threads`.
@@ -201,6 +227,10 @@ struct RawDaemon {
     max_connections: Option<Spanned<i64>>,
     data_threads: Option<Spanned<i64>>,
     data_poll_us: Option<Spanned<i64>>,
+    tls: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    tls_client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -396,6 +426,10 @@ impl Context<'_> {
             max_connections: None,
             data_threads: None,
             data_poll_us: None,
+            tls: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         });
         let nbd_listen = match &raw.nbd_listen {
             None => ListenAddr::Tcp("127.0.0.1:10809".parse().expect("constant")),
@@ -466,6 +500,7 @@ impl Context<'_> {
                     )
                 })?,
         };
+        let tls = self.export_tls(&raw)?;
         let path = |v: &Option<Spanned<String>>,
                     default: &str,
                     key: &str|
@@ -491,7 +526,72 @@ impl Context<'_> {
             max_connections,
             data_threads,
             data_poll,
+            tls,
         })
+    }
+
+    /// `tls = "off" | "on" | "require"` with its files; the files are read now, so a missing or
+    /// broken one stops the start with the key and the line.
+    fn export_tls(&self, raw: &RawDaemon) -> Result<Option<ExportTls>, ConfigError> {
+        let require = match &raw.tls {
+            None => return self.no_tls_files(raw),
+            Some(v) => match v.get_ref().as_str() {
+                "off" => return self.no_tls_files(raw),
+                "on" => false,
+                "require" => true,
+                other => {
+                    return Err(self.error(
+                        v.span(),
+                        "daemon.tls".into(),
+                        format!("{other:?} is not off, on or require"),
+                    ));
+                }
+            },
+        };
+        let span = raw.tls.as_ref().map(|v| v.span()).unwrap_or(0..0);
+        let file = |v: &Option<Spanned<String>>, key: &str| -> Result<PathBuf, ConfigError> {
+            let v = v.as_ref().ok_or_else(|| {
+                self.error(
+                    span.clone(),
+                    format!("daemon.{key}"),
+                    "TLS on the exports needs tls_cert and tls_key",
+                )
+            })?;
+            let path = Path::new(v.get_ref());
+            Ok(match Path::new(self.file).parent() {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path.to_path_buf(),
+            })
+        };
+        let tls = ExportTls {
+            require,
+            cert: file(&raw.tls_cert, "tls_cert")?,
+            key: file(&raw.tls_key, "tls_key")?,
+            client_ca: match &raw.tls_client_ca {
+                None => None,
+                Some(_) => Some(file(&raw.tls_client_ca, "tls_client_ca")?),
+            },
+        };
+        tls.load()
+            .map_err(|e| self.error(span, "daemon.tls".into(), e.to_string()))?;
+        Ok(Some(tls))
+    }
+
+    fn no_tls_files(&self, raw: &RawDaemon) -> Result<Option<ExportTls>, ConfigError> {
+        for (v, key) in [
+            (&raw.tls_cert, "tls_cert"),
+            (&raw.tls_key, "tls_key"),
+            (&raw.tls_client_ca, "tls_client_ca"),
+        ] {
+            if let Some(v) = v {
+                return Err(self.error(
+                    v.span(),
+                    format!("daemon.{key}"),
+                    "set tls = \"on\" or \"require\" to use TLS on the exports",
+                ));
+            }
+        }
+        Ok(None)
     }
 
     fn settings(

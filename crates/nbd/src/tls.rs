@@ -92,3 +92,52 @@ impl ClientTls {
         })
     }
 }
+
+/// The export's TLS: its certificate and key, whether clients must use TLS, and the CA that signs
+/// client certificates when clients must present one (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub config: Arc<rustls::ServerConfig>,
+    /// `require`: every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD before
+    /// TLS, as the protocol says; otherwise TLS is offered and plain clients are served too.
+    pub require: bool,
+}
+
+impl ServerTls {
+    pub fn new(
+        cert: &Path,
+        key: &Path,
+        client_ca: Option<&Path>,
+        require: bool,
+    ) -> Result<ServerTls, TlsError> {
+        let chain = certificates(cert)?;
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error(key, e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in certificates(ca)? {
+                    roots.add(c).map_err(|e| file_error(ca, e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| file_error(ca, e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(chain, key_der)
+            .map_err(|e| TlsError::Config(format!("{}: {e}", cert.display())))?;
+        Ok(ServerTls {
+            config: Arc::new(config),
+            require,
+        })
+    }
+}

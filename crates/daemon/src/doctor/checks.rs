@@ -357,7 +357,7 @@ fn unencrypted_export(config: &Config, out: &mut Vec<Finding>) {
     let ListenAddr::Tcp(addr) = config.daemon.nbd_listen else {
         return;
     };
-    if addr.ip().is_loopback() {
+    if addr.ip().is_loopback() || config.daemon.tls.as_ref().is_some_and(|t| t.require) {
         return;
     }
     out.push(Finding::new(
@@ -365,11 +365,12 @@ fn unencrypted_export(config: &Config, out: &mut Vec<Finding>) {
         "tls.export_unencrypted",
         "daemon",
         format!(
-            "nbd_listen = \"{addr}\" is reachable from other hosts, without TLS or authentication: any \
-             of them can read and write every LUN"
+            "nbd_listen = \"{addr}\" is reachable from other hosts, and plain NBD is served there{}: \
+             any of them can read and write every LUN",
+            if config.daemon.tls.is_some() { " (tls = \"on\" offers TLS but does not require it)" } else { "" }
         ),
-        "listen on 127.0.0.1 or a unix: socket for local clients, or restrict the port with a firewall \
-         to the hosts that should reach it",
+        "set tls = \"require\" with tls_cert, tls_key (and tls_client_ca so that only clients with a \
+         certificate get in), or listen on 127.0.0.1 or a unix: socket for local clients",
     ));
 }
 

@@ -117,6 +117,9 @@ impl Daemon {
             max_connections,
             ..ServerOptions::default()
         }));
+        if let Some(tls) = &config.daemon.tls {
+            server.set_tls(Some(tls.load().context("TLS on the exports")?));
+        }
         let data_threads = DataThreads::start(
             data_threads::thread_count(config.daemon.data_threads, config.luns.len()),
             config.daemon.data_poll,

@@ -92,6 +92,7 @@ fn daemon_keys_changed(a: &DaemonConfig, b: &DaemonConfig) -> Vec<String> {
         ("max_connections", a.max_connections == b.max_connections),
         ("data_threads", a.data_threads == b.data_threads),
         ("data_poll_us", a.data_poll == b.data_poll),
+        // tls, tls_cert, tls_key and tls_client_ca are applied (see `Reconfigurer::apply`).
     ])
     .into_iter()
     .map(|key| format!("daemon.{key}"))
@@ -333,6 +334,15 @@ impl Reconfigurer {
             ),
         };
         let plan = plan(&running, &new);
+        // TLS on the exports: the files are read again even when the keys did not change, so a
+        // renewed certificate is taken; connections already running keep their session.
+        match &new.daemon.tls {
+            None => self.starter.server.set_tls(None),
+            Some(tls) => match tls.load() {
+                Ok(t) => self.starter.server.set_tls(Some(t)),
+                Err(e) => anyhow::bail!("TLS on the exports: {e} (nothing was changed)"),
+            },
+        }
         tracing::info!(
             added = ?plan.added, removed = ?plan.removed, changed = ?plan.changed,
             not_applied = ?plan.not_applied, "reload"

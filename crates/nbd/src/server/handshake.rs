@@ -19,39 +19,83 @@ pub(crate) struct Negotiated<B> {
     pub(crate) context_id: Option<u32>,
 }
 
-/// Option state carried between options.
+/// Option state carried between options (and across the switch to TLS).
 #[derive(Default)]
-struct OptState {
+pub(crate) struct OptState {
     no_zeroes: bool,
     structured: bool,
     /// Export name for which `base:allocation` was selected by SET_META_CONTEXT.
     meta_export: Option<String>,
+    /// The export's TLS as it was when the connection came (a reload changes later connections).
+    tls: Option<Arc<crate::tls::ServerTls>>,
+    /// The options now travel over TLS.
+    tls_active: bool,
+}
+
+/// How a handshake ended.
+pub(crate) enum HandshakeEnd<B> {
+    /// Transmission starts.
+    Negotiated(Negotiated<B>),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next, then the options
+    /// go on with this state.
+    StartTls(OptState),
+}
+
+impl OptState {
+    pub(crate) fn tls_config(&self) -> Option<&Arc<crate::tls::ServerTls>> {
+        self.tls.as_ref()
+    }
 }
 
 enum Step<B> {
     Continue,
     Abort,
     Transmit(Negotiated<B>),
+    StartTls,
 }
 
 impl<B: Backend> Server<B> {
-    /// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly.
+    /// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly. `resume`: the state
+    /// of a handshake that switched to TLS, going on over the TLS stream (no greeting then).
     pub(crate) async fn handshake<R, W>(
         self: &Arc<Self>,
         rd: &mut R,
         wr: &mut W,
         buf: &mut BytesMut,
-    ) -> Result<Option<Negotiated<B>>, ServerError>
+        resume: Option<OptState>,
+    ) -> Result<Option<HandshakeEnd<B>>, ServerError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         let mut out = BytesMut::with_capacity(1024);
+        let st = match resume {
+            Some(st) => st,
+            None => match self.greet(rd, wr, buf, &mut out).await? {
+                Some(st) => st,
+                None => return Ok(None),
+            },
+        };
+        self.haggle(rd, wr, buf, out, st).await
+    }
+
+    /// The greeting and the client's flags; the option state they start.
+    async fn greet<R, W>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+        out: &mut BytesMut,
+    ) -> Result<Option<OptState>, ServerError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         Greeting {
             flags: HandshakeFlags::FIXED_NEWSTYLE | HandshakeFlags::NO_ZEROES,
         }
-        .encode(&mut out);
-        wr.write_all(&out).await?;
+        .encode(out);
+        wr.write_all(out).await?;
         wr.flush().await?;
         out.clear();
 
@@ -75,11 +119,26 @@ impl<B: Backend> Server<B> {
                 "client does not speak fixed newstyle".into(),
             ));
         }
-        let mut st = OptState {
+        Ok(Some(OptState {
             no_zeroes: flags.contains(ClientFlags::NO_ZEROES),
+            tls: self.tls(),
             ..Default::default()
-        };
+        }))
+    }
 
+    /// The option haggling, until transmission, an abort, or a switch to TLS.
+    async fn haggle<R, W>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+        mut out: BytesMut,
+        mut st: OptState,
+    ) -> Result<Option<HandshakeEnd<B>>, ServerError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         loop {
             let raw = loop {
                 if let Some(raw) = RawOption::decode(buf)? {
@@ -106,7 +165,18 @@ impl<B: Backend> Server<B> {
             match step? {
                 Step::Continue => {}
                 Step::Abort => return Ok(None),
-                Step::Transmit(n) => return Ok(Some(n)),
+                Step::Transmit(n) => return Ok(Some(HandshakeEnd::Negotiated(n))),
+                Step::StartTls => {
+                    // The client waits for our reply before its TLS handshake: anything already
+                    // here would be plaintext injected into the session.
+                    if !buf.is_empty() {
+                        return Err(ServerError::Handshake(
+                            "data after NBD_OPT_STARTTLS, before the TLS handshake".into(),
+                        ));
+                    }
+                    st.tls_active = true;
+                    return Ok(Some(HandshakeEnd::StartTls(st)));
+                }
             }
         }
     }
@@ -132,6 +202,22 @@ impl<B: Backend> Server<B> {
         };
         if self.shutdown.is_cancelled() {
             return shutting_down(code, parsed, out);
+        }
+        let tls_required = st.tls.as_ref().is_some_and(|t| t.require) && !st.tls_active;
+        if tls_required && !matches!(parsed, ClientOption::StartTls | ClientOption::Abort) {
+            if let ClientOption::ExportName(_) = parsed {
+                // EXPORT_NAME has no error reply: the connection ends.
+                return Err(ServerError::Handshake(
+                    "EXPORT_NAME before TLS, and this server requires TLS".into(),
+                ));
+            }
+            error_reply(
+                code,
+                OptionError::TlsReqd,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+                out,
+            );
+            return Ok(Step::Continue);
         }
         match parsed {
             ClientOption::Abort => {
@@ -177,9 +263,22 @@ impl<B: Backend> Server<B> {
                 .encode(st.no_zeroes, out);
                 Ok(Step::Transmit(self.negotiated(export, flags, st, &name)))
             }
-            ClientOption::StartTls => {
-                error_reply(code, OptionError::Unsup, "TLS is not supported", out);
+            ClientOption::StartTls if st.tls_active => {
+                error_reply(code, OptionError::Invalid, "TLS is already active", out);
                 Ok(Step::Continue)
+            }
+            ClientOption::StartTls if st.tls.is_none() => {
+                error_reply(
+                    code,
+                    OptionError::Unsup,
+                    "TLS is not configured on this server",
+                    out,
+                );
+                Ok(Step::Continue)
+            }
+            ClientOption::StartTls => {
+                OptionReply::Ack.encode(code, out);
+                Ok(Step::StartTls)
             }
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
                 error_reply(code, OptionError::Unsup, "option not supported", out);

@@ -222,6 +222,9 @@ pub struct Server<B: Backend> {
     refusal_logged_ms: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
     accept_errors: std::sync::atomic::AtomicU64,
+    /// TLS offered (or required) to new connections; replaced by a reload, which leaves the
+    /// sessions already running as they are.
+    tls: std::sync::RwLock<Option<Arc<crate::tls::ServerTls>>>,
 }
 
 /// Counts a live connection for `wait_idle`.
@@ -259,7 +262,18 @@ impl<B: Backend> Server<B> {
             refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             accept_errors: std::sync::atomic::AtomicU64::new(0),
+            tls: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Offers TLS to the connections that come from now on (`None`: plain only). Connections
+    /// already running keep their session.
+    pub fn set_tls(&self, tls: Option<crate::tls::ServerTls>) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls.map(Arc::new);
+    }
+
+    pub(crate) fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn add_export(&self, config: ExportConfig, backend: Arc<B>) -> Result<(), ServerError> {
@@ -441,25 +455,89 @@ impl<B: Backend> Server<B> {
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(crate::io_util::READ_BUFFER_BYTES);
+        let end = self
+            .bounded_handshake(&mut rd, &mut wr, &mut buf, admitted, None)
+            .await?;
+        match end {
+            None => Ok(()),
+            Some(handshake::HandshakeEnd::Negotiated(negotiated)) => {
+                admitted.transmission_started();
+                self.transmit(rd.unsplit(wr), buf, negotiated, admitted, ops)
+                    .await
+            }
+            Some(handshake::HandshakeEnd::StartTls(state)) => {
+                self.serve_tls(rd.unsplit(wr), state, admitted).await
+            }
+        }
+    }
+
+    /// The handshake under the handshake timeout, given up on eviction or a handover.
+    async fn bounded_handshake<R, W>(
+        self: &Arc<Self>,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+        admitted: &Arc<admission::Admitted>,
+        resume: Option<handshake::OptState>,
+    ) -> Result<Option<handshake::HandshakeEnd<B>>, ServerError>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let handshake = tokio::time::timeout(
             self.options.handshake_timeout,
-            self.handshake(&mut rd, &mut wr, &mut buf),
+            self.handshake(rd, wr, buf, resume),
         );
-        let negotiated = tokio::select! {
+        tokio::select! {
             r = handshake => match r {
-                Err(_) => return Err(ServerError::HandshakeTimeout),
-                Ok(r) => r?,
+                Err(_) => Err(ServerError::HandshakeTimeout),
+                Ok(r) => r,
             },
-            _ = admitted.evicted.cancelled() => return Err(ServerError::Evicted),
+            _ = admitted.evicted.cancelled() => Err(ServerError::Evicted),
             // A handshake is not handed over: the client sees the socket close and connects again.
-            _ = self.detach.cancelled() => return Err(ServerError::Detaching),
+            _ = self.detach.cancelled() => Err(ServerError::Detaching),
+        }
+    }
+
+    /// After NBD_OPT_STARTTLS: the TLS handshake, the rest of the options over TLS, then
+    /// transmission. A TLS session lives in this process, so it stays on the accepting runtime and
+    /// is not handed over by a live upgrade (the client reconnects).
+    async fn serve_tls<S>(
+        self: &Arc<Self>,
+        stream: S,
+        state: handshake::OptState,
+        admitted: &Arc<admission::Admitted>,
+    ) -> Result<(), ServerError>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Some(tls) = state.tls_config().cloned() else {
+            return Err(ServerError::Handshake(
+                "STARTTLS without TLS configured".into(),
+            ));
         };
-        let Some(negotiated) = negotiated else {
-            return Ok(());
-        };
-        admitted.transmission_started();
-        self.transmit(rd.unsplit(wr), buf, negotiated, admitted, ops)
-            .await
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.config));
+        let accepted =
+            tokio::time::timeout(self.options.handshake_timeout, acceptor.accept(stream))
+                .await
+                .map_err(|_| ServerError::HandshakeTimeout)?
+                .map_err(|e| ServerError::Handshake(format!("TLS handshake: {e}")))?;
+        let (mut rd, mut wr) = tokio::io::split(accepted);
+        let mut buf = BytesMut::with_capacity(crate::io_util::READ_BUFFER_BYTES);
+        match self
+            .bounded_handshake(&mut rd, &mut wr, &mut buf, admitted, Some(state))
+            .await?
+        {
+            None => Ok(()),
+            Some(handshake::HandshakeEnd::Negotiated(negotiated)) => {
+                admitted.transmission_started();
+                self.transmit(rd.unsplit(wr), buf, negotiated, admitted, None)
+                    .await
+            }
+            Some(handshake::HandshakeEnd::StartTls(_)) => {
+                Err(ServerError::Handshake("a second STARTTLS".into()))
+            }
+        }
     }
 
     /// The transmission phase, on the export's runtime when it has one and the stream can move

@@ -272,8 +272,11 @@ impl<B: Backend> Server<B> {
                 _ = &mut removed => { exit = Exit::Drain; break; }
                 Some(out) = running.next(), if !running.is_empty() => { let _ = tx.send(out); continue; }
                 // Handover: only at a request boundary (the holder waited for quiet; this waits too).
-                _ = &mut detach, if can_detach && running.is_empty() && waiting.is_none() => {
-                    exit = Exit::Detach;
+                // A connection that cannot be handed over (its TLS session lives in this process)
+                // ends there instead, every reply written: its client reconnects to the new
+                // program rather than holding the handover up.
+                _ = &mut detach, if running.is_empty() && waiting.is_none() => {
+                    exit = if can_detach { Exit::Detach } else { Exit::Close };
                     break;
                 }
                 bytes = Arc::clone(&budget).acquire_many_owned(budget_wanted), if waiting.is_some() => {
