@@ -86,29 +86,23 @@ fn nbds_paths_to_qemu_nbd_and_nbdkit_carry_verified_io() {
     let certs = make_certs("lunmpio test CA");
     let (_qemu, qport, _img) = qemu_nbd_tls(&certs);
     let (_kit, kport) = nbdkit_tls(&certs);
+    // The CA from [defaults], the client certificate from the LUN q, the paths name only URIs.
     let config = format!(
-        "[[lun]]\nname = \"q\"\npolicy = \"round-robin\"\nshared_backing = true\n{}{}\
-         [[lun]]\nname = \"k\"\n{}",
-        tls_path(
-            "q0",
-            &format!("nbds://127.0.0.1:{qport}/vol"),
-            &certs.ca(),
-            Some(&certs)
-        ),
-        tls_path(
-            "q1",
-            &format!("nbds://localhost:{qport}/vol"),
-            &certs.ca(),
-            Some(&certs)
-        ),
-        tls_path(
-            "k0",
-            &format!("nbds://127.0.0.1:{kport}/"),
-            &certs.ca(),
-            None
-        ),
+        "[defaults]\ntls_ca = \"{}\"\n\
+         [[lun]]\nname = \"q\"\npolicy = \"round-robin\"\nshared_backing = true\n\
+         tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         [[lun.path]]\nname = \"q0\"\nuri = \"nbds://127.0.0.1:{qport}/vol\"\n\
+         [[lun.path]]\nname = \"q1\"\nuri = \"nbds://localhost:{qport}/vol\"\n\
+         [[lun]]\nname = \"k\"\n\
+         [[lun.path]]\nname = \"k0\"\nuri = \"nbds://127.0.0.1:{kport}/\"\n\
+         [[lun.path]]\nname = \"k1-plain\"\nuri = \"nbd://127.0.0.1:{kport}/\"\n",
+        certs.ca().display(),
+        certs.client_cert().display(),
+        certs.client_key().display(),
     );
     let daemon = Daemon::spawn(&config);
+    // nbdkit --tls=require refuses the plain path; the TLS keys of [defaults] do not make it TLS.
+    daemon.wait_path_status("k", "k1-plain", "VDS_MPS_FAILED", WAIT);
     for (lun, path) in [("q", "q0"), ("q", "q1"), ("k", "k0")] {
         daemon.wait_path_status(lun, path, "VDS_MPS_ONLINE", WAIT);
     }

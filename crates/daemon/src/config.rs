@@ -246,6 +246,29 @@ struct RawSettings {
     in_doubt_timeout: Option<Spanned<String>>,
     fence: Option<Spanned<Vec<String>>>,
     fence_timeout: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+}
+
+/// The TLS file keys a path inherits from its `[[lun]]` and `[defaults]` (used by `nbds://` paths
+/// only).
+#[derive(Clone, Default)]
+struct TlsKeys {
+    ca: Option<Spanned<String>>,
+    cert: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+}
+
+impl TlsKeys {
+    /// These keys where set, else `outer`'s.
+    fn or(&self, outer: &TlsKeys) -> TlsKeys {
+        TlsKeys {
+            ca: self.ca.clone().or_else(|| outer.ca.clone()),
+            cert: self.cert.clone().or_else(|| outer.cert.clone()),
+            key: self.key.clone().or_else(|| outer.key.clone()),
+        }
+    }
 }
 
 /// A `[[lun]]` table. The settings keys are repeated here rather than flattened from
@@ -268,6 +291,9 @@ struct RawLun {
     in_doubt_timeout: Option<Spanned<String>>,
     fence: Option<Spanned<Vec<String>>>,
     fence_timeout: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
     #[serde(default)]
     path: Vec<Spanned<RawPath>>,
 }
@@ -285,6 +311,17 @@ impl RawLun {
             in_doubt_timeout: self.in_doubt_timeout.clone(),
             fence: self.fence.clone(),
             fence_timeout: self.fence_timeout.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+
+    fn tls_keys(&self) -> TlsKeys {
+        TlsKeys {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
         }
     }
 }
@@ -341,13 +378,22 @@ impl Config {
         })?;
         let daemon = cx.daemon(raw.daemon)?;
         let defaults = cx.settings(raw.defaults.as_ref(), &LunSettings::default(), "defaults")?;
+        let tls_defaults = raw
+            .defaults
+            .as_ref()
+            .map(|d| TlsKeys {
+                ca: d.tls_ca.clone(),
+                cert: d.tls_cert.clone(),
+                key: d.tls_key.clone(),
+            })
+            .unwrap_or_default();
         if raw.lun.len() > LUNS_MAX {
             return Err(cx.error(0..0, "lun".into(), format!("more than {LUNS_MAX} LUNs")));
         }
         let mut names = HashSet::new();
         let mut luns = Vec::with_capacity(raw.lun.len());
         for (i, lun) in raw.lun.iter().enumerate() {
-            let parsed = cx.lun(lun, i, &defaults)?;
+            let parsed = cx.lun(lun, i, &defaults, &tls_defaults)?;
             if !names.insert(parsed.name.clone()) {
                 return Err(cx.error(
                     lun.get_ref().name.span(),
@@ -369,7 +415,7 @@ struct Context<'a> {
 impl Context<'_> {
     /// A path's `tls_ca`, `tls_cert` and `tls_key`; relative file names are relative to the config
     /// file's directory.
-    fn tls_files(&self, raw: &RawPath, table: &str) -> Result<Option<TlsFiles>, ConfigError> {
+    fn tls_files(&self, raw: &TlsKeys, table: &str) -> Result<Option<TlsFiles>, ConfigError> {
         let file = |v: &Spanned<String>| {
             let path = Path::new(v.get_ref());
             match Path::new(self.file).parent() {
@@ -377,7 +423,7 @@ impl Context<'_> {
                 _ => path.to_path_buf(),
             }
         };
-        let identity = match (&raw.tls_cert, &raw.tls_key) {
+        let identity = match (&raw.cert, &raw.key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some((file(cert), file(key))),
             (Some(v), None) | (None, Some(v)) => {
@@ -388,14 +434,14 @@ impl Context<'_> {
                 ));
             }
         };
-        match (&raw.tls_ca, identity) {
+        match (&raw.ca, identity) {
             (None, None) => Ok(None),
             (Some(ca), identity) => Ok(Some(TlsFiles {
                 ca: file(ca),
                 identity,
             })),
             (None, Some(_)) => {
-                let span = raw.tls_cert.as_ref().map(|v| v.span()).unwrap_or(0..0);
+                let span = raw.cert.as_ref().map(|v| v.span()).unwrap_or(0..0);
                 Err(self.error(
                     span,
                     format!("{table}.tls_ca"),
@@ -709,6 +755,7 @@ impl Context<'_> {
         spanned: &Spanned<RawLun>,
         i: usize,
         defaults: &LunSettings,
+        tls_defaults: &TlsKeys,
     ) -> Result<LunTable, ConfigError> {
         let raw = spanned.get_ref();
         let name = raw.name.get_ref().clone();
@@ -741,7 +788,8 @@ impl Context<'_> {
         let mut seen_uris = HashSet::new();
         let mut seen_ids = HashSet::new();
         for (j, p) in raw.path.iter().enumerate() {
-            let path = self.path(p.get_ref(), &format!("{table}.path[{j}]"))?;
+            let inherited = raw.tls_keys().or(tls_defaults);
+            let path = self.path(p.get_ref(), &format!("{table}.path[{j}]"), &inherited)?;
             let r = p.get_ref();
             if !seen_uris.insert(path.uri.clone()) {
                 return Err(self.error(
@@ -787,7 +835,12 @@ impl Context<'_> {
         })
     }
 
-    fn path(&self, raw: &RawPath, table: &str) -> Result<PathTable, ConfigError> {
+    fn path(
+        &self,
+        raw: &RawPath,
+        table: &str,
+        inherited: &TlsKeys,
+    ) -> Result<PathTable, ConfigError> {
         let uri = raw.uri.get_ref().clone();
         let supported = [
             "nbd://",
@@ -839,7 +892,19 @@ impl Context<'_> {
                 "bind applies to nbd:// and nbds:// (TCP) paths only",
             ));
         }
-        let tls = self.tls_files(raw, table)?;
+        // A `nbds://` path takes the TLS keys its `[[lun]]` or `[defaults]` set; a plain one only
+        // its own (which are an error there).
+        let own = TlsKeys {
+            ca: raw.tls_ca.clone(),
+            cert: raw.tls_cert.clone(),
+            key: raw.tls_key.clone(),
+        };
+        let keys = if uri.starts_with("nbds") {
+            own.or(inherited)
+        } else {
+            own
+        };
+        let tls = self.tls_files(&keys, table)?;
         let target = PathTarget::parse_tls(&uri, bind, tls.as_ref())
             .map_err(|e| self.error(raw.uri.span(), format!("{table}.uri"), e.reason))?;
         let interconnect = match &raw.interconnect {
