@@ -415,3 +415,71 @@ fn a_reload_takes_new_certificates_and_keeps_connections() {
     fio.finish(Duration::from_secs(60))
         .assert_clean("a reload of TLS certificates");
 }
+
+/// A live upgrade cannot hand a TLS session over: the connection is closed at a request boundary
+/// with every reply written, and a client that reconnects (qemu's `reconnect-delay`) goes on over a
+/// new TLS session with the new program, its data intact and no error.
+#[test]
+fn a_live_upgrade_closes_tls_sessions_cleanly_and_qemu_reconnects() {
+    require_tool("qemu-io", "qemu-utils");
+    let certs = make_certs("lunmpio test CA");
+    let (daemon, _t) = tls_daemon(&certs, "require", false);
+    let ca = ca_only(&certs);
+    let port = daemon.nbd.rsplit(':').next().unwrap().to_string();
+    // Write, wait while the daemon upgrades, read back and check, write again.
+    let qemu = ProcessGuard::spawn(
+        "qemu-io",
+        tool("qemu-io")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                ca.path().display()
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=lun0,\
+                 tls-creds=tls0,reconnect-delay=10"
+            ))
+            .args([
+                "-c",
+                "write -P 0x5a 0 1M",
+                "-c",
+                "sleep 4000",
+                "-c",
+                "read -P 0x5a 0 1M",
+            ])
+            .args(["-c", "write -P 0x6b 1M 1M", "-c", "read -P 0x6b 1M 1M"]),
+    );
+    // The first write is through before the upgrade starts.
+    assert!(wait_until(WAIT, || daemon
+        .path_ios("lun0")
+        .iter()
+        .sum::<u64>()
+        > 0));
+    let out = run(daemon.cli().arg("upgrade"), Duration::from_secs(150));
+    assert!(out.status.success(), "upgrade: {}", stderr_text(&out));
+    let done = qemu.wait_output(Duration::from_secs(60));
+    let text = stdout_text(&done);
+    assert!(
+        done.status.success(),
+        "qemu-io: {text}{}",
+        stderr_text(&done)
+    );
+    assert!(
+        !text.contains("Pattern verification failed") && !text.to_lowercase().contains("error"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("read 1048576/1048576 bytes").count(),
+        2,
+        "{text}"
+    );
+    let info = daemon.rpc_ok("GetDaemonInfo", serde_json::json!({}));
+    assert_eq!(info["upgrades"], 1, "{info}");
+    // The TLS connection ended at its request boundary: the handover did not wait it out.
+    let log = daemon.log();
+    assert!(
+        !log.contains("did not detach"),
+        "the handover waited for the TLS connection:\n{log}"
+    );
+}
