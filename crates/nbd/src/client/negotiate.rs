@@ -52,12 +52,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut c = Conv {
-        rd,
-        wr,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(512),
-    };
+    let mut c = Conv::new(rd, wr);
     let no_zeroes = c.greet().await?;
     c.send_option(&ClientOption::StartTls).await?;
     match c.reply(NBD_OPT_STARTTLS).await? {
@@ -101,12 +96,7 @@ where
         .await
         .map_err(|e| hs(format!("TLS handshake: {e}")))?;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let c = Conv {
-        rd: &mut rd,
-        wr: &mut wr,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(512),
-    };
+    let c = Conv::new(&mut rd, &mut wr);
     let (info, leftover) = c.negotiate_options(options, no_zeroes).await.map_err(|e| {
         // In TLS 1.3 the server judges the client's certificate after the handshake has
         // completed on our side: a refusal shows as the session closing under the first option.
@@ -184,7 +174,16 @@ struct Conv<'a, R, W> {
     out: BytesMut,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
+impl<'a, R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'a, R, W> {
+    fn new(rd: &'a mut R, wr: &'a mut W) -> Self {
+        Conv {
+            rd,
+            wr,
+            buf: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(512),
+        }
+    }
+
     async fn more(&mut self) -> Result<(), ClientError> {
         if fill(self.rd, &mut self.buf).await.map_err(io_err)? == 0 {
             return Err(hs("server closed the connection"));
@@ -234,12 +233,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut c = Conv {
-        rd,
-        wr,
-        buf: BytesMut::with_capacity(4096),
-        out: BytesMut::with_capacity(512),
-    };
+    let mut c = Conv::new(rd, wr);
     let no_zeroes = c.greet().await?;
     c.negotiate_options(options, no_zeroes).await
 }
