@@ -175,6 +175,10 @@ impl<B: Backend> Server<B> {
                         ));
                     }
                     st.tls_active = true;
+                    // What was negotiated in plaintext could have been injected by anyone on the
+                    // path: it is forgotten, and the client negotiates again over TLS.
+                    st.structured = false;
+                    st.meta_export = None;
                     return Ok(Some(HandshakeEnd::StartTls(st)));
                 }
             }
