@@ -693,6 +693,20 @@ fn sigstop_without_a_fence_is_bounded_by_in_doubt_timeout_and_visible() {
     wait_io_moves(&daemon, 2000, &mut fio, "the SIGSTOP");
     servers.guards[1].signal(Signal::SIGSTOP);
     wait_status(&daemon, "p1", FAILED, WAIT);
+    // While the copies are in doubt, the metrics say how old they are and when the hold lapses.
+    let lapse = metric(
+        &daemon,
+        &format!("lunmpio_lun_in_doubt_expires_in_seconds{{lun=\"{LUN}\"}}"),
+    );
+    assert!(
+        lapse.is_some_and(|s| s > 0.0 && s <= 2.0),
+        "the lapse of in_doubt_timeout = 2s: {lapse:?}"
+    );
+    let oldest = metric(
+        &daemon,
+        &format!("lunmpio_lun_in_doubt_oldest_seconds{{lun=\"{LUN}\"}}"),
+    );
+    assert!(oldest.is_some_and(|s| s >= 0.0), "{oldest:?}");
     let expired = wait_until(WAIT, || {
         daemon.stats(LUN)["inDoubtExpiredTotal"]
             .as_u64()

@@ -302,6 +302,14 @@ impl InDoubtTable {
         self.check(offset, length).0
     }
 
+    /// When the oldest copy in doubt now was put in doubt (ms since the Unix epoch), if any.
+    pub fn oldest_since_unix_ms(&self) -> Option<u64> {
+        if self.is_empty() {
+            return None;
+        }
+        self.lock().iter().map(|c| c.since_unix_ms).min()
+    }
+
     /// The earliest lapse of any copy (the control task's timer).
     pub fn next_expiry(&self) -> Option<Instant> {
         self.lock().iter().filter_map(|c| c.expires).min()

@@ -504,6 +504,24 @@ impl Scrape {
         )?;
         gauges(
             enc,
+            "lunmpio_lun_in_doubt_oldest_seconds",
+            "How long the oldest write in doubt now has been in doubt (0: none).",
+            self.luns
+                .iter()
+                .map(|l| (lun_labels(&l.name), l.stats.in_doubt_oldest_ms as f64 / 1e3)),
+        )?;
+        gauges(
+            enc,
+            "lunmpio_lun_in_doubt_expires_in_seconds",
+            "Time until the earliest in-doubt write's in_doubt_timeout lapses (no sample: none pending, or never).",
+            self.luns.iter().filter_map(|l| {
+                l.stats
+                    .in_doubt_expires_in_ms
+                    .map(|ms| (lun_labels(&l.name), ms as f64 / 1e3))
+            }),
+        )?;
+        gauges(
+            enc,
             "lunmpio_lun_all_paths_down_seconds",
             "How long the LUN has been without a usable path now (0 while it has one).",
             self.luns

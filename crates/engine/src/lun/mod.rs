@@ -374,6 +374,11 @@ pub struct LunStats {
     /// Fence runs that succeeded and that failed (or timed out).
     pub fences_ok_total: u64,
     pub fences_failed_total: u64,
+    /// How long the oldest write in doubt now has been (0: none).
+    pub in_doubt_oldest_ms: u64,
+    /// Time until the earliest in-doubt copy's `in_doubt_timeout` lapses (None: none pending, or
+    /// `in_doubt_timeout = "never"`).
+    pub in_doubt_expires_in_ms: Option<u64>,
     /// How long the LUN has been without a usable path now (0 while it has one).
     pub all_paths_down_ms: u64,
     /// Time without a usable path since the LUN started, the current outage included.
@@ -769,6 +774,17 @@ impl Lun {
             in_doubt_expired_total: self.shared.in_doubt.expired_total(),
             fences_ok_total: self.shared.fences_ok.load(Ordering::Relaxed),
             fences_failed_total: self.shared.fences_failed.load(Ordering::Relaxed),
+            in_doubt_oldest_ms: self
+                .shared
+                .in_doubt
+                .oldest_since_unix_ms()
+                .map_or(0, |since| {
+                    crate::in_doubt::unix_ms_now().saturating_sub(since)
+                }),
+            in_doubt_expires_in_ms: self.shared.in_doubt.next_expiry().map(|at| {
+                at.saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64
+            }),
             all_paths_down_ms: down_now.as_millis() as u64,
             all_paths_down_ms_total: down_total.as_millis() as u64,
         }
