@@ -415,14 +415,17 @@ struct Context<'a> {
 impl Context<'_> {
     /// A path's `tls_ca`, `tls_cert` and `tls_key`; relative file names are relative to the config
     /// file's directory.
+    /// A file named in the config: relative names are relative to the config file's directory.
+    fn relative_to_config(&self, name: &str) -> PathBuf {
+        let path = Path::new(name);
+        match Path::new(self.file).parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
     fn tls_files(&self, raw: &TlsKeys, table: &str) -> Result<Option<TlsFiles>, ConfigError> {
-        let file = |v: &Spanned<String>| {
-            let path = Path::new(v.get_ref());
-            match Path::new(self.file).parent() {
-                Some(dir) if path.is_relative() => dir.join(path),
-                _ => path.to_path_buf(),
-            }
-        };
+        let file = |v: &Spanned<String>| self.relative_to_config(v.get_ref());
         let identity = match (&raw.cert, &raw.key) {
             (None, None) => None,
             (Some(cert), Some(key)) => Some((file(cert), file(key))),
@@ -603,11 +606,7 @@ impl Context<'_> {
                     "TLS on the exports needs tls_cert and tls_key",
                 )
             })?;
-            let path = Path::new(v.get_ref());
-            Ok(match Path::new(self.file).parent() {
-                Some(dir) if path.is_relative() => dir.join(path),
-                _ => path.to_path_buf(),
-            })
+            Ok(self.relative_to_config(v.get_ref()))
         };
         let tls = ExportTls {
             require,

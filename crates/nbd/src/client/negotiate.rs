@@ -15,34 +15,40 @@ const OPTION_REPLIES_MAX: usize = 4096;
 pub(super) async fn connect(options: &ConnectOptions) -> Result<Client, ClientError> {
     match &options.endpoint {
         Endpoint::Tcp { host, port, bind } => {
-            let mut stream = connect_tcp(host, *port, *bind).await?;
+            let stream = connect_tcp(host, *port, *bind).await?;
             if let Some(tls) = &options.tls {
-                let no_zeroes = {
-                    let (mut rd, mut wr) = stream.split();
-                    start_tls(&mut rd, &mut wr).await?
-                };
-                return over_tls(stream, tls, no_zeroes, options).await;
+                return with_tls(stream, tls, options).await;
             }
             let (mut rd, mut wr) = stream.into_split();
             let (info, leftover) = negotiate(&mut rd, &mut wr, options).await?;
             Ok(Client::start(rd, wr, leftover, info, options))
         }
         Endpoint::Unix { path } => {
-            let mut stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+            let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                 ClientError::Connection(format!("connect to {}: {e}", path.display()))
             })?;
             if let Some(tls) = &options.tls {
-                let no_zeroes = {
-                    let (mut rd, mut wr) = stream.split();
-                    start_tls(&mut rd, &mut wr).await?
-                };
-                return over_tls(stream, tls, no_zeroes, options).await;
+                return with_tls(stream, tls, options).await;
             }
             let (mut rd, mut wr) = stream.into_split();
             let (info, leftover) = negotiate(&mut rd, &mut wr, options).await?;
             Ok(Client::start(rd, wr, leftover, info, options))
         }
     }
+}
+
+/// STARTTLS on the plain stream, then the TLS handshake and the options over TLS.
+async fn with_tls<S>(
+    stream: S,
+    tls: &crate::tls::ClientTls,
+    options: &ConnectOptions,
+) -> Result<Client, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let no_zeroes = start_tls(&mut rd, &mut wr).await?;
+    over_tls(rd.unsplit(wr), tls, no_zeroes, options).await
 }
 
 /// The greeting and NBD_OPT_STARTTLS on the plain stream; whether the zero padding is off. Nothing
