@@ -1,4 +1,4 @@
-//! Simple and structured reply decoding, as the client sees it.
+//! Simple, structured and extended reply decoding, as the client sees it.
 #![no_main]
 
 use bytes::BytesMut;
@@ -8,6 +8,7 @@ use lunmpio_nbd::proto::*;
 fuzz_target!(|data: &[u8]| {
     let _ = SimpleReply::decode(data);
     let _ = ChunkHeader::decode(data);
+    let _ = ExtendedReplyHeader::decode(data);
     let mut b = BytesMut::from(data);
     loop {
         match peek_reply_magic(&b) {
@@ -24,6 +25,17 @@ fuzz_target!(|data: &[u8]| {
                         .expect("re-encoded chunk")
                         .expect("complete");
                     assert_eq!(back, c);
+                }
+                _ => break,
+            },
+            Some(NBD_EXTENDED_REPLY_MAGIC) => match Chunk::decode_extended(&mut b) {
+                Ok(Some((c, offset))) => {
+                    let mut w = BytesMut::new();
+                    c.encode_extended(offset, &mut w);
+                    let back = Chunk::decode_extended(&mut w)
+                        .expect("re-encoded chunk")
+                        .expect("complete");
+                    assert_eq!(back, (c, offset));
                 }
                 _ => break,
             },

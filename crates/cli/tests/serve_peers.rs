@@ -182,3 +182,91 @@ fn ext4_on_a_loop_device_on_nbdfuse_on_the_export() {
     );
     assert_spread(&daemon);
 }
+
+/// NBD extended headers end to end, on a 10 GiB LUN with one path that has them (qemu-nbd) and one
+/// that does not (an nbdkit 1.32 proxy in front of the same qemu-nbd): qemu-io and qemu-img
+/// negotiate them with the export and send 64-bit BLOCK_STATUS lengths; nbdinfo (libnbd 1.14)
+/// falls back to structured replies. Data far past 4 GiB round-trips, and the map is right.
+#[test]
+fn extended_headers_through_the_export_and_a_mixed_pair_of_paths() {
+    require_tool("qemu-nbd", "qemu-utils");
+    require_tool("nbdkit", "nbdkit");
+    require_tool("nbdinfo", "libnbd-bin");
+    const GIB: u64 = 1 << 30;
+    let dir = tempdir();
+    let image = dir.path().join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(10 * GIB)
+        .unwrap();
+    let qsock = dir.path().join("qemu.sock");
+    let _qemu = spawn_unix_server(
+        "qemu-nbd",
+        tool("qemu-nbd")
+            .args(["-f", "raw", "-e", "8", "-t", "-k"])
+            .arg(&qsock)
+            .arg(&image),
+        &qsock,
+    );
+    let psock = dir.path().join("proxy.sock");
+    let _proxy = spawn_unix_server(
+        "nbdkit",
+        tool("nbdkit")
+            .args(["--foreground", "--exit-with-parent", "-U"])
+            .arg(&psock)
+            .arg("nbd")
+            .arg(format!("socket={}", qsock.display())),
+        &psock,
+    );
+    let uris = [unix_uri("", &qsock), unix_uri("", &psock)];
+    let daemon = Daemon::spawn(&lun_toml("lun0", "round-robin", &uris));
+    let uri = daemon.uri("lun0");
+
+    let mut c = tool("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in [
+        "write -P 0xcd 6G 1M",
+        "write -P 0x3c 9G 64k",
+        "read -P 0xcd 6G 1M",
+        "read -P 0x3c 9G 64k",
+        "read -P 0 5G 64k",
+        "write -z 9G 64k",
+        "read -P 0 9G 64k",
+        "flush",
+    ] {
+        c.args(["-c", cmd]);
+    }
+    let text = stdout_text(&run_ok(c.arg(&uri)));
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+
+    // qemu-img asks BLOCK_STATUS for the whole 10 GiB at once (a 64-bit length).
+    let out = run_ok(tool("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let extents = map.as_array().expect("map is a list");
+    let total: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(total, 10 * GIB, "{map}");
+    let data: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(6 * GIB, 1 << 20)], "{map}");
+
+    let out = run_ok(tool("nbdinfo").args(["--map", &uri]));
+    let text = stdout_text(&out);
+    assert!(text.contains("data"), "{text}");
+
+    let metrics = daemon.metrics.as_deref().expect("metrics on");
+    let (_, body) = http_get(metrics, "/metrics");
+    let negotiated = |mode: &str| {
+        let series = format!("lunmpio_nbd_connections_negotiated_total{{mode=\"{mode}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in /metrics"))
+    };
+    assert!(negotiated("extended") >= 2, "qemu-io and qemu-img");
+    assert!(negotiated("structured") >= 1, "nbdinfo");
+    assert_spread(&daemon);
+}

@@ -24,5 +24,8 @@ pub use client::{
 };
 pub use request::{Reply, Request};
 pub use server::{Backend, ExportConfig, Server, ServerError, ServerOptions};
-pub use types::{BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags};
+pub use types::{
+    BlockSize, CommandFlags, Extent, MAX_PAYLOAD_BYTES, NbdErrno, TransmissionFlags,
+    TransmissionMode, WideExtent,
+};
 pub use uri::{NbdUri, UriError};

@@ -224,6 +224,38 @@ impl BlockSize {
     }
 }
 
+/// The headers and replies a connection's transmission phase uses, as its handshake settled them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum TransmissionMode {
+    /// Compact (28-byte) requests, simple replies only.
+    #[default]
+    Simple,
+    /// Compact requests; simple replies and structured reply chunks (NBD_OPT_STRUCTURED_REPLY).
+    Structured,
+    /// 32-byte requests with 64-bit lengths, and only 32-byte extended reply chunks
+    /// (NBD_OPT_EXTENDED_HEADERS): no simple replies at all.
+    Extended,
+}
+
+impl TransmissionMode {
+    /// Replies come as chunks (structured or extended): READ errors and BLOCK_STATUS need them.
+    pub fn chunked(self) -> bool {
+        self != TransmissionMode::Simple
+    }
+
+    pub fn extended(self) -> bool {
+        self == TransmissionMode::Extended
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TransmissionMode::Simple => "simple",
+            TransmissionMode::Structured => "structured",
+            TransmissionMode::Extended => "extended",
+        }
+    }
+}
+
 /// One extent of a BLOCK_STATUS reply (32-bit form).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Extent {
@@ -236,4 +268,11 @@ impl Extent {
     pub const HOLE: u32 = 1;
     /// base:allocation: reads as zeroes.
     pub const ZERO: u32 = 2;
+}
+
+/// One extent of a BLOCK_STATUS_EXT reply (64-bit lengths, extended headers only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WideExtent {
+    pub length: u64,
+    pub flags: u32,
 }

@@ -7,7 +7,7 @@ mod common;
 use bytes::Bytes;
 use common::raw::{AnyReply, Raw, req};
 use common::*;
-use lunmpio_nbd::proto::{Command, REQUEST_HEADER_BYTES};
+use lunmpio_nbd::proto::{Command, EXTENDED_REQUEST_HEADER_BYTES};
 use lunmpio_nbd::server::{ExportConfig, ServerOptions};
 use lunmpio_nbd::*;
 use std::sync::Arc;
@@ -63,9 +63,11 @@ async fn a_connection_moves_to_a_new_server_with_its_state_and_a_request_sent_me
     let c = detached.pop().unwrap();
     assert_eq!(c.export, "disk");
     assert_eq!(c.kind, server::SocketKind::Tcp);
+    // Our client negotiated extended headers: the parked READ goes back in their 32-byte form.
+    assert_eq!(c.mode, lunmpio_nbd::TransmissionMode::Extended);
     assert_eq!(
         c.pending.len(),
-        REQUEST_HEADER_BYTES,
+        EXTENDED_REQUEST_HEADER_BYTES,
         "the parked READ, encoded back"
     );
 
@@ -122,7 +124,7 @@ async fn half_a_request_sent_before_the_handover_is_finished_after_it() {
     let mut detached = detach(&old).await;
     assert_eq!(detached.len(), 1);
     assert_eq!(detached[0].pending, wire[..10].to_vec());
-    assert!(detached[0].structured);
+    assert_eq!(detached[0].mode, lunmpio_nbd::TransmissionMode::Structured);
     assert_eq!(detached[0].context_id, context);
     new.server.attach(detached.pop().unwrap()).unwrap();
     raw.send(&wire[10..]).await;

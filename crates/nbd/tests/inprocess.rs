@@ -25,7 +25,7 @@ async fn exercise(endpoint: &Endpoint) {
     let info = c.info().clone();
     assert_eq!(info.size, 8 * MIB as u64);
     assert_eq!(info.negotiated_with, Negotiation::Go);
-    assert!(info.structured_replies);
+    assert_eq!(info.mode, TransmissionMode::Extended);
     assert!(info.base_allocation.is_some());
     assert!(info.flags.contains(TransmissionFlags::CAN_MULTI_CONN));
     assert_eq!(info.block_size, BlockSize::default());
@@ -272,7 +272,7 @@ async fn structured_replies_off() {
     let mut o = opts(&ts.endpoint, "disk");
     o.structured_replies = false;
     let c = Client::connect(o).await.unwrap();
-    assert!(!c.info().structured_replies);
+    assert_eq!(c.info().mode, TransmissionMode::Simple);
     assert_eq!(c.info().base_allocation, None);
     let d = pattern(8192, 5);
     c.write(0, d.clone(), CommandFlags::empty()).await.unwrap();
@@ -312,7 +312,7 @@ async fn base_allocation_not_requested() {
     let mut o = opts(&ts.endpoint, "disk");
     o.base_allocation = false;
     let c = Client::connect(o).await.unwrap();
-    assert!(c.info().structured_replies);
+    assert!(c.info().mode.chunked());
     assert_eq!(c.info().base_allocation, None);
     assert!(matches!(
         c.block_status(0, 4096, CommandFlags::empty()).await,
@@ -737,7 +737,7 @@ async fn export_name_fallback() {
     .unwrap();
     let info = c.info();
     assert_eq!(info.negotiated_with, Negotiation::ExportName);
-    assert!(!info.structured_replies);
+    assert_eq!(info.mode, TransmissionMode::Simple);
     assert_eq!(info.size, 1 << 20);
     assert_eq!(c.read(512, 1024).await.unwrap(), vec![0xab; 1024]);
     c.close();

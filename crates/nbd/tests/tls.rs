@@ -49,8 +49,11 @@ async fn options_negotiated_before_starttls_are_forgotten() {
     let mut r = Raw::new(UnixStream::connect(&path).await.unwrap());
     r.start(ClientFlags::FIXED_NEWSTYLE | ClientFlags::NO_ZEROES)
         .await;
-    // Structured replies in plaintext (an attacker on the path could have sent this), then TLS.
+    // Structured replies and extended headers in plaintext (an attacker on the path could have
+    // sent these), then TLS.
     r.option(&ClientOption::StructuredReply).await;
+    assert_eq!(r.replies().await, vec![OptionReply::Ack]);
+    r.option(&ClientOption::ExtendedHeaders).await;
     assert_eq!(r.replies().await, vec![OptionReply::Ack]);
     r.option(&ClientOption::StartTls).await;
     assert_eq!(r.replies().await, vec![OptionReply::Ack]);
@@ -76,8 +79,8 @@ async fn options_negotiated_before_starttls_are_forgotten() {
             .any(|r| matches!(r, OptionReply::Info(Info::Export { .. }))),
         "GO over TLS"
     );
-    // A second STARTTLS inside TLS would be refused; here, transmission: the READ's reply is a
-    // simple one, since structured replies were not negotiated over TLS.
+    // A second STARTTLS inside TLS would be refused; here, transmission: a compact READ gets a
+    // simple reply, since neither structured replies nor extended headers were negotiated over TLS.
     t.request(req(Command::Read, 7, 0, 4096), &[]).await;
     match t.any_reply(|_| 4096).await.expect("a reply") {
         AnyReply::Simple(h, data) => assert_eq!((h.cookie, h.error, data.len()), (7, 0, 4096)),

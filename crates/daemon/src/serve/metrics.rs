@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lunmpio_engine::latency::BUCKET_BOUNDS_US;
+use lunmpio_nbd::TransmissionMode;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, NoLabelSet,
@@ -201,6 +202,8 @@ struct Scrape {
     connections: u64,
     connections_evicted: u64,
     connections_refused: u64,
+    /// Export connections since start by the transmission mode they negotiated.
+    negotiated: [(&'static str, u64); 3],
     accept_errors: [(&'static str, u64); 3],
 }
 
@@ -237,6 +240,12 @@ impl Scrape {
             connections: m.server.connections() as u64,
             connections_evicted: m.server.connections_evicted(),
             connections_refused: m.server.connections_refused(),
+            negotiated: [
+                TransmissionMode::Simple,
+                TransmissionMode::Structured,
+                TransmissionMode::Extended,
+            ]
+            .map(|mode| (mode.name(), m.server.connections_negotiated(mode))),
             accept_errors: [
                 ("nbd", m.server.accept_errors() + load(&errors.nbd)),
                 ("control", load(&errors.control)),
@@ -589,6 +598,15 @@ impl Scrape {
             "lunmpio_nbd_connections_refused",
             "Export connections refused at max_connections (none idle to make room).",
             [(none(), self.connections_refused)],
+        )?;
+        counters(
+            enc,
+            "lunmpio_nbd_connections_negotiated",
+            "Export connections since start, by the replies they negotiated: simple, structured, \
+             or extended (NBD extended headers).",
+            self.negotiated
+                .iter()
+                .map(|(mode, n)| (vec![("mode", mode.to_string())], *n)),
         )?;
         counters(
             enc,

@@ -36,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use lunmpio_engine::{Event, EventLog, LunCarry};
+use lunmpio_nbd::TransmissionMode;
 use lunmpio_nbd::server::{DetachedConnection, SocketKind};
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +44,12 @@ use super::activation::Inherited;
 use super::reload::DaemonRecord;
 
 pub const HANDOVER_FORMAT: &str = "lunmpio-handover";
-pub const HANDOVER_VERSION: u32 = 1;
+/// The newest handover version: 2 adds `extended` to a connection (NBD extended headers).
+pub const HANDOVER_VERSION: u32 = 2;
+/// The versions this program reads, and may write: a document is written in the oldest version
+/// that can say what it carries (version 1 while no connection uses extended headers), so an
+/// older program can still take over (docs/HANDOVER.md, "Changing the format").
+pub const HANDOVER_VERSIONS: [u32; 2] = [1, 2];
 /// The environment variable that names the handover document's descriptor.
 pub const HANDOVER_FD_ENV: &str = "LUNMPIO_HANDOVER_FD";
 /// Bound on the document read at start (its connections' pending bytes are in `data_fd`).
@@ -57,7 +63,7 @@ pub const QUIESCE_TIMEOUT_MAX: Duration = Duration::from_secs(15);
 /// removed export's, say) is left behind, and closes at the exec.
 const DETACH_WAIT: Duration = Duration::from_secs(5);
 
-/// The handover document, version 1 (docs/HANDOVER.md).
+/// The handover document, version 1 or 2 (docs/HANDOVER.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Handover {
     pub format: String,
@@ -115,6 +121,9 @@ pub struct ConnectionDoc {
     pub export: String,
     pub flags: u16,
     pub structured: bool,
+    /// Version 2: extended headers (then `structured` is true too). Absent in version 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extended: bool,
     pub context_id: Option<u32>,
     /// The client's unhandled bytes: `pending_len` bytes at `pending_offset` in `data_fd`.
     pub pending_offset: u64,
@@ -214,7 +223,8 @@ pub fn connection_doc(c: DetachedConnection, data: &mut Vec<u8>) -> (ConnectionD
         },
         export: c.export,
         flags: c.flags,
-        structured: c.structured,
+        structured: c.mode.chunked(),
+        extended: c.mode.extended(),
         context_id: c.context_id,
         pending_offset,
         pending_len: c.pending.len() as u64,
@@ -227,13 +237,16 @@ pub fn connection_doc(c: DetachedConnection, data: &mut Vec<u8>) -> (ConnectionD
 
 /// What `PROGRAM upgrade-check` prints: the handover versions it reads, and its own version.
 pub fn check_line() -> String {
+    let versions: Vec<String> = HANDOVER_VERSIONS.iter().map(u32::to_string).collect();
     format!(
-        "{HANDOVER_FORMAT} {HANDOVER_VERSION} {}",
+        "{HANDOVER_FORMAT} {} {}",
+        versions.join(" "),
         env!("CARGO_PKG_VERSION")
     )
 }
 
-/// Runs `program upgrade-check`; its version if it reads this handover version.
+/// Runs `program upgrade-check`; its version if it reads a handover version this program writes. (A
+/// document in a version it then does not read comes back: the fallback.)
 pub async fn check_program(program: &Path) -> anyhow::Result<String> {
     let meta =
         std::fs::metadata(program).with_context(|| format!("program {}", program.display()))?;
@@ -265,7 +278,9 @@ pub async fn check_program(program: &Path) -> anyhow::Result<String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let reads_ours = words.len() >= 3
         && words[0] == HANDOVER_FORMAT
-        && words[1..words.len() - 1].contains(&HANDOVER_VERSION.to_string().as_str());
+        && HANDOVER_VERSIONS
+            .iter()
+            .any(|v| words[1..words.len() - 1].contains(&v.to_string().as_str()));
     anyhow::ensure!(
         out.status.success() && reads_ours,
         "{} does not take over a lunmpio daemon (handover version {HANDOVER_VERSION}): \
@@ -433,9 +448,9 @@ impl Incoming {
     fn parse(text: &[u8]) -> anyhow::Result<Handover> {
         let doc: Handover = serde_json::from_slice(text).context("handover document")?;
         anyhow::ensure!(
-            doc.format == HANDOVER_FORMAT && doc.version == HANDOVER_VERSION,
-            "handover document {:?} version {} (this program reads {HANDOVER_FORMAT} version \
-             {HANDOVER_VERSION})",
+            doc.format == HANDOVER_FORMAT && HANDOVER_VERSIONS.contains(&doc.version),
+            "handover document {:?} version {} (this program reads {HANDOVER_FORMAT} versions \
+             {HANDOVER_VERSIONS:?})",
             doc.format,
             doc.version
         );
@@ -523,7 +538,11 @@ impl Incoming {
                     kind,
                     export: c.export.clone(),
                     flags: c.flags,
-                    structured: c.structured,
+                    mode: match (c.extended, c.structured) {
+                        (true, _) => TransmissionMode::Extended,
+                        (false, true) => TransmissionMode::Structured,
+                        (false, false) => TransmissionMode::Simple,
+                    },
                     context_id: c.context_id,
                     pending: self.pending(c)?,
                 })
@@ -805,7 +824,11 @@ impl super::reload::Reconfigurer {
         };
         let doc = Handover {
             format: HANDOVER_FORMAT.into(),
-            version: HANDOVER_VERSION,
+            version: if connections.iter().any(|c: &ConnectionDoc| c.extended) {
+                HANDOVER_VERSION
+            } else {
+                HANDOVER_VERSIONS[0]
+            },
             from_version: env!("CARGO_PKG_VERSION").into(),
             program: self.program.clone(),
             args: self.args.clone(),

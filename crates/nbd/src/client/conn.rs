@@ -3,7 +3,7 @@
 use super::{ClientError, ConnectOptions, ExportInfo, IN_FLIGHT_MAX, Reply, Request};
 use crate::io_util::{READ_BUFFER_BYTES, fill, reserve_total};
 use crate::proto::*;
-use crate::{CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use crate::{CommandFlags, Extent, NbdErrno, TransmissionFlags, TransmissionMode, WideExtent};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,8 @@ type ReplyTx = oneshot::Sender<Result<Reply, ClientError>>;
 /// A request on the wire, owed a reply.
 struct Pending {
     kind: Kind,
+    /// The request's offset, which an extended reply echoes.
+    offset: u64,
     reply: ReplyTx,
     /// Holds the in-flight slot until the reply arrives (even after a timeout: the server
     /// still owes it, so the slot is still in use).
@@ -40,6 +42,8 @@ enum Kind {
         asm: ReadAsm,
     },
     BlockStatus {
+        /// The request's length: 64-bit extents are clipped to it.
+        length: u32,
         extents: Option<Vec<Extent>>,
     },
     Other,
@@ -132,9 +136,33 @@ struct State {
     dead: Option<ClientError>,
 }
 
+/// A request header as it goes on the wire: compact, or extended.
+struct WireHeader {
+    bytes: [u8; EXTENDED_REQUEST_HEADER_BYTES],
+    len: usize,
+}
+
+impl WireHeader {
+    fn new(h: &RequestHeader, mode: TransmissionMode) -> WireHeader {
+        let mut bytes = [0u8; EXTENDED_REQUEST_HEADER_BYTES];
+        let len = if mode.extended() {
+            bytes = h.to_bytes_extended();
+            EXTENDED_REQUEST_HEADER_BYTES
+        } else {
+            bytes[..REQUEST_HEADER_BYTES].copy_from_slice(&h.to_bytes());
+            REQUEST_HEADER_BYTES
+        };
+        WireHeader { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
 /// One queued request for the writer.
 struct Outgoing {
-    header: [u8; REQUEST_HEADER_BYTES],
+    header: WireHeader,
     payload: Option<Bytes>,
     /// Signalled once the bytes are handed to the socket (used by DISC).
     written: Option<oneshot::Sender<()>>,
@@ -253,7 +281,7 @@ impl Shared {
         if self
             .tx
             .send(Outgoing {
-                header: header.to_bytes(),
+                header: WireHeader::new(&header, self.info.mode),
                 payload: None,
                 written: Some(wtx),
             })
@@ -519,7 +547,10 @@ impl Shared {
                 length,
                 asm: ReadAsm::default(),
             },
-            Command::BlockStatus => Kind::BlockStatus { extents: None },
+            Command::BlockStatus => Kind::BlockStatus {
+                length,
+                extents: None,
+            },
             _ => Kind::Other,
         };
         let cookie = {
@@ -535,6 +566,7 @@ impl Shared {
                 cookie,
                 Pending {
                     kind,
+                    offset,
                     reply: rtx,
                     _permit: permit,
                     error: None,
@@ -544,14 +576,23 @@ impl Shared {
             debug_assert!(earlier.is_none(), "cookie {cookie} reused while in flight");
             cookie
         };
-        let header = RequestHeader {
-            flags,
-            command,
-            cookie,
-            offset,
-            length,
-        }
-        .to_bytes();
+        let mode = self.info.mode;
+        // Under extended headers a payload is announced by a flag, not by the command.
+        let flags = if mode.extended() && payload.is_some() {
+            flags | CommandFlags::PAYLOAD_LEN
+        } else {
+            flags
+        };
+        let header = WireHeader::new(
+            &RequestHeader {
+                flags,
+                command,
+                cookie,
+                offset,
+                length: u64::from(length),
+            },
+            mode,
+        );
         if self
             .tx
             .send(Outgoing {
@@ -655,7 +696,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(m) = next {
-                out.extend_from_slice(&m.header);
+                out.extend_from_slice(m.header.as_slice());
                 if let Some(p) = m.payload {
                     if p.len() >= DIRECT_WRITE_BYTES {
                         write_cancellable(&mut wr, &out, &token).await?;
@@ -770,6 +811,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             "EOF in the middle of a reply",
         ))
     };
+    if shared.info.mode.extended() {
+        return read_loop_extended(rd, buf, shared).await;
+    }
     loop {
         if buf.len() < 4 {
             let empty = buf.is_empty();
@@ -814,7 +858,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let Some(chunk) = Chunk::decode(buf)? else {
                     return Err(eof_mid());
                 };
-                shared.on_chunk(chunk)?;
+                shared.on_chunk(chunk, None)?;
             }
             other => {
                 return Err(Violation(format!("bad reply magic {:#x}", other.unwrap_or(0))).into());
@@ -825,6 +869,45 @@ async fn read_loop<R: AsyncRead + Unpin>(
             buf.reserve(READ_BUFFER_BYTES);
         }
     }
+}
+
+/// The reply stream under extended headers: only 32-byte extended chunks, nothing else.
+async fn read_loop_extended<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<(), ReadErr> {
+    loop {
+        let empty = buf.is_empty();
+        if !need(rd, buf, EXTENDED_REPLY_HEADER_BYTES).await? {
+            return if empty && buf.is_empty() {
+                Ok(())
+            } else {
+                Err(eof_in_reply())
+            };
+        }
+        let Some(h) = ExtendedReplyHeader::decode(buf)? else {
+            return Err(eof_in_reply());
+        };
+        // Bounded by the header check (at most CHUNK_PAYLOAD_BYTES_MAX).
+        if !need(rd, buf, EXTENDED_REPLY_HEADER_BYTES + h.length as usize).await? {
+            return Err(eof_in_reply());
+        }
+        let Some((chunk, offset)) = Chunk::decode_extended(buf)? else {
+            return Err(eof_in_reply());
+        };
+        shared.on_chunk(chunk, Some(offset))?;
+        if buf.is_empty() && buf.capacity() < READ_BUFFER_BYTES / 2 {
+            buf.reserve(READ_BUFFER_BYTES);
+        }
+    }
+}
+
+fn eof_in_reply() -> ReadErr {
+    ReadErr::Io(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "EOF in the middle of a reply",
+    ))
 }
 
 impl Shared {
@@ -839,7 +922,7 @@ impl Shared {
         };
         match &p.kind {
             Kind::Read { length, .. } if h.error == 0 => {
-                if self.info.structured_replies {
+                if self.info.mode.chunked() {
                     return Err(Violation(
                         "successful simple reply to READ under structured replies".into(),
                     ));
@@ -878,7 +961,8 @@ impl Shared {
         let _ = p.reply.send(r);
     }
 
-    fn on_chunk(&self, chunk: Chunk) -> Result<(), Violation> {
+    /// One reply chunk; `echoed` is the request offset an extended header carries.
+    fn on_chunk(&self, chunk: Chunk, echoed: Option<u64>) -> Result<(), Violation> {
         let done = chunk.is_done();
         let cookie = chunk.cookie;
         let finished = {
@@ -888,6 +972,21 @@ impl Shared {
                     "structured reply for unknown cookie {cookie}"
                 )));
             };
+            if let Some(offset) = echoed
+                && offset != p.offset
+            {
+                return Err(Violation(format!(
+                    "extended reply for cookie {cookie} echoes offset {offset}, the request's is {}",
+                    p.offset
+                )));
+            }
+            if !self.info.mode.extended()
+                && matches!(chunk.payload, ChunkPayload::BlockStatusExt { .. })
+            {
+                return Err(Violation(
+                    "BLOCK_STATUS_EXT chunk without extended headers".into(),
+                ));
+            }
             apply_chunk(p, chunk.payload, done, self.info.base_allocation)?;
             if done {
                 let p = st.pending.remove(&cookie);
@@ -963,18 +1062,15 @@ fn apply_chunk(
             context_id,
             extents,
         } => {
-            let Kind::BlockStatus { extents: slot } = &mut p.kind else {
-                return Err(Violation("BLOCK_STATUS chunk for another command".into()));
-            };
-            if Some(context_id) != ctx {
-                return Err(Violation(format!(
-                    "BLOCK_STATUS for context {context_id}, which was not negotiated"
-                )));
-            }
-            if slot.is_some() {
-                return Err(Violation("two BLOCK_STATUS chunks for one context".into()));
-            }
+            let (slot, _) = status_slot(p, context_id, ctx)?;
             *slot = Some(extents);
+        }
+        ChunkPayload::BlockStatusExt {
+            context_id,
+            extents,
+        } => {
+            let (slot, length) = status_slot(p, context_id, ctx)?;
+            *slot = Some(narrow_extents(&extents, length)?);
         }
         ref e @ (ChunkPayload::Error { .. }
         | ChunkPayload::ErrorOffset { .. }
@@ -1007,6 +1103,54 @@ fn apply_chunk(
     Ok(())
 }
 
+/// Where a status chunk's extents go: the request's one slot (a second chunk for the context is a
+/// violation), with the request's length.
+fn status_slot(
+    p: &mut Pending,
+    context_id: u32,
+    ctx: Option<u32>,
+) -> Result<(&mut Option<Vec<Extent>>, u32), Violation> {
+    let Kind::BlockStatus {
+        extents: slot,
+        length,
+    } = &mut p.kind
+    else {
+        return Err(Violation("BLOCK_STATUS chunk for another command".into()));
+    };
+    if Some(context_id) != ctx {
+        return Err(Violation(format!(
+            "BLOCK_STATUS for context {context_id}, which was not negotiated"
+        )));
+    }
+    if slot.is_some() {
+        return Err(Violation("two BLOCK_STATUS chunks for one context".into()));
+    }
+    Ok((slot, *length))
+}
+
+/// 64-bit extents as the 32-bit ones a [`Reply::BlockStatus`] carries. Our requests are at most
+/// 32 bits long, so clipping to the request loses nothing: only the last extent may reach past it
+/// (proto.md), and what lies past the request is not asked for.
+fn narrow_extents(wide: &[WideExtent], length: u32) -> Result<Vec<Extent>, Violation> {
+    let mut left = u64::from(length);
+    let mut out = Vec::with_capacity(wide.len().min(1024));
+    for e in wide {
+        if e.length == 0 {
+            return Err(Violation("BLOCK_STATUS_EXT extent of length 0".into()));
+        }
+        if left == 0 {
+            break;
+        }
+        let take = e.length.min(left);
+        out.push(Extent {
+            length: take as u32,
+            flags: e.flags,
+        });
+        left -= take;
+    }
+    Ok(out)
+}
+
 /// Offset of a chunk inside its READ, checking it lies within the request.
 fn in_range(offset: u64, len: u64, req_offset: u64, req_len: u32) -> Result<usize, Violation> {
     let ok = offset >= req_offset
@@ -1036,7 +1180,7 @@ fn finish(kind: Kind, error: Option<ClientError>) -> Result<Result<Reply, Client
             }
             Reply::Read(asm.finish())
         }
-        Kind::BlockStatus { extents } => match extents {
+        Kind::BlockStatus { extents, .. } => match extents {
             Some(e) if !e.is_empty() => Reply::BlockStatus(e),
             _ => return Err(Violation("BLOCK_STATUS reply without extents".into())),
         },

@@ -52,6 +52,10 @@ pub struct ConnectOptions {
     /// Per request, including the wait for an in-flight slot. `None`: no timeout.
     pub request_timeout: Option<Duration>,
     pub structured_replies: bool,
+    /// Ask for extended headers first (NBD_OPT_EXTENDED_HEADERS: 32-byte headers, 64-bit lengths),
+    /// and fall back to structured replies when the server does not have them. Needs
+    /// `structured_replies`.
+    pub extended_headers: bool,
     /// Ask for `base:allocation` (needs structured replies).
     pub base_allocation: bool,
     pub max_in_flight: usize,
@@ -68,6 +72,7 @@ impl ConnectOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: None,
             structured_replies: true,
+            extended_headers: true,
             base_allocation: true,
             max_in_flight: 256,
             tls: None,
@@ -98,7 +103,8 @@ pub struct ExportInfo {
     /// As advertised, except `max_payload`, which is capped at [`crate::MAX_PAYLOAD_BYTES`]
     /// and rounded down to a multiple of `min`.
     pub block_size: BlockSize,
-    pub structured_replies: bool,
+    /// Simple replies, structured replies or extended headers: what the server agreed to.
+    pub mode: crate::TransmissionMode,
     /// The context id of `base:allocation`, when negotiated.
     pub base_allocation: Option<u32>,
     pub negotiated_with: Negotiation,

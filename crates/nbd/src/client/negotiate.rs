@@ -4,7 +4,7 @@
 use super::{Client, ClientError, ConnectOptions, Endpoint, ExportInfo, Negotiation};
 use crate::io_util::fill;
 use crate::proto::*;
-use crate::{BlockSize, TransmissionFlags};
+use crate::{BlockSize, TransmissionFlags, TransmissionMode};
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -253,14 +253,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
         no_zeroes: bool,
     ) -> Result<(ExportInfo, BytesMut), ClientError> {
         let c = &mut self;
-        let structured = c.structured_replies(options.structured_replies).await?;
-        let base_allocation = if structured && options.base_allocation {
+        let mode = c.transmission_mode(options).await?;
+        let base_allocation = if mode.chunked() && options.base_allocation {
             c.base_allocation(&options.export).await?
         } else {
             None
         };
         let (size, flags, block_size, negotiated_with) = match c.go(&options.export).await? {
             Some((size, flags, block_size)) => (size, flags, block_size, Negotiation::Go),
+            // proto.md: a server that acknowledged extended headers must support GO, and the client
+            // must not use EXPORT_NAME then.
+            None if mode.extended() => {
+                return Err(hs(
+                    "the server acknowledged extended headers but refused NBD_OPT_GO",
+                ));
+            }
             // An old server: EXPORT_NAME, which says nothing of block sizes.
             None => {
                 let (size, flags) = c.export_name(&options.export, no_zeroes).await?;
@@ -272,7 +279,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
             size,
             flags,
             block_size: sanitize_block_size(block_size)?,
-            structured_replies: structured,
+            mode,
             base_allocation,
             negotiated_with,
         };
@@ -301,6 +308,34 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conv<'_, R, W> {
         }
         encode_client_flags(flags, &mut self.out);
         Ok(no_zeroes)
+    }
+
+    /// EXTENDED_HEADERS when wanted, else (or when the server has none) STRUCTURED_REPLY when
+    /// wanted: the transmission mode the server agreed to.
+    async fn transmission_mode(
+        &mut self,
+        options: &ConnectOptions,
+    ) -> Result<TransmissionMode, ClientError> {
+        if options.structured_replies && options.extended_headers {
+            self.send_option(&ClientOption::ExtendedHeaders).await?;
+            match self.reply(NBD_OPT_EXTENDED_HEADERS).await? {
+                OptionReply::Ack => return Ok(TransmissionMode::Extended),
+                // An older server (ERR_UNSUP) or one that will not: structured replies, then.
+                OptionReply::Error { .. } => {}
+                other => {
+                    return Err(hs(format!(
+                        "unexpected reply to EXTENDED_HEADERS: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(
+            if self.structured_replies(options.structured_replies).await? {
+                TransmissionMode::Structured
+            } else {
+                TransmissionMode::Simple
+            },
+        )
     }
 
     /// STRUCTURED_REPLY when `wanted`; whether the server agreed. Sends the queued client flags either way.

@@ -110,8 +110,12 @@ pub const OPTION_REPLY_HEADER_BYTES: usize = 20;
 pub const EXPORT_NAME_REPLY_BYTES: usize = 10;
 pub const EXPORT_NAME_ZEROES_BYTES: usize = 124;
 pub const REQUEST_HEADER_BYTES: usize = 28;
+/// A request under extended headers.
+pub const EXTENDED_REQUEST_HEADER_BYTES: usize = 32;
 pub const SIMPLE_REPLY_BYTES: usize = 16;
 pub const CHUNK_HEADER_BYTES: usize = 20;
+/// A reply chunk under extended headers.
+pub const EXTENDED_REPLY_HEADER_BYTES: usize = 32;
 
 // Limits. Nothing larger is ever allocated on a peer's word.
 /// Data of one option or one option reply. The protocol's strings are at most 4 KiB; a

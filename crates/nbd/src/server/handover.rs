@@ -3,7 +3,7 @@
 //! A connection is *detached* only at a request boundary. Its export is held and quiet, so no
 //! request runs and every reply has been written. What the connection still holds is:
 //! - its socket;
-//! - the state the handshake settled (the export, the transmission flags, structured replies, the
+//! - the state the handshake settled (the export, the transmission flags, the transmission mode, the
 //!   `base:allocation` context id);
 //! - the bytes the client has sent that are not handled yet. This is a partial request left in the
 //!   read buffer, or a request read during the hold. Such a request is encoded back to its wire
@@ -39,7 +39,8 @@ pub struct DetachedConnection {
     pub export: String,
     /// The transmission flags the client was given.
     pub flags: u16,
-    pub structured: bool,
+    /// The transmission mode (simple, structured or extended replies) the handshake settled.
+    pub mode: crate::TransmissionMode,
     /// The `base:allocation` context id, when negotiated.
     pub context_id: Option<u32>,
     /// Bytes the client sent that were not handled yet: the start of its next requests.
@@ -129,7 +130,7 @@ impl<B: Backend> Server<B> {
         let negotiated = Negotiated {
             export,
             flags: TransmissionFlags::from_bits_retain(c.flags),
-            structured: c.structured,
+            mode: c.mode,
             context_id: c.context_id,
         };
         let admitted = self.admit()?;

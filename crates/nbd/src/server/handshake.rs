@@ -1,9 +1,9 @@
 //! Server side of the fixed-newstyle handshake.
 
 use super::{Backend, ExportEntry, Server, ServerError};
-use crate::TransmissionFlags;
 use crate::io_util::fill;
 use crate::proto::*;
+use crate::{TransmissionFlags, TransmissionMode};
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -15,7 +15,7 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 pub(crate) struct Negotiated<B> {
     pub(crate) export: Arc<ExportEntry<B>>,
     pub(crate) flags: TransmissionFlags,
-    pub(crate) structured: bool,
+    pub(crate) mode: TransmissionMode,
     pub(crate) context_id: Option<u32>,
 }
 
@@ -24,6 +24,8 @@ pub(crate) struct Negotiated<B> {
 pub(crate) struct OptState {
     no_zeroes: bool,
     structured: bool,
+    /// NBD_OPT_EXTENDED_HEADERS acknowledged: it takes precedence over `structured`.
+    extended: bool,
     /// Export name for which `base:allocation` was selected by SET_META_CONTEXT.
     meta_export: Option<String>,
     /// The export's TLS as it was when the connection came (a reload changes later connections).
@@ -42,6 +44,17 @@ pub(crate) enum HandshakeEnd<B> {
 }
 
 impl OptState {
+    /// The transmission mode the options so far settle on.
+    fn mode(&self) -> TransmissionMode {
+        if self.extended {
+            TransmissionMode::Extended
+        } else if self.structured {
+            TransmissionMode::Structured
+        } else {
+            TransmissionMode::Simple
+        }
+    }
+
     pub(crate) fn tls_config(&self) -> Option<&Arc<crate::tls::ServerTls>> {
         self.tls.as_ref()
     }
@@ -178,6 +191,7 @@ impl<B: Backend> Server<B> {
                     // What was negotiated in plaintext could have been injected by anyone on the
                     // path: it is forgotten, and the client negotiates again over TLS.
                     st.structured = false;
+                    st.extended = false;
                     st.meta_export = None;
                     return Ok(Some(HandshakeEnd::StartTls(st)));
                 }
@@ -239,8 +253,32 @@ impl<B: Backend> Server<B> {
                 OptionReply::Ack.encode(code, out);
                 Ok(Step::Continue)
             }
+            // Extended headers cannot be downgraded (proto.md: ERR_EXT_HEADER_REQD).
+            ClientOption::StructuredReply if st.extended => {
+                error_reply(
+                    code,
+                    OptionError::ExtHeaderReqd,
+                    "extended headers are already negotiated",
+                    out,
+                );
+                Ok(Step::Continue)
+            }
             ClientOption::StructuredReply => {
                 st.structured = true;
+                OptionReply::Ack.encode(code, out);
+                Ok(Step::Continue)
+            }
+            ClientOption::ExtendedHeaders if st.extended => {
+                error_reply(
+                    code,
+                    OptionError::Invalid,
+                    "extended headers are already negotiated",
+                    out,
+                );
+                Ok(Step::Continue)
+            }
+            ClientOption::ExtendedHeaders => {
+                st.extended = true;
                 OptionReply::Ack.encode(code, out);
                 Ok(Step::Continue)
             }
@@ -255,11 +293,18 @@ impl<B: Backend> Server<B> {
             ClientOption::Info { name, requests } | ClientOption::Go { name, requests } => {
                 Ok(self.info_or_go(code, &name, &requests, st, out))
             }
+            ClientOption::ExportName(_) if st.extended => {
+                // proto.md: a client that negotiated extended headers MUST NOT use EXPORT_NAME,
+                // and EXPORT_NAME has no error reply.
+                Err(ServerError::Handshake(
+                    "EXPORT_NAME after extended headers were negotiated".into(),
+                ))
+            }
             ClientOption::ExportName(name) => {
                 let Some(export) = self.find_export(&name) else {
                     return Err(ServerError::Handshake(format!("unknown export {name:?}")));
                 };
-                let flags = advertised_flags(&export.config.flags, st.structured);
+                let flags = advertised_flags(&export.config.flags, st.mode());
                 ExportNameReply {
                     size: export.config.size,
                     flags,
@@ -284,7 +329,7 @@ impl<B: Backend> Server<B> {
                 OptionReply::Ack.encode(code, out);
                 Ok(Step::StartTls)
             }
-            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+            ClientOption::Unknown(_) => {
                 error_reply(code, OptionError::Unsup, "option not supported", out);
                 Ok(Step::Continue)
             }
@@ -339,13 +384,13 @@ impl<B: Backend> Server<B> {
         OptionReply::Ack.encode(code, out);
     }
 
-    /// Meta contexts need structured replies and an export we have.
+    /// Meta contexts need structured replies (or extended headers) and an export we have.
     fn meta_context_allowed(
         &self,
         export: &str,
         st: &OptState,
     ) -> Result<(), (OptionError, &'static str)> {
-        if !st.structured {
+        if !st.mode().chunked() {
             Err((OptionError::Invalid, "structured replies not negotiated"))
         } else if self.find_export(export).is_none() {
             Err((OptionError::Unknown, "unknown export"))
@@ -368,7 +413,7 @@ impl<B: Backend> Server<B> {
             error_reply(code, OptionError::Unknown, "unknown export", out);
             return Step::Continue;
         };
-        let flags = advertised_flags(&export.config.flags, st.structured);
+        let flags = advertised_flags(&export.config.flags, st.mode());
         let cfg = &export.config;
         OptionReply::Info(Info::Export {
             size: cfg.size,
@@ -400,7 +445,7 @@ impl<B: Backend> Server<B> {
         name: &str,
     ) -> Negotiated<B> {
         let context_id = match &st.meta_export {
-            Some(m) if st.structured && (m == name || m == &export.config.name) => {
+            Some(m) if st.mode().chunked() && (m == name || m == &export.config.name) => {
                 Some(BASE_ALLOCATION_ID)
             }
             _ => None,
@@ -408,7 +453,7 @@ impl<B: Backend> Server<B> {
         Negotiated {
             export,
             flags,
-            structured: st.structured,
+            mode: st.mode(),
             context_id,
         }
     }
@@ -445,10 +490,13 @@ fn error_reply(code: u32, error: OptionError, message: &str, out: &mut BytesMut)
 }
 
 /// The flags actually sent for an export.
-pub(crate) fn advertised_flags(cfg: &TransmissionFlags, structured: bool) -> TransmissionFlags {
+pub(crate) fn advertised_flags(
+    cfg: &TransmissionFlags,
+    mode: TransmissionMode,
+) -> TransmissionFlags {
     let mut f = *cfg | TransmissionFlags::HAS_FLAGS;
     f.remove(TransmissionFlags::SEND_RESIZE | TransmissionFlags::BLOCK_STATUS_PAYLOAD);
-    if !structured {
+    if !mode.chunked() {
         // DF only has a meaning with structured replies.
         f.remove(TransmissionFlags::SEND_DF);
     }

@@ -222,6 +222,9 @@ pub struct Server<B: Backend> {
     refusal_logged_ms: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
     accept_errors: std::sync::atomic::AtomicU64,
+    /// Connections that entered transmission, by the mode they negotiated (simple, structured,
+    /// extended): which clients use extended headers.
+    negotiated: [std::sync::atomic::AtomicU64; 3],
     /// TLS offered (or required) to new connections; replaced by a reload, which leaves the
     /// sessions already running as they are.
     tls: std::sync::RwLock<Option<Arc<crate::tls::ServerTls>>>,
@@ -262,6 +265,7 @@ impl<B: Backend> Server<B> {
             refusal_logged_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             accept_errors: std::sync::atomic::AtomicU64::new(0),
+            negotiated: Default::default(),
             tls: std::sync::RwLock::new(None),
         }
     }
@@ -461,7 +465,7 @@ impl<B: Backend> Server<B> {
         match end {
             None => Ok(()),
             Some(handshake::HandshakeEnd::Negotiated(negotiated)) => {
-                admitted.transmission_started();
+                self.transmission_started(admitted, &negotiated);
                 self.transmit(rd.unsplit(wr), buf, negotiated, admitted, ops)
                     .await
             }
@@ -530,7 +534,7 @@ impl<B: Backend> Server<B> {
         {
             None => Ok(()),
             Some(handshake::HandshakeEnd::Negotiated(negotiated)) => {
-                admitted.transmission_started();
+                self.transmission_started(admitted, &negotiated);
                 self.transmit(rd.unsplit(wr), buf, negotiated, admitted, None)
                     .await
             }
@@ -581,7 +585,7 @@ impl<B: Backend> Server<B> {
                 kind: ops.kind,
                 export: detached.export,
                 flags: detached.flags,
-                structured: detached.structured,
+                mode: detached.mode,
                 context_id: detached.context_id,
                 pending: detached.pending,
             });
@@ -616,6 +620,16 @@ impl<B: Backend> Server<B> {
     pub fn accept_errors(&self) -> u64 {
         self.accept_errors
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections that entered transmission since start having negotiated `mode`.
+    pub fn connections_negotiated(&self, mode: crate::TransmissionMode) -> u64 {
+        self.negotiated[mode_index(mode)].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn transmission_started(&self, admitted: &admission::Admitted, n: &handshake::Negotiated<B>) {
+        admitted.transmission_started();
+        self.negotiated[mode_index(n.mode)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn connections_refused(&self) -> u64 {
@@ -735,5 +749,13 @@ impl AcceptBackoff {
         }
         self.delay = (self.delay * 2).clamp(Self::DELAY_MIN, Self::DELAY_MAX);
         tokio::time::sleep(self.delay).await;
+    }
+}
+
+fn mode_index(mode: crate::TransmissionMode) -> usize {
+    match mode {
+        crate::TransmissionMode::Simple => 0,
+        crate::TransmissionMode::Structured => 1,
+        crate::TransmissionMode::Extended => 2,
     }
 }

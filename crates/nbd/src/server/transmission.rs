@@ -8,7 +8,9 @@ use super::{Backend, Server, ServerError};
 use crate::io_util::{PollWhenWoken, fill, reserve_total};
 use crate::proto::*;
 use crate::request::{Reply, Request};
-use crate::{BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags};
+use crate::{
+    BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags, TransmissionMode, WideExtent,
+};
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::future::Future;
@@ -30,6 +32,8 @@ pub struct RequestCheck {
     pub block_size: BlockSize,
     /// `base:allocation` negotiated.
     pub context_id: Option<u32>,
+    /// Extended headers decide which commands may carry `NBD_CMD_FLAG_PAYLOAD_LEN`.
+    pub mode: TransmissionMode,
 }
 
 /// Validates a request header against the export; the error is the value to reply with.
@@ -53,6 +57,11 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
         Command::Write => {
             if ro {
                 return Err(NbdErrno::Perm);
+            }
+            if c.mode.extended() {
+                // Under extended headers a WRITE should say its length is its payload's; one that
+                // does not (qemu 10) brought its data all the same (see `payload_len`).
+                allowed |= CommandFlags::PAYLOAD_LEN;
             }
             (NbdErrno::NoSpc, true)
         }
@@ -101,15 +110,16 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
     if !(h.flags - allowed).is_empty() {
         return Err(NbdErrno::Inval);
     }
-    match h.offset.checked_add(h.length as u64) {
+    match h.offset.checked_add(h.length) {
         Some(end) if end <= c.size => {}
         _ => return Err(past_end),
     }
-    let min = c.block_size.min as u64;
-    if !h.offset.is_multiple_of(min) || !(h.length as u64).is_multiple_of(min) {
+    let min = u64::from(c.block_size.min);
+    if !h.offset.is_multiple_of(min) || !h.length.is_multiple_of(min) {
         return Err(NbdErrno::Inval);
     }
-    if payload_cmd && h.length > c.block_size.max_payload.min(crate::MAX_PAYLOAD_BYTES) {
+    let payload_max = c.block_size.max_payload.min(crate::MAX_PAYLOAD_BYTES);
+    if payload_cmd && h.length > u64::from(payload_max) {
         return Err(NbdErrno::Inval);
     }
     Ok(())
@@ -151,19 +161,20 @@ struct Out {
     cookie: u64,
     offset: u64,
     body: Body,
-    /// READ and BLOCK_STATUS errors go out as ERROR chunks under structured replies.
+    /// READ and BLOCK_STATUS errors go out as ERROR chunks under structured replies (and every
+    /// error does under extended headers).
     chunked_error: bool,
     _held: Option<Held>,
 }
 
 impl Out {
     /// The ESHUTDOWN answer to a request that will not run because the server is shutting down.
-    fn shutdown(h: &RequestHeader, structured: bool, held: Held) -> Out {
+    fn shutdown(h: &RequestHeader, mode: TransmissionMode, held: Held) -> Out {
         Out {
             cookie: h.cookie,
             offset: h.offset,
             body: Body::Err(NbdErrno::Shutdown),
-            chunked_error: structured && is_chunked(h.command),
+            chunked_error: chunked_error(mode, h.command),
             _held: Some(held),
         }
     }
@@ -173,7 +184,7 @@ impl Out {
 /// data its READ reply will carry (bounded by the budget, so one maximum-size request always fits).
 fn request_bytes(h: &RequestHeader, payload: &Bytes, budget_max: usize) -> u32 {
     let bytes = match h.command {
-        Command::Read => h.length as usize,
+        Command::Read => usize::try_from(h.length).unwrap_or(usize::MAX),
         _ => payload.len(),
     };
     bytes.min(budget_max) as u32
@@ -192,7 +203,7 @@ pub(crate) struct Detached<S> {
     pub(crate) pending: Vec<u8>,
     pub(crate) export: String,
     pub(crate) flags: u16,
-    pub(crate) structured: bool,
+    pub(crate) mode: TransmissionMode,
     pub(crate) context_id: Option<u32>,
 }
 
@@ -228,12 +239,13 @@ impl<B: Backend> Server<B> {
         let budget_max = self.options.connection_bytes_max;
         let budget = Arc::new(Semaphore::new(budget_max));
         let (tx, rx) = mpsc::unbounded_channel::<Out>();
-        let writer = tokio::spawn(write_replies(wr, rx, n.structured));
+        let writer = tokio::spawn(write_replies(wr, rx, n.mode));
         let check = RequestCheck {
             size: n.export.config.size,
             flags: n.flags,
             block_size: n.export.config.block_size,
             context_id: n.context_id,
+            mode: n.mode,
         };
 
         let mut result = Ok(());
@@ -306,7 +318,7 @@ impl<B: Backend> Server<B> {
                 }
                 // Only a connection with nothing in flight is ever evicted.
                 _ = &mut evicted, if reading => break,
-                r = read_request(&mut rd, &mut buf), if reading => match r {
+                r = read_request(&mut rd, &mut buf, n.mode), if reading => match r {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, data))) => {
                         let slot = slot.take().expect("guarded by the branch condition");
@@ -347,21 +359,19 @@ impl<B: Backend> Server<B> {
             if exit == Exit::Detach {
                 // Read during the hold, never started: it goes back on the wire to the next program.
                 let mut wire = BytesMut::new();
-                h.encode(&mut wire);
+                h.encode_in(n.mode, &mut wire);
                 pending.extend_from_slice(&wire);
-                if h.command == Command::Write {
-                    pending.extend_from_slice(&data);
-                }
+                pending.extend_from_slice(&data);
                 drop(held);
             } else {
                 // Shut down (or removed) while held: it never started.
-                let _ = tx.send(Out::shutdown(&h, n.structured, held));
+                let _ = tx.send(Out::shutdown(&h, n.mode, held));
             }
         }
         drop(slot);
         if let Some((h, _, held)) = waiting.take() {
             // Shut down while it waited for room: it never started.
-            let _ = tx.send(Out::shutdown(&h, n.structured, held));
+            let _ = tx.send(Out::shutdown(&h, n.mode, held));
         }
         if exit == Exit::Drain {
             // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done. Each
@@ -386,14 +396,14 @@ impl<B: Backend> Server<B> {
                     }
                     // Everything in flight answered and written (the slot kept for the next aside).
                     _ = slots.acquire_many(max as u32 - spare) => break,
-                    r = read_request(&mut rd, &mut buf), if slot.is_some() => r,
+                    r = read_request(&mut rd, &mut buf, n.mode), if slot.is_some() => r,
                 };
                 match req {
                     Ok(Some((h, _))) if h.command == Command::Disc => break,
                     Ok(Some((h, _))) => {
                         let held =
                             Held::started(slot.take().expect("read only with a slot"), connection);
-                        let _ = tx.send(Out::shutdown(&h, n.structured, held));
+                        let _ = tx.send(Out::shutdown(&h, n.mode, held));
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -439,7 +449,7 @@ impl<B: Backend> Server<B> {
                 pending,
                 export: n.export.config.name.clone(),
                 flags: n.flags.bits(),
-                structured: n.structured,
+                mode: n.mode,
                 context_id: n.context_id,
             }));
         }
@@ -458,7 +468,7 @@ impl<B: Backend> Server<B> {
         tx: &mpsc::UnboundedSender<Out>,
         backend: &Arc<B>,
     ) -> Option<ToRun<B>> {
-        let chunked_error = n.structured && is_chunked(h.command);
+        let chunked_error = chunked_error(n.mode, h.command);
         let reply = |body: Body, held| Out {
             cookie: h.cookie,
             offset: h.offset,
@@ -471,7 +481,7 @@ impl<B: Backend> Server<B> {
             return None;
         }
         debug_assert!(
-            h.command != Command::Write || data.len() == h.length as usize,
+            h.command != Command::Write || data.len() as u64 == h.length,
             "a WRITE carries exactly its length (read_request reads it so)"
         );
         // Zero-length data commands need no backend call.
@@ -498,6 +508,7 @@ impl<B: Backend> Server<B> {
             h,
             data,
             context_id: n.context_id.unwrap_or(0),
+            piece_max: effect_piece_max(check.block_size),
             chunked_error,
             held,
         })
@@ -545,6 +556,8 @@ struct ToRun<B> {
     h: RequestHeader,
     data: Bytes,
     context_id: u32,
+    /// The longest range the backend gets in one request (see [`effect_piece_max`]).
+    piece_max: u64,
     chunked_error: bool,
     held: Held,
 }
@@ -562,32 +575,15 @@ fn run_request<B: Backend>(r: ToRun<B>) -> impl Future<Output = Out> {
         h,
         data,
         context_id,
+        piece_max,
         chunked_error,
         held,
     } = r;
     async move {
-        let length = h.length;
-        let body = match request_of(&h, data) {
-            // Filtered out by check_request.
-            None => Body::Err(NbdErrno::Inval),
-            Some(request) => match (h.command, handle_isolated(&*backend, request).await) {
-                (_, Err(e)) => body_err(e),
-                (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => Body::Read(d),
-                (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
-                    Body::BlockStatus(context_id, clip_extents(ext, length, h.flags))
-                }
-                (
-                    Command::Write
-                    | Command::Flush
-                    | Command::Trim
-                    | Command::WriteZeroes
-                    | Command::Cache,
-                    Ok(Reply::Done),
-                ) => Body::Ok,
-                // A reply of the wrong kind (or a short read) is the backend's bug: the client
-                // gets EIO, never a malformed reply.
-                (_, Ok(_)) => Body::Err(NbdErrno::Io),
-            },
+        let body = if h.length > piece_max {
+            run_long(&*backend, &h, context_id, piece_max).await
+        } else {
+            run_one(&*backend, &h, data, context_id).await
         };
         Out {
             cookie: h.cookie,
@@ -597,6 +593,73 @@ fn run_request<B: Backend>(r: ToRun<B>) -> impl Future<Output = Out> {
             _held: Some(held),
         }
     }
+}
+
+/// A request whose length fits 32 bits (every request under compact headers).
+async fn run_one<B: Backend>(backend: &B, h: &RequestHeader, data: Bytes, context_id: u32) -> Body {
+    let Ok(length) = u32::try_from(h.length) else {
+        return Body::Err(NbdErrno::Inval);
+    };
+    let Some(request) = request_of(h, data, h.offset, length) else {
+        // Filtered out by check_request.
+        return Body::Err(NbdErrno::Inval);
+    };
+    match (h.command, handle_isolated(backend, request).await) {
+        (_, Err(e)) => body_err(e),
+        (Command::Read, Ok(Reply::Read(d))) if d.len() == length as usize => Body::Read(d),
+        (Command::BlockStatus, Ok(Reply::BlockStatus(ext))) => {
+            Body::BlockStatus(context_id, clip_extents(ext, length, h.flags))
+        }
+        (
+            Command::Write | Command::Flush | Command::Trim | Command::WriteZeroes | Command::Cache,
+            Ok(Reply::Done),
+        ) => Body::Ok,
+        // A reply of the wrong kind (or a short read) is the backend's bug: the client gets EIO,
+        // never a malformed reply.
+        (_, Ok(_)) => Body::Err(NbdErrno::Io),
+    }
+}
+
+/// A request longer than 32 bits (extended headers: TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS; READ
+/// and WRITE are bounded by the payload limit). BLOCK_STATUS answers its first piece (the length
+/// is a hint, and a shorter answer is allowed). The others run piece by piece, in order; the first
+/// error ends the request (what was done stays done, as with any TRIM or WRITE_ZEROES that fails).
+async fn run_long<B: Backend>(
+    backend: &B,
+    h: &RequestHeader,
+    context_id: u32,
+    piece_max: u64,
+) -> Body {
+    debug_assert!(h.length > piece_max && piece_max > 0);
+    if h.command == Command::BlockStatus {
+        let first = RequestHeader {
+            length: piece_max,
+            ..*h
+        };
+        return run_one(backend, &first, Bytes::new(), context_id).await;
+    }
+    let mut done = 0u64;
+    while done < h.length {
+        let length = (h.length - done).min(piece_max) as u32;
+        let Some(request) = request_of(h, Bytes::new(), h.offset + done, length) else {
+            return Body::Err(NbdErrno::Inval);
+        };
+        match handle_isolated(backend, request).await {
+            Ok(Reply::Done) => {}
+            Ok(_) => return Body::Err(NbdErrno::Io),
+            Err(e) => return body_err(e),
+        }
+        done += u64::from(length);
+    }
+    Body::Ok
+}
+
+/// The longest range handed to the backend in one request: 32 bits (the backend's requests carry
+/// 32-bit lengths), rounded down to the export's preferred block (a multiple of the minimum: both
+/// are powers of two), so every piece, and the next BLOCK_STATUS a client sends, stays aligned.
+fn effect_piece_max(block_size: BlockSize) -> u64 {
+    let align = u64::from(block_size.min.max(block_size.preferred).max(1));
+    u64::from(u32::MAX) / align * align
 }
 
 /// Runs one request in the backend; a panic there fails that request with EIO and nothing else (the
@@ -615,8 +678,10 @@ async fn handle_isolated<B: Backend>(backend: &B, request: Request) -> Result<Re
     }
 }
 
-fn is_chunked(c: Command) -> bool {
-    matches!(c, Command::Read | Command::BlockStatus)
+/// Whether an error reply to `command` goes out as an ERROR chunk: for READ and BLOCK_STATUS
+/// once chunks are negotiated, and for everything under extended headers (no simple replies).
+fn chunked_error(mode: TransmissionMode, command: Command) -> bool {
+    mode.extended() || (mode.chunked() && matches!(command, Command::Read | Command::BlockStatus))
 }
 
 /// Error 0 on the wire would read as success.
@@ -630,8 +695,8 @@ fn body_err(e: NbdErrno) -> Body {
 
 /// The backend's request for a checked header (and the WRITE's payload); `None` for commands that
 /// never reach a backend (DISC, RESIZE, unknown ones: check_request refuses them).
-fn request_of(h: &RequestHeader, data: Bytes) -> Option<Request> {
-    let (offset, length, flags) = (h.offset, h.length, h.flags);
+fn request_of(h: &RequestHeader, data: Bytes, offset: u64, length: u32) -> Option<Request> {
+    let flags = h.flags - CommandFlags::PAYLOAD_LEN;
     Some(match h.command {
         Command::Read => Request::Read { offset, length },
         Command::Write => Request::Write {
@@ -694,14 +759,18 @@ fn clip_extents(ext: Vec<Extent>, length: u32, flags: CommandFlags) -> Vec<Exten
 async fn read_request<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
+    mode: TransmissionMode,
 ) -> Result<Option<(RequestHeader, Bytes)>, ServerError> {
     loop {
-        if let Some(r) = decode_request(buf)? {
+        if let Some(r) = decode_request_in(buf, mode)? {
             return Ok(Some(r));
         }
-        if let Some(h) = RequestHeader::decode(buf)? {
-            // Bounded by decode_request: the payload is at most MAX_PAYLOAD_BYTES.
-            reserve_total(buf, REQUEST_HEADER_BYTES + h.payload_len() as usize);
+        if let Some(h) = RequestHeader::decode_in(buf, mode)? {
+            // Bounded by decode_request_in: the payload is at most MAX_PAYLOAD_BYTES.
+            reserve_total(
+                buf,
+                request_header_bytes(mode) + h.payload_len(mode) as usize,
+            );
         }
         if fill(rd, buf).await? == 0 {
             if buf.is_empty() {
@@ -720,7 +789,7 @@ async fn read_request<R: AsyncRead + Unpin>(
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Out>,
-    structured: bool,
+    mode: TransmissionMode,
 ) -> (W, std::io::Result<()>) {
     let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
     // What the replies in `out` hold (their slots and bytes): released once `out` is on the socket,
@@ -733,7 +802,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             let mut next = Some(first);
             while let Some(mut reply) = next {
                 held.extend(reply._held.take());
-                encode_reply(&mut wr, &mut out, reply, structured).await?;
+                encode_reply(&mut wr, &mut out, reply, mode).await?;
                 if out.len() >= WRITE_BATCH_BYTES {
                     wr.write_all(&out).await?;
                     out.clear();
@@ -764,42 +833,71 @@ async fn encode_reply<W: AsyncWrite + Unpin>(
     wr: &mut W,
     out: &mut BytesMut,
     reply: Out,
-    structured: bool,
+    mode: TransmissionMode,
 ) -> std::io::Result<()> {
-    let cookie = reply.cookie;
+    let (cookie, offset) = (reply.cookie, reply.offset);
+    let done = NBD_REPLY_FLAG_DONE;
     match reply.body {
+        Body::Ok if mode.extended() => {
+            ChunkPayload::None.encode_extended(cookie, done, offset, out)
+        }
         Body::Ok => SimpleReply { error: 0, cookie }.encode(out),
         Body::Err(e) if reply.chunked_error => ChunkPayload::Error {
             error: e.to_wire(),
             message: String::new(),
         }
-        .encode(cookie, NBD_REPLY_FLAG_DONE, out),
+        .encode_in(mode, cookie, done, offset, out),
         Body::Err(e) => SimpleReply {
             error: e.to_wire(),
             cookie,
         }
         .encode(out),
+        Body::BlockStatus(context_id, extents) if mode.extended() => ChunkPayload::BlockStatusExt {
+            context_id,
+            extents: extents
+                .iter()
+                .map(|e| WideExtent {
+                    length: u64::from(e.length),
+                    flags: e.flags,
+                })
+                .collect(),
+        }
+        .encode_extended(cookie, done, offset, out),
         Body::BlockStatus(context_id, extents) => ChunkPayload::BlockStatus {
             context_id,
             extents,
         }
-        .encode(cookie, NBD_REPLY_FLAG_DONE, out),
+        .encode(cookie, done, out),
         Body::Read(data) => {
-            if structured {
-                if data.is_empty() {
-                    ChunkPayload::None.encode(cookie, NBD_REPLY_FLAG_DONE, out);
-                    return Ok(());
+            if mode.chunked() && data.is_empty() {
+                ChunkPayload::None.encode_in(mode, cookie, done, offset, out);
+                return Ok(());
+            }
+            // The data is written after the header, straight from the backend's buffer when large.
+            let chunk_len = data.len() as u64 + 8;
+            match mode {
+                TransmissionMode::Extended => {
+                    ExtendedReplyHeader {
+                        flags: done,
+                        chunk_type: NBD_REPLY_TYPE_OFFSET_DATA,
+                        cookie,
+                        offset,
+                        length: chunk_len,
+                    }
+                    .encode(out);
+                    bytes::BufMut::put_u64(out, offset);
                 }
-                ChunkHeader {
-                    flags: NBD_REPLY_FLAG_DONE,
-                    chunk_type: NBD_REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    length: data.len() as u32 + 8,
+                TransmissionMode::Structured => {
+                    ChunkHeader {
+                        flags: done,
+                        chunk_type: NBD_REPLY_TYPE_OFFSET_DATA,
+                        cookie,
+                        length: chunk_len as u32,
+                    }
+                    .encode(out);
+                    bytes::BufMut::put_u64(out, offset);
                 }
-                .encode(out);
-                bytes::BufMut::put_u64(out, reply.offset);
-            } else {
-                SimpleReply { error: 0, cookie }.encode(out);
+                TransmissionMode::Simple => SimpleReply { error: 0, cookie }.encode(out),
             }
             if data.len() >= DIRECT_WRITE_BYTES {
                 wr.write_all(out).await?;

@@ -10,12 +10,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub struct Raw<S> {
     pub s: S,
     pub buf: BytesMut,
+    /// Extended headers negotiated: requests go out in 32 bytes, replies come as extended chunks.
+    pub extended: bool,
 }
 
 #[derive(Debug)]
 pub enum AnyReply {
     Simple(SimpleReply, Bytes),
     Chunk(Chunk),
+    /// An extended chunk, with the request offset its header echoes.
+    Extended(Chunk, u64),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
@@ -23,6 +27,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
         Raw {
             s,
             buf: BytesMut::with_capacity(1 << 16),
+            extended: false,
         }
     }
 
@@ -143,7 +148,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
 
     pub async fn request(&mut self, h: RequestHeader, payload: &[u8]) {
         let mut b = BytesMut::new();
-        h.encode(&mut b);
+        let mode = if self.extended {
+            lunmpio_nbd::TransmissionMode::Extended
+        } else {
+            lunmpio_nbd::TransmissionMode::Structured
+        };
+        h.encode_in(mode, &mut b);
         b.extend_from_slice(payload);
         self.send(&b).await;
     }
@@ -167,6 +177,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
                         return Some(AnyReply::Chunk(c));
                     }
                 }
+                Some(NBD_EXTENDED_REPLY_MAGIC) => {
+                    if let Some((c, offset)) = Chunk::decode_extended(&mut self.buf).unwrap() {
+                        return Some(AnyReply::Extended(c, offset));
+                    }
+                }
                 Some(m) => panic!("bad magic {m:#x}"),
                 None => {}
             }
@@ -180,7 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     pub async fn errno_of_next(&mut self) -> u32 {
         match self.any_reply(|_| 0).await.expect("EOF instead of a reply") {
             AnyReply::Simple(h, _) => h.error,
-            AnyReply::Chunk(c) => c.payload.error_value().unwrap_or(0),
+            AnyReply::Chunk(c) | AnyReply::Extended(c, _) => c.payload.error_value().unwrap_or(0),
         }
     }
 }
@@ -191,6 +206,6 @@ pub fn req(command: Command, cookie: u64, offset: u64, length: u32) -> RequestHe
         command,
         cookie,
         offset,
-        length,
+        length: u64::from(length),
     }
 }
