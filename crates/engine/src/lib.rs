@@ -7,9 +7,11 @@
 //!   detection, fencing, flush fan-out), the control task (the VDS state, events, persistence) and the
 //!   per-path health tasks (probes, reconnects, hold-down, failback).
 //! - Building blocks: the in-doubt write table ([`in_doubt`]), the bounded no-path queue
-//!   ([`no_path`]), latency statistics and adaptive timeouts ([`latency`]), the event log
-//!   ([`events`]), settings ([`settings`]).
+//!   ([`no_path`]), latency statistics and adaptive timeouts ([`latency`]), one timer for the
+//!   deadlines of every attempt in flight ([`deadline_watch`]), the event log ([`events`]), settings
+//!   ([`settings`]).
 
+pub mod deadline_watch;
 pub mod events;
 pub mod in_doubt;
 pub mod latency;

@@ -377,6 +377,8 @@ impl ControlTask {
         let fencing = &mut self.fencing[index];
         fencing.retired_through = fencing.retired_through.max(installed.generation);
         let lingers = installed.abandon();
+        // Its attempts look again now, each re-driven elsewhere (after the flag, see `attempt`).
+        self.shared.deadlines.wake_all();
         let slot = &self.shared.slots[index];
         super::dispatch::unflushed_on_retired(
             &self.shared,

@@ -26,6 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use lunmpio_nbd::{CommandFlags, Extent, NbdErrno};
@@ -554,14 +555,31 @@ impl Lun {
         let spare = request.clone();
         let mut sent: Sent =
             Box::pin(async move { connection.submit_tracked(request, &flag).await });
-        let timed_out = tokio::select! {
-            biased;
-            result = &mut sent => {
+        // The answer, the path going out of service, or the adaptive deadline, in that order: one
+        // registration with the LUN's deadline watch instead of a timer and a token wait each.
+        let mut deadline = s.deadlines.entry(started + soft);
+        let waited = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = sent.as_mut().poll(cx) {
+                return Poll::Ready(Ok(result));
+            }
+            // Registered before the flag is read: `retire` sets the flag, then wakes every entry.
+            let due = deadline.poll_due(cx);
+            if installed.is_abandoned() {
+                return Poll::Ready(Err(false));
+            }
+            if due {
+                return Poll::Ready(Err(true));
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(deadline);
+        let timed_out = match waited {
+            Ok(result) => {
                 let on = (slot, index, installed);
                 return self.settle(on, result, (offset, length), progress).await;
             }
-            _ = installed.abandoned.cancelled() => false,
-            _ = tokio::time::sleep_until(started + soft) => true,
+            Err(timed_out) => timed_out,
         };
         let error = if !timed_out {
             // The control task took the path out of service while this waited.

@@ -297,6 +297,8 @@ pub(crate) struct Shared {
     pub(crate) journal: journal::Journal,
     pub(crate) fences_ok: AtomicU64,
     pub(crate) fences_failed: AtomicU64,
+    /// The deadlines of the attempts waiting on the paths, watched by one task.
+    pub(crate) deadlines: crate::deadline_watch::DeadlineWatch,
 }
 
 impl Shared {
@@ -537,6 +539,7 @@ impl Lun {
             journal,
             fences_ok: AtomicU64::new(0),
             fences_failed: AtomicU64::new(0),
+            deadlines: crate::deadline_watch::DeadlineWatch::new(),
         });
         let carried = options.carry.unwrap_or_default();
         for slot in shared.slots.iter() {
@@ -560,6 +563,10 @@ impl Lun {
         for index in 0..shared.slots.len() {
             tokio::spawn(health::run(Arc::clone(&shared), index));
         }
+        tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move { shared.deadlines.run(&shared.stop).await }
+        });
         Ok(Lun { shared })
     }
 
