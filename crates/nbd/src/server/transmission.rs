@@ -797,8 +797,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut held: Vec<Held> = Vec::new();
     let r = async {
         while let Some(first) = rx.recv().await {
-            // Let the other requests that are ready finish first, so their replies share this write.
-            tokio::task::yield_now().await;
+            // No yield before writing (the path client's writer has one): the replies come from the
+            // connection's task, which finishes every request that is ready in one turn, so they are
+            // all queued before this task runs. A yield here only added a trip through the event
+            // loop: without it, 5% less CPU per I/O and up to 5% more IOPS at QD32 (docs/BENCHMARKS.md,
+            // "The reply writer's yield").
             let mut next = Some(first);
             while let Some(mut reply) = next {
                 held.extend(reply._held.take());
