@@ -37,6 +37,9 @@ struct State {
     /// Entries in use. Bounded by the attempts in flight, which the paths bound
     /// (`in_flight_max` per connection).
     used: usize,
+    /// The watcher has returned (the LUN stopped): nothing would wake a new entry at its deadline,
+    /// so a wait that starts now is due at once.
+    closed: bool,
 }
 
 enum Entry {
@@ -89,7 +92,7 @@ impl DeadlineWatch {
             rearm.as_mut().enable();
             let alarm = self.wake_due(Instant::now());
             let stopping = stop.is_cancelled();
-            if stopping && alarm.is_none() && self.waiting() == 0 {
+            if stopping && alarm.is_none() && self.close_if_idle() {
                 return;
             }
             // Stopping, the watcher looks every so often for the last entry to go (a dropped entry
@@ -113,6 +116,13 @@ impl DeadlineWatch {
                 _ = stop.cancelled(), if !stopping => {}
             }
         }
+    }
+
+    /// Marks the watch closed if no entry waits; returns whether it did.
+    fn close_if_idle(&self) -> bool {
+        let mut st = self.lock();
+        st.closed = st.used == 0;
+        st.closed
     }
 
     /// Marks and wakes the entries due at `now`; returns the earliest deadline still ahead.
@@ -170,6 +180,11 @@ impl DeadlineEntry<'_> {
                 *waker = cx.waker().clone();
             }
             return *due;
+        }
+        if st.closed {
+            // Only after the LUN stopped, when its connections are closed: give up now rather
+            // than wait without a deadline.
+            return true;
         }
         let entry = Entry::Waiting {
             deadline: self.deadline,
@@ -309,6 +324,18 @@ mod tests {
         watch.wake_all();
         polls.await.unwrap();
         assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_starts_after_the_watcher_returned_is_due_at_once() {
+        let watch = DeadlineWatch::new();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        watch.run(&stop).await;
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut entry = watch.entry(Instant::now() + Duration::from_secs(3600));
+        assert!(entry.poll_due(&mut cx), "no watcher would ever wake it");
+        assert_eq!(watch.waiting(), 0);
     }
 
     #[tokio::test(start_paused = true)]
