@@ -97,12 +97,11 @@ impl DeadlineWatch {
             }
             // Stopping, the watcher looks every so often for the last entry to go (a dropped entry
             // does not wake it: that would cost a wake-up per idle moment of the data path).
-            let alarm = match (alarm, stopping) {
-                (alarm, true) => {
-                    let poll = Instant::now() + STOPPING_POLL;
-                    Some(alarm.map_or(poll, |a| a.min(poll)))
-                }
-                (alarm, false) => alarm,
+            let alarm = if stopping {
+                let poll = Instant::now() + STOPPING_POLL;
+                Some(alarm.map_or(poll, |a| a.min(poll)))
+            } else {
+                alarm
             };
             let sleep = async {
                 match alarm {
@@ -225,7 +224,8 @@ impl Drop for DeadlineEntry<'_> {
         st.free.push(key);
         st.used -= 1;
         if st.used == 0 {
-            // Idle: give back what a burst grew.
+            // Idle: start again from slot 0, so the watcher's scans cover only what is in use
+            // now, not every slot a burst once took (the capacity stays for the next burst).
             st.entries.clear();
             st.free.clear();
         }
