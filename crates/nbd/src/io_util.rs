@@ -34,15 +34,25 @@ pub(crate) fn reserve_total(buf: &mut BytesMut, total: usize) {
 /// which is once or more per request. Some branches almost never fire (shutdown, removal, eviction,
 /// a handover). Each poll of their cancellation futures takes two mutexes: the token's, and its
 /// `Notify`'s. Wrapped in this, such a branch is polled once to register, and then only when its
-/// own wake-up came. Between those wake-ups a poll costs one atomic load.
+/// own wake-up came. Between those wake-ups a poll costs one atomic swap: the task's waker is
+/// registered again only when it changes, and a wake-up leaves it registered (it wakes by reference).
 pub(crate) struct PollWhenWoken<F> {
     inner: std::pin::Pin<Box<F>>,
     flag: std::sync::Arc<WakeFlag>,
+    /// The waker the flag holds.
+    registered: Option<std::task::Waker>,
 }
 
 struct WakeFlag {
     woken: std::sync::atomic::AtomicBool,
-    task: futures::task::AtomicWaker,
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl WakeFlag {
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<std::task::Waker>> {
+        // A waker swap cannot be left half done.
+        self.task.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl std::task::Wake for WakeFlag {
@@ -52,7 +62,9 @@ impl std::task::Wake for WakeFlag {
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
         self.woken.store(true, std::sync::atomic::Ordering::Release);
-        self.task.wake();
+        if let Some(task) = self.task().as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -63,8 +75,9 @@ impl<F: std::future::Future> PollWhenWoken<F> {
             flag: std::sync::Arc::new(WakeFlag {
                 // Polled the first time, to register.
                 woken: std::sync::atomic::AtomicBool::new(true),
-                task: futures::task::AtomicWaker::new(),
+                task: std::sync::Mutex::new(None),
             }),
+            registered: None,
         }
     }
 }
@@ -76,8 +89,17 @@ impl<F: std::future::Future> std::future::Future for PollWhenWoken<F> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<F::Output> {
-        // Registered before the flag is read: a wake-up in between is never lost.
-        self.flag.task.register(cx.waker());
+        // Registered before the flag is read: a wake-up in between is never lost (it sets the flag,
+        // then wakes whatever waker is registered by then).
+        let current = self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !current {
+            let waker = cx.waker().clone();
+            *self.flag.task() = Some(waker.clone());
+            self.registered = Some(waker);
+        }
         if !self
             .flag
             .woken
@@ -108,6 +130,29 @@ mod poll_when_woken_tests {
         );
         token.cancel();
         assert!(futures::poll!(&mut waiting).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_that_does_not_finish_it_leaves_it_registered_for_the_next() {
+        use std::sync::Arc;
+        let (first, second) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let (a, b) = (Arc::clone(&first), Arc::clone(&second));
+        let waiting = tokio::spawn(PollWhenWoken::new(async move {
+            a.notified().await;
+            b.notified().await;
+        }));
+        tokio::task::yield_now().await;
+        // Woken, polled, still pending: the next wake-up must reach the task again.
+        first.notify_one();
+        tokio::task::yield_now().await;
+        second.notify_one();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the second wake-up")
+            .unwrap();
     }
 
     #[tokio::test]

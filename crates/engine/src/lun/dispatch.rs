@@ -183,6 +183,16 @@ pub(super) fn deadlines(
     (soft, hard)
 }
 
+/// Counts a request of `bytes` in on the path if it has room now; returns the bytes that were in
+/// flight ahead of it.
+fn try_reserve(s: &Shared, slot: &PathSlot, bytes: u32) -> Option<u64> {
+    let requests_max = ConnectLimits::default().in_flight_max as u64;
+    let ahead = slot.load.bytes_in_flight();
+    slot.load
+        .try_dispatch(bytes, requests_max, path_bytes_max(s, slot))
+        .then_some(ahead)
+}
+
 /// Upper bound on attempts for one request between two waits for a path: every path twice. Past it
 /// something is flapping faster than we can use it, and the no-path policy decides.
 fn attempts_max(paths: usize) -> usize {
@@ -324,10 +334,12 @@ impl Lun {
             }
             let snapshot = s.snapshot.load_full();
             let exclude = candidate_mask(&snapshot, p.excluded_slots);
+            // One clock read for the pick and, when the path has room at once, the attempt's start.
+            let now = Instant::now();
             let picked = if p.attempts >= attempts_max(s.slots.len()) {
                 None
             } else {
-                s.selector.pick(&snapshot, bytes, s.now_ns(), exclude)
+                s.selector.pick(&snapshot, bytes, s.ns_at(now), exclude)
             };
             let Some(candidate) = picked else {
                 Box::pin(self.no_candidate(p, &snapshot, bytes)).await?;
@@ -345,11 +357,16 @@ impl Lun {
             let alternatives = snapshot.candidates().len() > 1;
             // Room on the path first (requests and bytes in flight are bounded): time spent waiting
             // here is time inside lunmpio, and the deadlines start only after it.
-            let Some(bytes_ahead) = self.reserve(slot, &installed, bytes).await else {
-                p.excluded_slots |= 1 << index;
-                continue;
+            let (bytes_ahead, started) = match try_reserve(s, slot, bytes) {
+                Some(ahead) => (ahead, now),
+                None => match Box::pin(self.reserve(slot, &installed, bytes)).await {
+                    Some(ahead) => (ahead, Instant::now()),
+                    None => {
+                        p.excluded_slots |= 1 << index;
+                        continue;
+                    }
+                },
             };
-            let started = Instant::now();
             let transfer = bytes_ahead + u64::from(bytes);
             let outcome = self
                 .attempt(
@@ -489,15 +506,13 @@ impl Lun {
 
     /// Counts a request of `bytes` in on the path once there is room for it; returns the bytes that
     /// were in flight ahead of it. `None`: the path went out of service while the request waited.
+    /// The common case, room at once, is [`try_reserve`] without a future.
     async fn reserve(&self, slot: &PathSlot, installed: &Installed, bytes: u32) -> Option<u64> {
         let s = &*self.shared;
         let requests_max = ConnectLimits::default().in_flight_max as u64;
         loop {
             let ahead = slot.load.bytes_in_flight();
-            if slot
-                .load
-                .try_dispatch(bytes, requests_max, path_bytes_max(s, slot))
-            {
+            if let Some(ahead) = try_reserve(s, slot, bytes) {
                 return Some(ahead);
             }
             slot.room_waiters.fetch_add(1, Ordering::AcqRel);
@@ -575,9 +590,13 @@ impl Lun {
         .await;
         drop(deadline);
         let timed_out = match waited {
-            Ok(result) => {
+            Ok(Ok(reply)) => return Ok(reply),
+            Ok(Err(failed)) => {
+                // Boxed: the failure's path (in doubt, a fault report) is rare, and a request's
+                // future is moved whole when it starts.
                 let on = (slot, index, installed);
-                return self.settle(on, result, (offset, length), progress).await;
+                let settled = self.settle(on, failed, (offset, length), progress);
+                return Box::pin(settled).await;
             }
             Err(timed_out) => timed_out,
         };
@@ -633,18 +652,14 @@ impl Lun {
         ))
     }
 
-    /// What a completed attempt means; a failure hands back the request the path returned.
+    /// What a failed attempt means; hands back the request the path returned.
     async fn settle(
         &self,
         (slot, index, installed): (&PathSlot, usize, &Arc<Installed>),
-        result: Result<Reply, Failed>,
+        failed: Failed,
         (offset, length): (u64, u64),
         progress: &mut Progress,
     ) -> Result<Reply, (Attempt, Request)> {
-        let failed = match result {
-            Ok(reply) => return Ok(reply),
-            Err(failed) => failed,
-        };
         let Failed {
             request,
             error,

@@ -11,6 +11,7 @@ mod admission;
 mod gate;
 mod handover;
 mod handshake;
+mod running;
 mod transmission;
 
 use crate::proto::ProtoError;

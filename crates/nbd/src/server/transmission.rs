@@ -4,6 +4,7 @@
 use super::admission::Admitted;
 use super::gate::Ticket;
 use super::handshake::Negotiated;
+use super::running::RunningSet;
 use super::{Backend, Server, ServerError};
 use crate::io_util::{PollWhenWoken, fill, reserve_total};
 use crate::proto::*;
@@ -12,7 +13,7 @@ use crate::{
     BlockSize, CommandFlags, Extent, NbdErrno, TransmissionFlags, TransmissionMode, WideExtent,
 };
 use bytes::{Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -252,7 +253,7 @@ impl<B: Backend> Server<B> {
         let mut exit = Exit::Close;
         // The requests running now, polled by this task: a request goes from the client's socket through
         // the backend to the writer without a task of its own (and without a hand-off between tasks).
-        let mut running = running_set(run_request::<B>);
+        let mut running = running_set(run_request::<B>, max);
         // The in-flight slot for the next request; none free: nothing more is read.
         let mut slot: Option<OwnedSemaphorePermit> = None;
         // A request read while the connection is at its byte budget (a client that does not read its
@@ -295,7 +296,9 @@ impl<B: Backend> Server<B> {
                     let (h, data, mut held) = waiting.take().expect("guarded by the branch condition");
                     held._bytes = bytes.ok();
                     let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
-                    running.extend(run.map(run_request));
+                    if let Some(run) = run {
+                        running.push(run_request(run));
+                    }
                     continue;
                 }
                 // Held: wait for the release (a parked request then enters again).
@@ -351,7 +354,9 @@ impl<B: Backend> Server<B> {
                 }
             }
             let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
-            running.extend(run.map(run_request));
+            if let Some(run) = run {
+                running.push(run_request(run));
+            }
         }
         let mut pending = Vec::new();
         if let Some((h, data, held)) = parked.take() {
@@ -564,8 +569,11 @@ struct ToRun<B> {
 
 /// An empty set of running requests, typed by the function that makes them (their future's type has
 /// no name to write).
-fn running_set<B, F: Future<Output = Out>>(_make: fn(ToRun<B>) -> F) -> FuturesUnordered<F> {
-    FuturesUnordered::new()
+fn running_set<B, F: Future<Output = Out>>(
+    _make: fn(ToRun<B>) -> F,
+    capacity: usize,
+) -> RunningSet<F> {
+    RunningSet::new(capacity)
 }
 
 /// One checked request through the backend, to the reply the writer sends.
