@@ -8,6 +8,7 @@
 //! that LUN), so all of that happens on one thread.
 
 mod admission;
+mod credits;
 mod gate;
 mod handover;
 mod handshake;

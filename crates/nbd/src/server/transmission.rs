@@ -2,6 +2,7 @@
 //! writer that coalesces out-of-order replies.
 
 use super::admission::Admitted;
+use super::credits::{Credit, Credits};
 use super::gate::Ticket;
 use super::handshake::Negotiated;
 use super::running::RunningSet;
@@ -17,7 +18,7 @@ use futures::stream::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 /// The writer sends its buffer once it holds this much, even if more replies are queued.
 const WRITE_BATCH_BYTES: usize = 256 << 10;
@@ -130,8 +131,8 @@ pub fn check_request(c: &RequestCheck, h: &RequestHeader) -> Result<(), NbdErrno
 /// and the bytes it occupies (its payload, or the data its READ reply will carry). Dropping it — after
 /// the reply went to the socket — gives both back.
 struct Held {
-    _slot: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _slot: Credit,
+    _bytes: Option<Credit>,
     /// Counted in the export's gate while the request runs and its reply waits to be written (none
     /// for a request parked by a hold, or answered ESHUTDOWN).
     ticket: Option<Ticket>,
@@ -140,7 +141,7 @@ struct Held {
 
 impl Held {
     /// A request read into `slot`: counted as in flight on `connection` until this is dropped.
-    fn started(slot: OwnedSemaphorePermit, connection: &Arc<Admitted>) -> Held {
+    fn started(slot: Credit, connection: &Arc<Admitted>) -> Held {
         connection.request_started();
         Held {
             _slot: slot,
@@ -183,12 +184,12 @@ impl Out {
 
 /// Bytes a request holds while it runs and until its reply is written: the payload it brought, or the
 /// data its READ reply will carry (bounded by the budget, so one maximum-size request always fits).
-fn request_bytes(h: &RequestHeader, payload: &Bytes, budget_max: usize) -> u32 {
+fn request_bytes(h: &RequestHeader, payload: &Bytes, budget_max: usize) -> usize {
     let bytes = match h.command {
         Command::Read => usize::try_from(h.length).unwrap_or(usize::MAX),
         _ => payload.len(),
     };
-    bytes.min(budget_max) as u32
+    bytes.min(budget_max)
 }
 
 enum Body {
@@ -236,9 +237,9 @@ impl<B: Backend> Server<B> {
     {
         let (mut rd, wr) = tokio::io::split(stream);
         let max = self.options.max_in_flight_per_connection;
-        let slots = Arc::new(Semaphore::new(max));
+        let slots = Credits::new(max);
         let budget_max = self.options.connection_bytes_max;
-        let budget = Arc::new(Semaphore::new(budget_max));
+        let budget = Credits::new(budget_max);
         let (tx, rx) = mpsc::unbounded_channel::<Out>();
         let writer = tokio::spawn(write_replies(wr, rx, n.mode));
         let check = RequestCheck {
@@ -255,7 +256,7 @@ impl<B: Backend> Server<B> {
         // the backend to the writer without a task of its own (and without a hand-off between tasks).
         let mut running = running_set(run_request::<B>, max);
         // The in-flight slot for the next request; none free: nothing more is read.
-        let mut slot: Option<OwnedSemaphorePermit> = None;
+        let mut slot: Option<Credit> = None;
         // A request read while the connection is at its byte budget (a client that does not read its
         // replies): it waits for room, and nothing further is read.
         let mut waiting: Option<(RequestHeader, Bytes, Held)> = None;
@@ -272,7 +273,7 @@ impl<B: Backend> Server<B> {
         let mut detach = PollWhenWoken::new(self.detach.clone().cancelled_owned());
         loop {
             if slot.is_none() {
-                slot = Arc::clone(&slots).try_acquire_owned().ok();
+                slot = slots.try_take(1);
             }
             let held = gate.is_held();
             let reading = slot.is_some() && waiting.is_none() && parked.is_none() && !held;
@@ -292,9 +293,9 @@ impl<B: Backend> Server<B> {
                     exit = if can_detach { Exit::Detach } else { Exit::Close };
                     break;
                 }
-                bytes = Arc::clone(&budget).acquire_many_owned(budget_wanted), if waiting.is_some() => {
+                bytes = budget.take(budget_wanted), if waiting.is_some() => {
                     let (h, data, mut held) = waiting.take().expect("guarded by the branch condition");
-                    held._bytes = bytes.ok();
+                    held._bytes = Some(bytes);
                     let run = self.start_request(&n, &check, (h, data), held, &tx, at.current());
                     if let Some(run) = run {
                         running.push(run_request(run));
@@ -312,11 +313,8 @@ impl<B: Backend> Server<B> {
                     }
                 }
                 // All slots taken: wait for one (the writer frees them as replies leave).
-                p = Arc::clone(&slots).acquire_owned(), if slot.is_none() && waiting.is_none() => {
-                    match p {
-                        Ok(p) => slot = Some(p),
-                        Err(_) => break,
-                    }
+                p = slots.take(1), if slot.is_none() && waiting.is_none() => {
+                    slot = Some(p);
                     continue;
                 }
                 // Only a connection with nothing in flight is ever evicted.
@@ -345,10 +343,10 @@ impl<B: Backend> Server<B> {
             }
             // The bytes this request will hold: it starts once the connection has room.
             let wanted = request_bytes(&h, &data, budget_max);
-            match Arc::clone(&budget).try_acquire_many_owned(wanted) {
+            match budget.try_take(wanted) {
                 _ if wanted == 0 => {}
-                Ok(bytes) => held._bytes = Some(bytes),
-                Err(_) => {
+                Some(bytes) => held._bytes = Some(bytes),
+                None => {
                     waiting = Some((h, data, held));
                     continue;
                 }
@@ -382,25 +380,25 @@ impl<B: Backend> Server<B> {
             // Shutdown: answer new requests with ESHUTDOWN until everything in flight is done. Each
             // answer holds a slot like a request does, so a client that does not read its replies
             // stops being read from here too.
-            let mut slot: Option<OwnedSemaphorePermit> = None;
+            let mut slot: Option<Credit> = None;
             loop {
                 if slot.is_none() {
-                    slot = Arc::clone(&slots).try_acquire_owned().ok();
+                    slot = slots.try_take(1);
                 }
-                let spare = u32::from(slot.is_some());
+                let spare = usize::from(slot.is_some());
                 let req = tokio::select! {
                     biased;
                     Some(out) = running.next(), if !running.is_empty() => {
                         let _ = tx.send(out);
                         continue;
                     }
-                    // Asked before "all done" so that it queues first for a slot that comes back.
-                    p = Arc::clone(&slots).acquire_owned(), if slot.is_none() => {
-                        slot = p.ok();
+                    // Asked before "all done" so that a slot that comes back is taken first.
+                    p = slots.take(1), if slot.is_none() => {
+                        slot = Some(p);
                         continue;
                     }
                     // Everything in flight answered and written (the slot kept for the next aside).
-                    _ = slots.acquire_many(max as u32 - spare) => break,
+                    _ = slots.free_at_least(max - spare) => break,
                     r = read_request(&mut rd, &mut buf, n.mode), if slot.is_some() => r,
                 };
                 match req {
