@@ -665,6 +665,83 @@ async fn client_bounds_in_flight() {
     }
 }
 
+/// `try_start` hands a request over without waiting only when it can: one wire request, a free
+/// slot. The future it returns may be moved while it waits, and a connection that dies hands the
+/// request back marked sent.
+#[tokio::test]
+async fn try_start_hands_over_at_once_or_gives_the_request_back() {
+    let b = MemBackend::new(4 * MIB, Mode::Immediate);
+    let mut arrivals = b.set_arrivals();
+    let mut cfg = export("disk", 4 * MIB);
+    cfg.block_size = BlockSize {
+        min: 512,
+        preferred: 4096,
+        max_payload: 64 << 10,
+    };
+    let ts = start_unix(server_with(
+        vec![(cfg, Arc::clone(&b))],
+        ServerOptions::default(),
+    ))
+    .await;
+    let mut o = opts(&ts.endpoint, "disk");
+    o.max_in_flight = 2;
+    let c = Client::connect(o).await.unwrap();
+    let write = Request::Write {
+        offset: 4096,
+        data: pattern(4096, 3),
+        flags: CommandFlags::empty(),
+    };
+    let started = c.try_start(write).expect("one piece, a free slot");
+    assert!(started.sent());
+    // Moved into another task while it waits.
+    let reply = within(tokio::spawn(started)).await.unwrap();
+    assert_eq!(reply.unwrap(), Reply::Done);
+    assert_eq!(b.contents(4096, 4096), pattern(4096, 3).to_vec());
+    // Longer than the maximum payload: it must be split, which the async path does.
+    let long = Request::Read {
+        offset: 0,
+        length: 128 << 10,
+    };
+    assert_eq!(c.try_start(long.clone()).err(), Some(long));
+    // Both slots taken: nothing is handed over, nothing is sent.
+    b.gated.store(true, Ordering::SeqCst);
+    let first = c
+        .try_start(Request::Read {
+            offset: 0,
+            length: 512,
+        })
+        .unwrap();
+    let second = c
+        .try_start(Request::Read {
+            offset: 512,
+            length: 512,
+        })
+        .unwrap();
+    for _ in 0..2 {
+        within(arrivals.recv()).await.unwrap();
+    }
+    let third = Request::Read {
+        offset: 1024,
+        length: 512,
+    };
+    assert_eq!(c.try_start(third.clone()).err(), Some(third));
+    // The connection closes under them: each comes back, marked sent.
+    c.close();
+    for (started, offset) in [(first, 0), (second, 512)] {
+        let e = within(started).await.unwrap_err();
+        assert_eq!(e.error, ClientError::Closed);
+        assert!(e.sent);
+        assert_eq!(
+            e.request,
+            Request::Read {
+                offset,
+                length: 512
+            }
+        );
+    }
+    b.open_gate();
+}
+
 /// A scripted server: answers GO with ERR_UNSUP, accepts EXPORT_NAME with the 124 zero bytes
 /// (no NO_ZEROES in its greeting), then answers one READ with a simple reply.
 #[tokio::test]

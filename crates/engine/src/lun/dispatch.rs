@@ -25,7 +25,7 @@ use lunmpio_human::format_duration;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -74,8 +74,8 @@ fn shutting_down() -> IoError {
     IoError::new(NbdErrno::Shutdown, "the LUN is shutting down")
 }
 
-/// The in-flight future of one attempt, owned so that an abandoned write can be handed to a watcher.
-type Sent = Pin<Box<dyn Future<Output = Result<Reply, Failed>> + Send>>;
+/// The in-flight request of one attempt, owned so that an abandoned write can be handed to a watcher.
+type Sent = crate::transport::Started;
 
 /// An abandoned write's copy still on its connection: the watcher waits for its answer.
 struct Watch {
@@ -559,22 +559,18 @@ impl Lun {
         let writes = changes_data(&request);
         let (offset, length) = range(&request);
         let outstanding = writes.then(|| OutstandingWrite::new(installed));
-        let connection = installed.connection.clone();
-        // Set once the request may reach the storage: until then, giving up on it means dropping it,
-        // and nothing is in doubt.
-        let reached = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&reached);
         // For the one case the path cannot hand the request back: no reply in time, when the copy on
         // the wire stays with its watcher (or is dropped unsent). A copy of a few integers, or for a
         // write another handle to the same bytes.
         let spare = request.clone();
-        let mut sent: Sent =
-            Box::pin(async move { connection.submit_tracked(request, &flag).await });
+        // Until it may reach the storage (`reached`), giving up on it means dropping it, and
+        // nothing is in doubt.
+        let mut sent: Sent = installed.connection.start(request);
         // The answer, the path going out of service, or the adaptive deadline, in that order: one
         // registration with the LUN's deadline watch instead of a timer and a token wait each.
         let mut deadline = s.deadlines.entry(started + soft);
         let waited = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = sent.as_mut().poll(cx) {
+            if let Poll::Ready(result) = Pin::new(&mut sent).poll(cx) {
                 return Poll::Ready(Ok(result));
             }
             // Registered before the flag is read: `retire` sets the flag, then wakes every entry.
@@ -622,7 +618,7 @@ impl Lun {
             PathError::new(PathErrorKind::Timeout, cause)
         };
         match outstanding {
-            Some(outstanding) if reached.load(Ordering::Acquire) => {
+            Some(outstanding) if sent.reached() => {
                 // The target may still execute this copy; keep listening for its answer, and fail
                 // the path if none comes within io_timeout (so it is fenced).
                 let watch = Watch {

@@ -18,6 +18,8 @@ mod nbd;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lunmpio_nbd::NbdErrno;
@@ -25,7 +27,7 @@ pub use lunmpio_nbd::{BlockSize, TransmissionFlags};
 pub use lunmpio_nbd::{Reply, Request};
 
 pub use self::file::{FileConnection, FileTarget};
-pub use self::nbd::NbdConnection;
+pub use self::nbd::{NbdConnection, NbdInFlight};
 
 /// The geometry of a volume, in one type for both sides of the LUN: what a connected path reports of
 /// the volume behind it (compared across the LUN's paths: size, read-only flag and, where the
@@ -149,6 +151,45 @@ pub struct Failed {
     /// connection, so the target can never execute it. A write that failed with `sent` set is *in
     /// doubt*: the target may still execute it, later (see `crate::in_doubt`).
     pub sent: bool,
+}
+
+/// A request started on a path connection ([`PathConnection::start`]): resolves to its reply, or to
+/// [`Failed`] with the request back. Movable while it waits, so the copy of an abandoned write can be
+/// handed to a watcher that keeps listening for its answer.
+pub enum Started {
+    /// Handed to an NBD connection at once: no allocation.
+    Nbd(NbdInFlight),
+    /// Everything else (a file, a request that waits for a slot or is split): the async path.
+    Other {
+        future: std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, Failed>> + Send>>,
+        /// Set once the request may reach the storage.
+        reached: Arc<AtomicBool>,
+    },
+}
+
+impl Started {
+    /// Whether the request may have reached the storage: until then, dropping this means the
+    /// storage never sees it.
+    pub fn reached(&self) -> bool {
+        match self {
+            Started::Nbd(in_flight) => in_flight.sent(),
+            Started::Other { reached, .. } => reached.load(Ordering::Acquire),
+        }
+    }
+}
+
+impl std::future::Future for Started {
+    type Output = Result<Reply, Failed>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut *self {
+            Started::Nbd(in_flight) => std::pin::Pin::new(in_flight).poll(cx),
+            Started::Other { future, .. } => future.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Connection settings shared by every transport.
@@ -323,6 +364,25 @@ impl PathConnection {
     pub async fn submit(&self, request: Request) -> Result<Reply, Failed> {
         let sent = std::sync::atomic::AtomicBool::new(false);
         self.submit_tracked(request, &sent).await
+    }
+
+    /// Starts one request: on an NBD connection with a free slot it is handed over at once, as a
+    /// small future that may be moved while it waits (see [`Started`]).
+    pub fn start(&self, request: Request) -> Started {
+        let request = match self {
+            PathConnection::Nbd(c) => match c.try_start(request) {
+                Ok(in_flight) => return Started::Nbd(in_flight),
+                Err(request) => request,
+            },
+            PathConnection::File(_) => request,
+        };
+        let reached = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&reached);
+        let connection = self.clone();
+        Started::Other {
+            future: Box::pin(async move { connection.submit_tracked(request, &flag).await }),
+            reached,
+        }
     }
 
     /// Like [`PathConnection::submit`], and sets `sent` once the request may reach the storage (handed

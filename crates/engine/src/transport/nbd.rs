@@ -65,6 +65,12 @@ impl NbdConnection {
             })
     }
 
+    /// Hands the request to the connection now if that needs no waiting (see
+    /// [`Client::try_start`]); `Err` gives it back for [`NbdConnection::submit`].
+    pub fn try_start(&self, request: Request) -> Result<NbdInFlight, Request> {
+        self.client.try_start(request).map(NbdInFlight)
+    }
+
     pub fn close(&self) {
         self.client.close();
     }
@@ -75,6 +81,32 @@ impl NbdConnection {
 
     pub async fn closed(&self) {
         self.client.closed().await
+    }
+}
+
+/// A request on an NBD connection, started without waiting: its reply, or the request back.
+pub struct NbdInFlight(lunmpio_nbd::client::InFlight);
+
+impl NbdInFlight {
+    pub fn sent(&self) -> bool {
+        self.0.sent()
+    }
+}
+
+impl std::future::Future for NbdInFlight {
+    type Output = Result<Reply, Failed>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.map_err(|e| Failed {
+                request: e.request,
+                error: path_error(e.error),
+                sent: e.sent,
+            })
+        })
     }
 }
 

@@ -583,6 +583,35 @@ impl Shared {
         let Ok(permit) = permit else {
             return Err(Failure::unsent(self.dead_error()));
         };
+        let wire = WireRequest {
+            command,
+            flags,
+            offset,
+            length,
+            payload,
+        };
+        let rrx = self.queue(permit, wire, sent)?;
+        match rrx.await {
+            Ok(r) => r.map_err(Failure::sent),
+            Err(_) => Err(Failure::sent(self.dead_error())),
+        }
+    }
+
+    /// Puts one wire request in the pending table and hands it to the writer; the receiver gets the
+    /// reply. `sent` is set once the writer may put it on the wire.
+    fn queue(
+        &self,
+        permit: OwnedSemaphorePermit,
+        wire: WireRequest,
+        sent: &AtomicBool,
+    ) -> Result<ReplyRx, Failure> {
+        let WireRequest {
+            command,
+            flags,
+            offset,
+            length,
+            payload,
+        } = wire;
         let (rtx, rrx) = oneshot::channel();
         let kind = match command {
             Command::Read => Kind::Read {
@@ -655,11 +684,85 @@ impl Shared {
                 Failure::sent(error)
             });
         }
-        match rrx.await {
-            Ok(r) => r.map_err(Failure::sent),
-            Err(_) => Err(Failure::sent(self.dead_error())),
-        }
+        Ok(rrx)
     }
+
+    /// Queues `req` without waiting, when it is one wire request, a slot is free and no client
+    /// timeout applies: the common case, which then needs no future of its own. `None`: take the
+    /// async path (`execute_tracked`), which waits, splits, or reports why the request cannot run.
+    pub(crate) fn try_queue(
+        &self,
+        req: &Request,
+        sent: &AtomicBool,
+    ) -> Option<Result<ReplyRx, Failure>> {
+        if self.request_timeout.is_some() || self.validate(req).is_err() {
+            return None;
+        }
+        let wire = self.single_wire_request(req)?;
+        let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        Some(self.queue(permit, wire, sent))
+    }
+
+    /// The one wire request that carries `req`, if it needs no splitting.
+    fn single_wire_request(&self, req: &Request) -> Option<WireRequest> {
+        let max = self.max_chunk;
+        let (flags, offset, length, payload) = match req {
+            Request::Read { offset, length } => (CommandFlags::empty(), *offset, *length, None),
+            Request::Write {
+                offset,
+                data,
+                flags,
+            } => (*flags, *offset, data.len() as u32, Some(data.clone())),
+            Request::Trim {
+                offset,
+                length,
+                flags,
+            }
+            | Request::WriteZeroes {
+                offset,
+                length,
+                flags,
+            } => (*flags, *offset, *length, None),
+            Request::Flush { flags } => (*flags, 0, 0, None),
+            Request::BlockStatus {
+                offset,
+                length,
+                flags,
+            } => {
+                return Some(WireRequest {
+                    command: Command::BlockStatus,
+                    flags: *flags,
+                    offset: *offset,
+                    length: *length,
+                    payload: None,
+                });
+            }
+            // Rare, and a hint the server may not take: the async path decides.
+            Request::Cache { .. } => return None,
+        };
+        if length > max {
+            return None;
+        }
+        Some(WireRequest {
+            command: req.command(),
+            flags,
+            offset,
+            length,
+            payload,
+        })
+    }
+}
+
+/// What the reader answers one queued request with.
+pub(crate) type ReplyRx = oneshot::Receiver<Result<Reply, ClientError>>;
+
+/// One request as it goes on the wire (a piece of a split request, or all of it).
+struct WireRequest {
+    command: Command,
+    flags: CommandFlags,
+    offset: u64,
+    length: u32,
+    payload: Option<Bytes>,
 }
 
 /// A request that failed, and whether any of it may have reached the server.

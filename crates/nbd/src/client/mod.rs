@@ -177,6 +177,62 @@ pub struct RequestError {
     pub sent: bool,
 }
 
+/// A request handed to a connection by [`Client::try_start`]: resolves to its reply, or to the
+/// request back with why it failed. It holds a handle to the connection, so the connection stays
+/// open while someone waits for the reply.
+pub struct InFlight {
+    client: Client,
+    /// Handed back on failure; taken once the future is done.
+    request: Option<Request>,
+    sent: bool,
+    state: InFlightState,
+}
+
+enum InFlightState {
+    Waiting(conn::ReplyRx),
+    /// Failed as it was handed over (the connection had just died).
+    Failed(ClientError),
+}
+
+impl InFlight {
+    /// Whether the request may have reached the server (see [`RequestError::sent`]). Known when
+    /// the request is handed over: dropping an `InFlight` whose request was sent does not unsend it.
+    pub fn sent(&self) -> bool {
+        self.sent
+    }
+}
+
+impl std::future::Future for InFlight {
+    type Output = Result<Reply, RequestError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        let result = match &mut this.state {
+            InFlightState::Waiting(reply) => match std::pin::Pin::new(reply).poll(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Ok(result)) => result,
+                // The reader ended without answering: the connection is dead.
+                std::task::Poll::Ready(Err(_)) => {
+                    Err(this.client.close_reason().unwrap_or(ClientError::Closed))
+                }
+            },
+            InFlightState::Failed(error) => Err(error.clone()),
+        };
+        let request = this
+            .request
+            .take()
+            .expect("InFlight polled after it completed");
+        std::task::Poll::Ready(result.map_err(|error| RequestError {
+            request,
+            error,
+            sent: this.sent,
+        }))
+    }
+}
+
 /// A cheap, cloneable handle to one connection. Dropping the last handle closes it.
 #[derive(Clone)]
 pub struct Client {
@@ -257,6 +313,26 @@ impl Client {
 
     pub fn info(&self) -> &ExportInfo {
         &self.handle.shared.info
+    }
+
+    /// Hands `request` to the connection now, when that needs no waiting: one wire request (no
+    /// split), a free in-flight slot, no client-side timeout. The returned [`InFlight`] is a small
+    /// future of its own (no allocation), which may be moved while it waits — for example to a task
+    /// that keeps listening for the reply after its caller gave up. `Err` hands the request back:
+    /// run it with [`Client::submit_tracked`].
+    pub fn try_start(&self, request: Request) -> Result<InFlight, Request> {
+        let queued = std::sync::atomic::AtomicBool::new(false);
+        let (state, sent) = match self.handle.shared.try_queue(&request, &queued) {
+            None => return Err(request),
+            Some(Ok(reply)) => (InFlightState::Waiting(reply), true),
+            Some(Err(failure)) => (InFlightState::Failed(failure.error), failure.sent),
+        };
+        Ok(InFlight {
+            client: self.clone(),
+            request: Some(request),
+            sent,
+            state,
+        })
     }
 
     /// Runs one request (split above the maximum payload). On failure the request comes back.
