@@ -1,7 +1,7 @@
 //! The connection engine: pending-request table, writer task, reader task.
 
 use super::{ClientError, ConnectOptions, ExportInfo, IN_FLIGHT_MAX, Reply, Request};
-use crate::io_util::{READ_BUFFER_BYTES, fill, reserve_total};
+use crate::io_util::{READ_BUFFER_BYTES, WriteBatch, fill, reserve_total};
 use crate::proto::*;
 use crate::{CommandFlags, Extent, NbdErrno, TransmissionFlags, TransmissionMode, WideExtent};
 use bytes::{Buf, Bytes, BytesMut};
@@ -15,8 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The writer sends its buffer once it holds this much, even if more requests are queued.
 const WRITE_BATCH_BYTES: usize = 256 << 10;
-/// Write data at least this large goes to the socket from the caller's buffer, not copied.
-const DIRECT_WRITE_BYTES: usize = 64 << 10;
 /// How long `disconnect()` waits for in-flight requests before sending DISC anyway.
 const DISCONNECT_DRAIN: Duration = Duration::from_secs(5);
 
@@ -829,7 +827,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
-    let mut out = BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096);
+    let mut batch = WriteBatch::new(WRITE_BATCH_BYTES, wr.is_write_vectored());
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let token = shared.closed.clone();
     let r: std::io::Result<()> = async {
@@ -842,29 +840,20 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             tokio::task::yield_now().await;
             let mut next = Some(first);
             while let Some(m) = next {
-                out.extend_from_slice(m.header.as_slice());
+                batch.out().extend_from_slice(m.header.as_slice());
                 if let Some(p) = m.payload {
-                    if p.len() >= DIRECT_WRITE_BYTES {
-                        write_cancellable(&mut wr, &out, &token).await?;
-                        out.clear();
-                        write_cancellable(&mut wr, &p, &token).await?;
-                    } else {
-                        out.extend_from_slice(&p);
-                    }
+                    // Written from the caller's buffer, not copied (when large enough).
+                    batch.push_data(p);
                 }
                 if let Some(a) = m.written {
                     acks.push(a);
                 }
-                if out.len() >= WRITE_BATCH_BYTES {
-                    write_cancellable(&mut wr, &out, &token).await?;
-                    out.clear();
+                if batch.bytes() >= WRITE_BATCH_BYTES {
+                    write_cancellable(&mut wr, &mut batch, &token).await?;
                 }
                 next = rx.try_recv().ok();
             }
-            if !out.is_empty() {
-                write_cancellable(&mut wr, &out, &token).await?;
-                out.clear();
-            }
+            write_cancellable(&mut wr, &mut batch, &token).await?;
             wr.flush().await?;
             for a in acks.drain(..) {
                 let _ = a.send(());
@@ -880,13 +869,13 @@ async fn writer_task<W: AsyncWrite + Unpin>(
 
 async fn write_cancellable<W: AsyncWrite + Unpin>(
     wr: &mut W,
-    b: &[u8],
+    batch: &mut WriteBatch,
     token: &CancellationToken,
 ) -> std::io::Result<()> {
     tokio::select! {
         // A stopped server must not wedge close(): give up on the write.
         _ = token.cancelled() => Err(std::io::Error::other("connection closed")),
-        r = wr.write_all(b) => r,
+        r = batch.write(wr) => r,
     }
 }
 

@@ -7,7 +7,7 @@ use super::gate::Ticket;
 use super::handshake::Negotiated;
 use super::running::RunningSet;
 use super::{Backend, Server, ServerError};
-use crate::io_util::{PollWhenWoken, fill, reserve_total};
+use crate::io_util::{PollWhenWoken, WriteBatch, fill, reserve_total};
 use crate::proto::*;
 use crate::request::{Reply, Request};
 use crate::{
@@ -22,14 +22,6 @@ use tokio::sync::mpsc;
 
 /// The writer sends its buffer once it holds this much, even if more replies are queued.
 const WRITE_BATCH_BYTES: usize = 256 << 10;
-/// Without vectored writes, read data at least this large is written straight from the backend's
-/// buffer, not copied.
-const DIRECT_WRITE_BYTES: usize = 64 << 10;
-/// With vectored writes, read data at least this large is written from the backend's buffer: below
-/// it, copying costs less than one more I/O vector.
-const SEGMENT_BYTES_MIN: usize = 1024;
-/// The most I/O vectors one write takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
 
 /// What a request is checked against.
 #[derive(Clone, Copy, Debug)]
@@ -803,7 +795,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Out>,
     mode: TransmissionMode,
 ) -> (W, std::io::Result<()>) {
-    let mut batch = ReplyBatch::new(wr.is_write_vectored());
+    let mut batch = WriteBatch::new(WRITE_BATCH_BYTES, wr.is_write_vectored());
     // What the replies in the batch hold (their slots and bytes): released once the batch is on the
     // socket, not when a reply is queued in it, so a client that does not read keeps its requests
     // counted.
@@ -818,7 +810,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             let mut next = Some(first);
             while let Some(mut reply) = next {
                 held.extend(reply._held.take());
-                batch.add(reply, mode);
+                if let Some(data) = encode_reply(batch.out(), reply, mode) {
+                    batch.push_data(data);
+                }
                 if batch.bytes() >= WRITE_BATCH_BYTES {
                     batch.write(&mut wr).await?;
                     held.clear();
@@ -839,116 +833,6 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         while rx.recv().await.is_some() {}
     }
     (wr, r)
-}
-
-/// Replies queued for one write: headers (and small data) encoded in one buffer, READ data kept as
-/// the backend's buffers and written from there with one vectored write — not copied.
-struct ReplyBatch {
-    /// Encoded bytes not yet in `segments`.
-    out: BytesMut,
-    /// What goes on the wire, in order, before `out`.
-    segments: Vec<Bytes>,
-    /// READ data at least this large becomes a segment of its own instead of being copied.
-    segment_bytes_min: usize,
-    segment_bytes: usize,
-}
-
-impl ReplyBatch {
-    fn new(vectored: bool) -> ReplyBatch {
-        ReplyBatch {
-            out: BytesMut::with_capacity(WRITE_BATCH_BYTES + 4096),
-            segments: Vec::new(),
-            // Without vectored writes each segment is a write of its own: only worth it when large.
-            segment_bytes_min: if vectored {
-                SEGMENT_BYTES_MIN
-            } else {
-                DIRECT_WRITE_BYTES
-            },
-            segment_bytes: 0,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.segment_bytes + self.out.len()
-    }
-
-    fn add(&mut self, reply: Out, mode: TransmissionMode) {
-        if let Some(data) = encode_reply(&mut self.out, reply, mode) {
-            if data.len() >= self.segment_bytes_min {
-                self.segments.push(self.out.split().freeze());
-                self.segment_bytes += self.segments.last().map_or(0, Bytes::len) + data.len();
-                self.segments.push(data);
-            } else {
-                self.out.extend_from_slice(&data);
-            }
-        }
-    }
-
-    /// Writes everything queued, in order.
-    async fn write<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
-        if self.segments.is_empty() {
-            if !self.out.is_empty() {
-                wr.write_all(&self.out).await?;
-                self.out.clear();
-            }
-            return Ok(());
-        }
-        if !self.out.is_empty() {
-            self.segments.push(self.out.split().freeze());
-        }
-        let written = if wr.is_write_vectored() {
-            write_all_vectored(wr, &mut self.segments).await
-        } else {
-            write_each(wr, &self.segments).await
-        };
-        // Dropped before the buffer is reused, so `out` owns it alone again and reclaims it.
-        self.segments.clear();
-        self.segment_bytes = 0;
-        written
-    }
-}
-
-async fn write_each<W: AsyncWrite + Unpin>(wr: &mut W, segments: &[Bytes]) -> std::io::Result<()> {
-    for segment in segments {
-        wr.write_all(segment).await?;
-    }
-    Ok(())
-}
-
-/// Writes every segment, in order, in as few system calls as the socket takes.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    segments: &mut [Bytes],
-) -> std::io::Result<()> {
-    let mut first = 0;
-    while first < segments.len() {
-        let n = {
-            let slices: Vec<std::io::IoSlice<'_>> = segments[first..]
-                .iter()
-                .take(IOV_MAX)
-                .map(|s| std::io::IoSlice::new(s))
-                .collect();
-            wr.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        let mut left = n;
-        while left > 0 && first < segments.len() {
-            let len = segments[first].len();
-            if left >= len {
-                left -= len;
-                first += 1;
-            } else {
-                bytes::Buf::advance(&mut segments[first], left);
-                left = 0;
-            }
-        }
-        while first < segments.len() && segments[first].is_empty() {
-            first += 1;
-        }
-    }
-    Ok(())
 }
 
 /// Encodes a reply into `out`; a READ's data is returned for the caller to place after it.
@@ -1020,81 +904,4 @@ fn encode_reply(out: &mut BytesMut, reply: Out, mode: TransmissionMode) -> Optio
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::write_all_vectored;
-    use bytes::Bytes;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// Takes at most `max` bytes per call, across several I/O vectors, like a socket whose buffer
-    /// is nearly full.
-    struct Trickle {
-        got: Vec<u8>,
-        max: usize,
-    }
-
-    impl tokio::io::AsyncWrite for Trickle {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = buf.len().min(self.max);
-            self.got.extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-
-        fn poll_write_vectored(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            bufs: &[std::io::IoSlice<'_>],
-        ) -> Poll<std::io::Result<usize>> {
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.max - n);
-                self.got.extend_from_slice(&b[..take]);
-                n += take;
-                if n == self.max {
-                    break;
-                }
-            }
-            Poll::Ready(Ok(n))
-        }
-
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    #[tokio::test]
-    async fn a_vectored_write_taken_a_few_bytes_at_a_time_keeps_every_byte_in_order() {
-        let parts: Vec<Bytes> = vec![
-            Bytes::from_static(b"header-1"),
-            Bytes::from(vec![7u8; 5000]),
-            Bytes::new(),
-            Bytes::from_static(b"h2"),
-            Bytes::from(vec![9u8; 33]),
-        ];
-        let expected: Vec<u8> = parts.iter().flat_map(|b| b.to_vec()).collect();
-        for max in [1, 3, 8, 10, 4096, 1 << 20] {
-            let mut segments = parts.clone();
-            let mut w = Trickle {
-                got: Vec::new(),
-                max,
-            };
-            write_all_vectored(&mut w, &mut segments).await.unwrap();
-            assert_eq!(w.got, expected, "at most {max} bytes per write");
-        }
-    }
 }
