@@ -163,7 +163,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
 /// which is once or more per request. Some branches almost never fire (shutdown, removal, eviction,
 /// a handover). Each poll of their cancellation futures takes two mutexes: the token's, and its
 /// `Notify`'s. Wrapped in this, such a branch is polled once to register, and then only when its
-/// own wake-up came. Between those wake-ups a poll costs one atomic swap: the task's waker is
+/// own wake-up came. Between those wake-ups a poll costs one atomic load: the task's waker is
 /// registered again only when it changes, and a wake-up leaves it registered (it wakes by reference).
 pub(crate) struct PollWhenWoken<F> {
     inner: std::pin::Pin<Box<F>>,
@@ -229,10 +229,10 @@ impl<F: std::future::Future> std::future::Future for PollWhenWoken<F> {
             *self.flag.task() = Some(waker.clone());
             self.registered = Some(waker);
         }
-        if !self
-            .flag
-            .woken
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        // A load first: the flag is almost never set, and a load costs less than a swap.
+        let woken = &self.flag.woken;
+        if !woken.load(std::sync::atomic::Ordering::Acquire)
+            || !woken.swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             return std::task::Poll::Pending;
         }

@@ -9,21 +9,29 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
-
-use futures::task::AtomicWaker;
 
 /// Which slots were woken since the set last looked, one bit per slot, and the task to wake.
 struct Ready {
     bits: Vec<AtomicU64>,
-    task: AtomicWaker,
+    /// Set by the first wake-up after the set last looked: the ones after it need not wake the
+    /// task again (several replies usually complete in one turn of the path's reader).
+    notified: AtomicBool,
+    /// Woken by reference, so it stays registered: the set registers again only when its task's
+    /// waker changes.
+    task: Mutex<Option<Waker>>,
 }
 
 impl Ready {
     fn mark(&self, index: usize) {
-        self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::Release);
+        self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::SeqCst);
+    }
+
+    fn task(&self) -> MutexGuard<'_, Option<Waker>> {
+        // A waker swap cannot be left half done.
+        self.task.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -40,7 +48,13 @@ impl Wake for SlotWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.ready.mark(self.index);
-        self.ready.task.wake();
+        // After the mark: the set clears `notified` before it reads the marks, so either it sees
+        // this mark or this sees `notified` cleared and wakes it.
+        if !self.ready.notified.swap(true, Ordering::SeqCst)
+            && let Some(task) = self.ready.task().as_ref()
+        {
+            task.wake_by_ref();
+        }
     }
 }
 
@@ -59,6 +73,8 @@ pub(crate) struct RunningSet<F> {
     len: usize,
     capacity: usize,
     ready: Arc<Ready>,
+    /// The waker `ready` holds.
+    registered: Option<Waker>,
 }
 
 impl<F: Future> RunningSet<F> {
@@ -73,8 +89,10 @@ impl<F: Future> RunningSet<F> {
             capacity,
             ready: Arc::new(Ready {
                 bits: (0..words).map(|_| AtomicU64::new(0)).collect(),
-                task: AtomicWaker::new(),
+                notified: AtomicBool::new(false),
+                task: Mutex::new(None),
             }),
+            registered: None,
         }
     }
 
@@ -118,10 +136,20 @@ impl<F: Future> RunningSet<F> {
         if self.len == 0 {
             return Poll::Ready(None);
         }
-        // Registered before the bits are read: a wake-up after the read wakes this task again.
-        self.ready.task.register(cx.waker());
+        // Registered, and `notified` cleared, before the bits are read: a wake-up after the read
+        // wakes this task again.
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            let waker = cx.waker().clone();
+            *self.ready.task() = Some(waker.clone());
+            self.registered = Some(waker);
+        }
+        self.ready.notified.store(false, Ordering::SeqCst);
         for word in 0..self.ready.bits.len() {
-            let mut bits = self.ready.bits[word].swap(0, Ordering::Acquire);
+            let mut bits = self.ready.bits[word].swap(0, Ordering::SeqCst);
             while bits != 0 {
                 let bit = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
@@ -131,7 +159,7 @@ impl<F: Future> RunningSet<F> {
                 };
                 // The rest of this word's wake-ups wait for the next call.
                 if bits != 0 {
-                    self.ready.bits[word].fetch_or(bits, Ordering::Release);
+                    self.ready.bits[word].fetch_or(bits, Ordering::SeqCst);
                 }
                 return Poll::Ready(Some(output));
             }
@@ -218,6 +246,41 @@ mod tests {
         let last = senders.pop().unwrap();
         tokio::spawn(async move { last.send(0).unwrap() });
         assert_eq!(set.next().await, Some(129));
+    }
+
+    #[tokio::test]
+    async fn wake_ups_that_come_together_all_reach_the_set() {
+        let mut set: RunningSet<BoxFuture<'static, u32>> = RunningSet::new(8);
+        let mut senders = Vec::new();
+        for i in 0..8u32 {
+            let (tx, rx) = oneshot::channel::<u32>();
+            senders.push(tx);
+            set.push(Box::pin(async move { rx.await.unwrap() + i }));
+        }
+        assert!(futures::poll!(set.next()).is_pending());
+        // All answered in one turn of another task: one wake-up of the set, eight outputs.
+        tokio::spawn(async move {
+            for tx in senders {
+                tx.send(100).unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            got.push(set.next().await.unwrap());
+        }
+        got.sort();
+        assert_eq!(got, (100..108).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_future_that_wakes_itself_while_polled_is_polled_again() {
+        let mut set: RunningSet<BoxFuture<'static, u32>> = RunningSet::new(1);
+        set.push(Box::pin(async {
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+            5
+        }));
+        assert_eq!(set.next().await, Some(5));
     }
 
     #[tokio::test]
