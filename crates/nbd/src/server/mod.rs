@@ -1,8 +1,8 @@
 //! Async NBD server, generic over a [`Backend`].
 //!
-//! One task per connection reads and validates requests and runs them concurrently (a
-//! `FuturesUnordered` in that task, not a task per request), and a writer task coalesces the replies (in completion order, so replies go out of order)
-//! into few socket writes. In-flight requests per connection are bounded: the reader stops
+//! One task per connection reads and validates requests and runs them concurrently (in reused slots
+//! of a `running::RunningSet` polled by that task, not a task per request), and a writer task
+//! coalesces the replies (in completion order, so replies go out of order) into few socket writes. In-flight requests per connection are bounded: the reader stops
 //! reading when the bound is reached. An export added with [`Server::add_export_on`] has its
 //! connections moved, after the handshake, to the runtime it names (the daemon's data thread for
 //! that LUN), so all of that happens on one thread.
