@@ -152,7 +152,8 @@ struct CookieHasher(u64);
 
 impl std::hash::Hasher for CookieHasher {
     fn finish(&self) -> u64 {
-        // Fibonacci hashing: the high bits (which the table uses) depend on every bit of the cookie.
+        // Fibonacci hashing: the top bits (the table's tag) depend on every bit of the cookie, and an
+        // odd multiplier keeps sequential cookies apart in the low bits (the bucket).
         self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
 

@@ -159,8 +159,14 @@ fn coarse_ms() -> u64 {
     use nix::time::{ClockId, clock_gettime};
     match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
         Ok(t) => t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000,
-        // Every Linux since 2.6.32 has it; without it, nothing ever looks idle.
-        Err(_) => 0,
+        // Every Linux since 2.6.32 has it; without it, the precise clock (always this one then).
+        Err(_) => {
+            static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+            START
+                .get_or_init(std::time::Instant::now)
+                .elapsed()
+                .as_millis() as u64
+        }
     }
 }
 

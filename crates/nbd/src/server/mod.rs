@@ -103,7 +103,8 @@ impl Default for ServerOptions {
 /// usual 4–128 KiB ones.
 pub const CONNECTION_BYTES_DEFAULT: usize = 2 * MAX_PAYLOAD_BYTES as usize;
 
-/// Upper bound on `max_in_flight_per_connection` (a semaphore sizes itself from it).
+/// Upper bound on `max_in_flight_per_connection` (a connection's running set sizes its ready bits
+/// from it).
 pub const IN_FLIGHT_PER_CONNECTION_MAX: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
