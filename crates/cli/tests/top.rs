@@ -124,14 +124,20 @@ fn top_grows_with_the_window_and_a_gone_daemon_ends_it_with_the_reason() {
     target.fault(0, "down");
     daemon.wait_path_status("lun0", "p0", "VDS_MPS_FAILED", WAIT);
     let screen = top(&daemon, 132, 40);
-    let s = screen.wait_screen("the failed path with its reason", WAIT, |s| {
-        status(s, "p0") == Some("FAILED") && s.contains("REASON")
+    // Waited for as a whole: a capture can catch a frame half drawn (the status cell written, the
+    // rest of the row not yet), which is how an assertion after a narrower wait failed under load.
+    let row_of = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("p0 "))
+            .unwrap_or_default()
+            .trim_end()
+            .to_owned()
+    };
+    // The row uses the wider screen (the reason column shows from 120 columns); the wait fails
+    // with the last screen if it never does.
+    screen.wait_screen("the failed path's row using the wider screen", WAIT, |s| {
+        status(s, "p0") == Some("FAILED") && s.contains("REASON") && row_of(s).len() > 80
     });
-    let row = s.lines().find(|l| l.starts_with("p0 ")).unwrap_or_default();
-    assert!(
-        row.trim_end().len() > 80,
-        "the row uses the wider screen: {row:?}"
-    );
 
     daemon.process().kill();
     let status = screen.wait_exit(WAIT);

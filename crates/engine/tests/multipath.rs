@@ -257,7 +257,15 @@ impl Workload {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_path_is_failed_at_once_and_comes_back() {
-    let r = rig(3, fast_settings(LoadBalancePolicy::RoundRobin), |_| {}).await;
+    // A write on the connection that is cut is in doubt, and with no fence the next write to its
+    // block waits `in_doubt_timeout` (30 s by default; this test took that long). The target here
+    // finishes what it holds as soon as its side closes, so a short hold is safe, and the verifying
+    // workload would see an old copy that landed after a newer write.
+    let settings = LunSettings {
+        in_doubt_timeout: Some(Duration::from_secs(3)),
+        ..fast_settings(LoadBalancePolicy::RoundRobin)
+    };
+    let r = rig(3, settings, |_| {}).await;
     let w = start_workload(&r.lun, 8);
     wait_for("some I/O on every path", || {
         path_ios(&r.lun).iter().all(|&n| n > 20)
