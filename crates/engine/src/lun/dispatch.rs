@@ -511,7 +511,8 @@ impl Lun {
         let s = &*self.shared;
         let requests_max = ConnectLimits::default().in_flight_max as u64;
         loop {
-            let ahead = slot.load.bytes_in_flight();
+            // What was in flight when room was looked for: a change means room may have come.
+            let seen = slot.load.bytes_in_flight();
             if let Some(ahead) = try_reserve(s, slot, bytes) {
                 return Some(ahead);
             }
@@ -519,8 +520,8 @@ impl Lun {
             let room = slot.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            let retry = slot.load.bytes_in_flight() != ahead
-                || slot.load.requests_in_flight() < requests_max && ahead == 0;
+            let retry = slot.load.bytes_in_flight() != seen
+                || slot.load.requests_in_flight() < requests_max && seen == 0;
             if !retry {
                 tokio::select! {
                     _ = &mut room => {}

@@ -343,114 +343,39 @@ impl Shared {
         sent: &AtomicBool,
     ) -> Result<Reply, Failure> {
         self.validate(req).map_err(Failure::unsent)?;
-        let max = self.max_chunk;
-        match req {
-            Request::Read { offset, length } => {
-                if *length <= max {
-                    return self
-                        .one(
-                            Command::Read,
-                            CommandFlags::empty(),
-                            *offset,
-                            *length,
-                            None,
-                            sent,
-                        )
-                        .await;
-                }
-                let parts =
-                    futures::future::try_join_all(pieces(*offset, *length, max).map(|(o, l)| {
-                        self.one(Command::Read, CommandFlags::empty(), o, l, None, sent)
-                    }))
-                    .await?;
-                let mut out = BytesMut::with_capacity(*length as usize);
-                for p in parts {
-                    if let Reply::Read(b) = p {
-                        out.extend_from_slice(&b);
-                    }
-                }
-                Ok(Reply::Read(out.freeze()))
-            }
-            Request::Write {
-                offset,
-                data,
-                flags,
-            } => {
-                let length = data.len() as u32;
-                if length <= max {
-                    return self
-                        .one(
-                            Command::Write,
-                            *flags,
-                            *offset,
-                            length,
-                            Some(data.clone()),
-                            sent,
-                        )
-                        .await;
-                }
-                settle_all(
-                    futures::future::join_all(pieces(*offset, length, max).map(|(o, l)| {
-                        let rel = (o - offset) as usize;
-                        self.one(
-                            Command::Write,
-                            *flags,
-                            o,
-                            l,
-                            Some(data.slice(rel..rel + l as usize)),
-                            sent,
-                        )
-                    }))
-                    .await,
-                )
-            }
-            Request::Trim {
+        let Some(wire) = self.wire_request(req) else {
+            // A CACHE hint the server did not offer: nothing to do.
+            return Ok(Reply::Done);
+        };
+        if !self.needs_split(&wire) {
+            return self.one(wire, sent).await;
+        }
+        let whole = (wire.offset, wire.length);
+        let parts = pieces(wire.offset, wire.length, self.max_chunk).map(|(offset, length)| {
+            let rel = (offset - whole.0) as usize;
+            let piece = WireRequest {
+                command: wire.command,
+                flags: wire.flags,
                 offset,
                 length,
-                flags,
-            }
-            | Request::WriteZeroes {
-                offset,
-                length,
-                flags,
-            } => {
-                let cmd = req.command();
-                if *length <= max {
-                    return self.one(cmd, *flags, *offset, *length, None, sent).await;
-                }
-                settle_all(
-                    futures::future::join_all(
-                        pieces(*offset, *length, max)
-                            .map(|(o, l)| self.one(cmd, *flags, o, l, None, sent)),
-                    )
-                    .await,
-                )
-            }
-            Request::Flush { flags } => self.one(Command::Flush, *flags, 0, 0, None, sent).await,
-            Request::BlockStatus {
-                offset,
-                length,
-                flags,
-            } => {
-                self.one(Command::BlockStatus, *flags, *offset, *length, None, sent)
-                    .await
-            }
-            Request::Cache { offset, length } => {
-                if !self.info.flags.contains(TransmissionFlags::SEND_CACHE) {
-                    // A hint the server did not offer: nothing to do.
-                    return Ok(Reply::Done);
-                }
-                self.one(
-                    Command::Cache,
-                    CommandFlags::empty(),
-                    *offset,
-                    *length,
-                    None,
-                    sent,
-                )
-                .await
+                payload: wire
+                    .payload
+                    .as_ref()
+                    .map(|data| data.slice(rel..rel + length as usize)),
+            };
+            self.one(piece, sent)
+        });
+        if wire.command != Command::Read {
+            return settle_all(futures::future::join_all(parts).await);
+        }
+        let parts = futures::future::try_join_all(parts).await?;
+        let mut out = BytesMut::with_capacity(whole.1 as usize);
+        for p in parts {
+            if let Reply::Read(b) = p {
+                out.extend_from_slice(&b);
             }
         }
+        Ok(Reply::Read(out.freeze()))
     }
 
     /// Local checks against the negotiated export, so a bad request never reaches the wire.
@@ -533,26 +458,10 @@ impl Shared {
     }
 
     /// Runs one wire request, within the request timeout.
-    async fn one(
-        &self,
-        command: Command,
-        flags: CommandFlags,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        sent: &AtomicBool,
-    ) -> Result<Reply, Failure> {
+    async fn one(&self, wire: WireRequest, sent: &AtomicBool) -> Result<Reply, Failure> {
         match self.request_timeout {
-            None => {
-                self.one_inner(command, flags, offset, length, payload, sent)
-                    .await
-            }
-            Some(t) => match tokio::time::timeout(
-                t,
-                self.one_inner(command, flags, offset, length, payload, sent),
-            )
-            .await
-            {
+            None => self.one_inner(wire, sent).await,
+            Some(t) => match tokio::time::timeout(t, self.one_inner(wire, sent)).await {
                 Ok(r) => r,
                 // The pending entry stays: the late reply is read and discarded.
                 Err(_) => Err(Failure::sent(ClientError::Timeout)),
@@ -560,15 +469,7 @@ impl Shared {
         }
     }
 
-    async fn one_inner(
-        &self,
-        command: Command,
-        flags: CommandFlags,
-        offset: u64,
-        length: u32,
-        payload: Option<Bytes>,
-        sent: &AtomicBool,
-    ) -> Result<Reply, Failure> {
+    async fn one_inner(&self, wire: WireRequest, sent: &AtomicBool) -> Result<Reply, Failure> {
         // A free slot is the common case: taken without building the waiting future.
         let permit = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(p) => Ok(p),
@@ -581,13 +482,6 @@ impl Shared {
         };
         let Ok(permit) = permit else {
             return Err(Failure::unsent(self.dead_error()));
-        };
-        let wire = WireRequest {
-            command,
-            flags,
-            offset,
-            length,
-            payload,
         };
         let rrx = self.queue(permit, wire, sent)?;
         match rrx.await {
@@ -697,14 +591,14 @@ impl Shared {
         if self.request_timeout.is_some() || self.validate(req).is_err() {
             return None;
         }
-        let wire = self.single_wire_request(req)?;
+        let wire = self.wire_request(req).filter(|w| !self.needs_split(w))?;
         let permit = Arc::clone(&self.slots).try_acquire_owned().ok()?;
         Some(self.queue(permit, wire, sent))
     }
 
-    /// The one wire request that carries `req`, if it needs no splitting.
-    fn single_wire_request(&self, req: &Request) -> Option<WireRequest> {
-        let max = self.max_chunk;
+    /// `req` as one wire request, before any split; `None` for a CACHE hint the server did not
+    /// offer (nothing goes on the wire).
+    fn wire_request(&self, req: &Request) -> Option<WireRequest> {
         let (flags, offset, length, payload) = match req {
             Request::Read { offset, length } => (CommandFlags::empty(), *offset, *length, None),
             Request::Write {
@@ -721,27 +615,20 @@ impl Shared {
                 offset,
                 length,
                 flags,
-            } => (*flags, *offset, *length, None),
-            Request::Flush { flags } => (*flags, 0, 0, None),
-            Request::BlockStatus {
+            }
+            | Request::BlockStatus {
                 offset,
                 length,
                 flags,
-            } => {
-                return Some(WireRequest {
-                    command: Command::BlockStatus,
-                    flags: *flags,
-                    offset: *offset,
-                    length: *length,
-                    payload: None,
-                });
+            } => (*flags, *offset, *length, None),
+            Request::Flush { flags } => (*flags, 0, 0, None),
+            Request::Cache { offset, length } => {
+                if !self.info.flags.contains(TransmissionFlags::SEND_CACHE) {
+                    return None;
+                }
+                (CommandFlags::empty(), *offset, *length, None)
             }
-            // Rare, and a hint the server may not take: the async path decides.
-            Request::Cache { .. } => return None,
         };
-        if length > max {
-            return None;
-        }
         Some(WireRequest {
             command: req.command(),
             flags,
@@ -749,6 +636,16 @@ impl Shared {
             length,
             payload,
         })
+    }
+
+    /// Whether `wire` goes out in pieces: data moves and range effects longer than the largest
+    /// piece do; BLOCK_STATUS (whose length is a hint), FLUSH and CACHE never do.
+    fn needs_split(&self, wire: &WireRequest) -> bool {
+        wire.length > self.max_chunk
+            && matches!(
+                wire.command,
+                Command::Read | Command::Write | Command::Trim | Command::WriteZeroes
+            )
     }
 }
 
